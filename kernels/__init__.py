@@ -1,0 +1,31 @@
+"""moemesh compute: span forward with a per-session KV cache, MoE router/experts, attention.
+
+Imports nothing of moemesh's own (torch only). Note: this package shadows Hugging Face's
+``kernels`` package of the same name; do not install both in one environment.
+"""
+
+from kernels.attention import attention_reference, attention_sdpa
+from kernels.cache import KVCache
+from kernels.config import ModelConfig
+from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
+from kernels.moe import experts_forward, experts_grouped, experts_reference, route
+from kernels.span import SpanModel
+
+__all__ = [
+    "CacheError",
+    "CacheFullError",
+    "KVCache",
+    "KernelError",
+    "ModelConfig",
+    "ShapeError",
+    "SpanModel",
+    "UnsupportedModelError",
+    "attention_reference",
+    "attention_sdpa",
+    "experts_forward",
+    "experts_grouped",
+    "experts_reference",
+    "route",
+]
+
+MOEMESH_KERNELS = True  # marker: tests assert `import kernels` resolves to this package

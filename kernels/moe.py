@@ -1,0 +1,102 @@
+"""Mixture-of-experts: router -> dispatch -> experts -> combine.
+
+Expert weights are stored fused, as transformers 5 holds them in memory:
+``gate_up [E, 2I, H]`` (gate rows first, then up rows) and ``down [E, H, I]``.
+
+`experts_reference` is the plain one-hot formulation; `experts_grouped` is the fast path
+(one pass over the experts that were hit, no [E, k, T] mask). Both accumulate each token's
+expert outputs in ascending expert order, so they agree bit for bit, and with
+transformers' eager experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Activation", "experts_forward", "experts_grouped", "experts_reference", "route"]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def route(
+    x: torch.Tensor,  # [T, H]
+    router_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    normalize: bool,
+    weights_in_model_dtype: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k softmax routing; returns (weights [T, k], expert ids [T, k])."""
+    logits = F.linear(x, router_weight)  # [T, E]
+    probs = torch.softmax(logits.float(), dim=-1)  # [T, E] fp32
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    if normalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    if weights_in_model_dtype:
+        weights = weights.to(logits.dtype)
+    return weights, ids
+
+
+def _expert(
+    x: torch.Tensor,  # [n, H]
+    gate_up: torch.Tensor,  # [2I, H]
+    down: torch.Tensor,  # [H, I]
+    act: Activation,
+) -> torch.Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up, down)  # [n, H]
+
+
+def experts_reference(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    act: Activation,
+) -> torch.Tensor:
+    """One-hot dispatch over every expert: the definition the fast path must match."""
+    num_experts = gate_up.shape[0]
+    out = torch.zeros_like(x)  # [T, H]
+    mask = F.one_hot(ids, num_classes=num_experts).permute(2, 1, 0)  # [E, k, T]
+    for expert in range(num_experts):
+        slot, token = torch.where(mask[expert])  # ordered by (slot, token)
+        if token.numel() == 0:
+            continue
+        y = _expert(x[token], gate_up[expert], down[expert], act)  # [n, H]
+        y = y * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def experts_grouped(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    act: Activation,
+) -> torch.Tensor:
+    """Visit only the experts that were hit, in ascending order (same sums as the reference)."""
+    out = torch.zeros_like(x)  # [T, H]
+    ids_t = ids.t()  # [k, T]: torch.where on it yields (slot, token) order like the reference
+    for expert in sorted(set(ids.flatten().tolist())):
+        slot, token = torch.where(ids_t == expert)
+        y = _expert(x[token], gate_up[expert], down[expert], act)  # [n, H]
+        y = y * weights[token, slot, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def experts_forward(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    act: Activation,
+) -> torch.Tensor:
+    """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""
+    return experts_grouped(x, ids, weights, gate_up, down, act)

@@ -1,0 +1,34 @@
+"""moemesh node: the gRPC shard server, the client SDK and the CLI.
+
+Importing `node` or `node.client` does not import torch (the SDK only relays bytes).
+"""
+
+from node.client import Client, ClientConfig, Hop, InferenceSession, PeerInfo, Sampling, plan_route
+from node.errors import (
+    ConfigError,
+    MoemeshError,
+    PeerError,
+    PeerRefused,
+    PeerTimeout,
+    PeerUnavailable,
+    Rejected,
+    RouteError,
+)
+
+__all__ = [
+    "Client",
+    "ClientConfig",
+    "ConfigError",
+    "Hop",
+    "InferenceSession",
+    "MoemeshError",
+    "PeerError",
+    "PeerInfo",
+    "PeerRefused",
+    "PeerTimeout",
+    "PeerUnavailable",
+    "Rejected",
+    "RouteError",
+    "Sampling",
+    "plan_route",
+]

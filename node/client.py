@@ -1,0 +1,371 @@
+"""The client SDK: find a chain of peers covering every layer, then stream generated tokens.
+
+    with Client(["127.0.0.1:7001", "127.0.0.1:7002"], model_folder="~/model") as client:
+        for piece in client.generate_text("What is a mixture of experts?", max_new_tokens=64):
+            print(piece, end="", flush=True)
+
+Imports no torch: hidden states are relayed between hops as the bytes they arrived as,
+and only the last hop's fp32 logits are decoded (with numpy) to pick the next token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import queue
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+
+from node.errors import ConfigError, PeerError, PeerTimeout, PeerUnavailable, RouteError, peer_error
+from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
+from protocol.shard_pb2 import (
+    CloseSession,
+    InfoRequest,
+    InfoResponse,
+    OpenSession,
+    SessionRequest,
+    SessionResponse,
+    Step,
+    Tensor,
+)
+
+if TYPE_CHECKING:
+    from node.text import TextCodec
+
+__all__ = ["Client", "ClientConfig", "Hop", "InferenceSession", "PeerInfo", "Sampling", "plan_route", "sample"]
+
+log = logging.getLogger(__name__)
+_SERVICE = "/moemesh.v1.Shard/"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    step_timeout_s: float = 120.0  # one step through one hop (a long prefill chunk included)
+    info_timeout_s: float = 10.0
+    prefill_chunk: int = 512  # prompt tokens per step
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when temperature == 0; else temperature + nucleus (top-p) sampling with a seed."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    address: str
+    model_id: str
+    model_name: str
+    start: int
+    end: int
+    num_layers: int
+    vocab_size: int
+    max_length: int
+    version: str
+
+    @classmethod
+    def from_response(cls, address: str, r: InfoResponse) -> PeerInfo:
+        return cls(
+            address, r.model_id, r.model_name, r.start, r.end, r.num_layers, r.vocab_size,
+            r.capacity.max_length, r.version,
+        )
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Run layers [start, end) on the peer at `address`."""
+
+    address: str
+    start: int
+    end: int
+
+
+def plan_route(peers: Sequence[PeerInfo]) -> list[Hop]:
+    """A chain of hops covering [0, L): from each position, the peer that reaches furthest.
+
+    Peers may overlap; a hop runs a sub-span of its peer's span. Raises RouteError naming
+    the layers that no peer serves.
+    """
+    if not peers:
+        raise RouteError("no peer answered")
+    total = peers[0].num_layers
+    hops: list[Hop] = []
+    position = 0
+    missing: list[tuple[int, int]] = []
+    while position < total:
+        candidates = [p for p in peers if p.start <= position < p.end]
+        if not candidates:
+            nxt = min((p.start for p in peers if p.start > position), default=total)
+            missing.append((position, nxt))
+            position = nxt
+            continue
+        best = max(candidates, key=lambda p: (p.end, -peers.index(p)))
+        hops.append(Hop(best.address, position, best.end))
+        position = best.end
+    if missing:
+        gaps = ", ".join(f"{a}:{b}" for a, b in missing)
+        raise RouteError(f"no known peer serves layers {gaps} of {total}", tuple(missing))
+    return hops
+
+
+def sample(logits: np.ndarray, sampling: Sampling, step: int) -> int:
+    """Pick the next token from fp32 logits [V]; deterministic for a given (seed, step)."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    rng = np.random.default_rng([sampling.seed or 0, step])
+    z = logits.astype(np.float64) / sampling.temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, sampling.top_p)) + 1]
+        kept = probs[keep] / probs[keep].sum()
+        return int(keep[rng.choice(len(keep), p=kept)])
+    return int(rng.choice(len(probs), p=probs))
+
+
+_END = object()
+
+
+class _HopStream:
+    """One InferenceSession stream to one hop (sync gRPC, one step in flight)."""
+
+    def __init__(self, client: Client, hop: Hop, model_id: str, max_length: int) -> None:
+        self.hop = hop
+        self._client = client
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        call = client.channel(hop.address).stream_stream(
+            _SERVICE + "InferenceSession",
+            request_serializer=SessionRequest.SerializeToString,
+            response_deserializer=SessionResponse.FromString,
+        )
+        self._call = call(iter(self._requests.get, _END), wait_for_ready=False)
+        self._step_ids = itertools.count()
+        opened = self._exchange(
+            SessionRequest(open=OpenSession(model_id=model_id, start=hop.start, end=hop.end, max_length=max_length)),
+            "opened",
+        )
+        self.max_length = opened.opened.max_length
+
+    def _exchange(self, request: SessionRequest, expect: str) -> SessionResponse:
+        self._requests.put(request)
+        future = self._client._pool.submit(next, self._call)
+        try:
+            response: SessionResponse = future.result(timeout=self._client.config.step_timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._call.cancel()
+            raise PeerTimeout(self.hop.address, f"no answer within {self._client.config.step_timeout_s} s") from None
+        except StopIteration:
+            raise PeerUnavailable(self.hop.address, "the stream ended without an answer") from None
+        except grpc.RpcError as e:
+            raise peer_error(self.hop.address, e) from None
+        if response.WhichOneof("kind") != expect:
+            raise PeerError(self.hop.address, f"expected {expect}, got {response.WhichOneof('kind')}")
+        return response
+
+    def step(self, tensor: Tensor, position: int, last_only: bool) -> Tensor:
+        step = Step(step_id=next(self._step_ids), position=position, input=tensor, last_only=last_only)
+        return self._exchange(SessionRequest(step=step), "result").result.output
+
+    def close(self) -> None:
+        try:
+            self._exchange(SessionRequest(close=CloseSession()), "closed")
+        except PeerError as e:
+            log.debug("closing session on %s: %s", self.hop.address, e)
+        finally:
+            self._requests.put(_END)
+            self._call.cancel()
+
+
+class InferenceSession:
+    """A generation session across a chain of hops; each hop keeps its own KV cache."""
+
+    def __init__(self, client: Client, hops: Sequence[Hop], model_id: str, max_length: int) -> None:
+        self.hops = list(hops)
+        self.max_length = max_length
+        self.position = 0
+        self._streams: list[_HopStream] = []
+        try:
+            for hop in self.hops:
+                self._streams.append(_HopStream(client, hop, model_id, max_length))
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, ids: Sequence[int], position: int | None = None, last_only: bool = True) -> np.ndarray:
+        """Feed token ids at `position` (default: after the last step); return fp32 logits.
+
+        The result is ``[V]`` when `last_only`, else ``[T, V]``.
+        """
+        position = self.position if position is None else position
+        tensor = make_tensor("int64", (1, len(ids)), np.asarray(ids, dtype="<i8").tobytes())
+        for stream in self._streams:
+            tensor = stream.step(tensor, position, last_only)
+        self.position = position + len(ids)
+        meta = check_tensor(tensor, what="logits")
+        if meta.dtype != "float32" or len(meta.shape) != 3:
+            raise PeerError(self.hops[-1].address, f"expected fp32 logits [1, T, V], got {meta.dtype} {meta.shape}")
+        logits = np.frombuffer(tensor.data, dtype="<f4").reshape(meta.shape)[0]
+        return logits[-1] if last_only else logits
+
+    def close(self) -> None:
+        for stream in self._streams:
+            stream.close()
+        self._streams.clear()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Client:
+    """Talks to a fixed list of peer addresses ("host:port") that together cover a model."""
+
+    def __init__(
+        self,
+        peers: Sequence[str],
+        *,
+        model_folder: str | Path | None = None,
+        model_id: str | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        if not peers:
+            raise ConfigError("give at least one peer address (host:port)")
+        self.peers = list(peers)
+        self.model_id = model_id
+        self.config = config or ClientConfig()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemesh-client")
+        self._text: TextCodec | None = None
+        if model_folder is not None:
+            from node.text import TextCodec
+
+            self._text = TextCodec(Path(model_folder).expanduser())
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def channel(self, address: str) -> grpc.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.insecure_channel(address, options=grpc_options(self.config.max_message_bytes))
+        return self._channels[address]
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- discovery --------------------------------------------------------------------------
+
+    def info(self, address: str) -> PeerInfo:
+        call = self.channel(address).unary_unary(
+            _SERVICE + "Info", request_serializer=InfoRequest.SerializeToString, response_deserializer=InfoResponse.FromString
+        )
+        try:
+            return PeerInfo.from_response(address, call(InfoRequest(), timeout=self.config.info_timeout_s))
+        except grpc.RpcError as e:
+            raise peer_error(address, e) from None
+
+    def route(self) -> tuple[str, list[Hop]]:
+        """Ask every peer what it serves and plan a chain; returns (model id, hops)."""
+        infos: list[PeerInfo] = []
+        failures: list[str] = []
+        for address in self.peers:
+            try:
+                infos.append(self.info(address))
+            except PeerError as e:
+                failures.append(str(e))
+                log.warning("peer unavailable: %s", e)
+        models = {i.model_id for i in infos}
+        model_id = self.model_id
+        if model_id is None:
+            if len(models) > 1:
+                raise ConfigError(f"the peers serve different models ({', '.join(sorted(models))}): pass model_id")
+            model_id = next(iter(models), "")
+        infos = [i for i in infos if i.model_id == model_id]
+        try:
+            return model_id, plan_route(infos)
+        except RouteError as e:
+            detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
+            raise RouteError(f"{e}{detail}", e.missing) from None
+
+    def session(self, max_length: int) -> InferenceSession:
+        model_id, hops = self.route()
+        return InferenceSession(self, hops, model_id, max_length)
+
+    # -- generation -------------------------------------------------------------------------
+
+    @property
+    def text(self) -> TextCodec:
+        if self._text is None:
+            raise ConfigError("a text prompt needs the model folder (its tokenizer): pass model_folder=")
+        return self._text
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        *,
+        sampling: Sampling | None = None,
+        stop_at_eos: bool = True,
+        chat: bool = False,
+    ) -> Iterator[int]:
+        """Yield generated token ids as they are produced."""
+        sampling = sampling or Sampling()
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if isinstance(prompt, str):
+            ids = self.text.encode(self.text.chat_prompt(prompt) if chat else prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        eos = set(self._text.eos_token_ids) if (stop_at_eos and self._text) else set()
+        with self.session(len(ids) + max_new_tokens) as session:
+            chunk = self.config.prefill_chunk
+            for i in range(0, len(ids), chunk):
+                logits = session.step(ids[i : i + chunk])
+            for step in range(max_new_tokens):
+                token = sample(logits, sampling, step)
+                yield token
+                if token in eos or step == max_new_tokens - 1:
+                    return
+                logits = session.step([token])
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
+        """Yield decoded text pieces as tokens arrive (whole characters only)."""
+        ids: list[int] = []
+        shown = ""
+        for token in self.generate(prompt, max_new_tokens, **kwargs):
+            ids.append(token)
+            text = self.text.decode(ids)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                continue
+            yield text[len(shown) :]
+            shown = text

@@ -1,0 +1,100 @@
+"""Start and stop local `moemesh serve` processes (used by the demo, the tests and the benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ServerProcess", "local_swarm", "start_server_process"]
+
+_READY = re.compile(r"^moemesh: serving .* on (\S+):(\d+)$")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    address: str
+    layers: tuple[int, int]
+    log: list[str] = field(default_factory=list)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _pump(stream: object, lines: queue.SimpleQueue[str | None], log: list[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        log.append(line.rstrip("\n"))
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def _spawn(model: Path, layers: tuple[int, int], extra_args: Sequence[str]) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
+    cmd = [sys.executable, "-m", "node", "serve", "--model", str(model), "--layers", f"{layers[0]}:{layers[1]}",
+           "--port", "0", *extra_args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    server = ServerProcess(proc, "", layers)
+    threading.Thread(target=_pump, args=(proc.stdout, lines, server.log), daemon=True).start()
+    return server, lines
+
+
+def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], deadline: float) -> None:
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError(f"server for layers {server.layers} did not start in time") from None
+        if line is None:
+            raise RuntimeError(f"server for layers {server.layers} exited:\n" + "\n".join(server.log[-20:]))
+        match = _READY.match(line)
+        if match:
+            server.address = f"{match.group(1)}:{match.group(2)}"
+            return
+
+
+def start_server_process(
+    model: Path, layers: tuple[int, int], *, extra_args: Sequence[str] = (), timeout: float = 300.0
+) -> ServerProcess:
+    """Start `moemesh serve` on a free loopback port and wait until it says it is serving."""
+    server, lines = _spawn(model, layers, extra_args)
+    try:
+        _wait_ready(server, lines, time.monotonic() + timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def local_swarm(
+    model: Path, spans: Sequence[tuple[int, int]], *, extra_args: Sequence[str] = (), timeout: float = 300.0
+) -> Iterator[list[ServerProcess]]:
+    """Serve each span in its own process (started together); all are stopped on exit, also on failure."""
+    started: list[tuple[ServerProcess, queue.SimpleQueue[str | None]]] = []
+    try:
+        for span in spans:
+            started.append(_spawn(model, span, extra_args))
+        deadline = time.monotonic() + timeout
+        for server, lines in started:
+            _wait_ready(server, lines, deadline)
+        yield [server for server, _ in started]
+    finally:
+        for server, _ in started:
+            server.stop()

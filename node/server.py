@@ -1,0 +1,184 @@
+"""The gRPC shard service: Forward, InferenceSession and Info over one loaded span.
+
+Requests arrive as raw bytes and are parsed here, so a garbage payload gets a clear
+INVALID_ARGUMENT instead of gRPC's generic deserialisation error. Every refusal is a
+status with a message; the server keeps serving whatever a client sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import torch
+from google.protobuf.message import DecodeError, Message
+
+from node.errors import Rejected
+from node.runtime import ServerConfig, Session, SpanRunner
+from protocol import PROTOCOL_VERSION, grpc_options, software_version
+from protocol.shard_pb2 import (
+    Capacity,
+    DType,
+    ForwardRequest,
+    ForwardResponse,
+    InfoRequest,
+    InfoResponse,
+    SessionClosed,
+    SessionOpened,
+    SessionRequest,
+    SessionResponse,
+    StepResult,
+)
+from shards import DTYPES, Checkpoint
+
+__all__ = ["ShardService", "load_runner", "serve", "start_server"]
+
+log = logging.getLogger(__name__)
+SERVICE = "moemesh.v1.Shard"
+M = TypeVar("M", bound=Message)
+_WIRE_DTYPES = {torch.float32: DType.FLOAT32, torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
+
+
+def _parse(kind: type[M], raw: bytes) -> M:
+    try:
+        return kind.FromString(raw)
+    except DecodeError:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {kind.__name__} message") from None
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Rejected) -> NoReturn:
+    await context.abort(error.code, error.message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class ShardService:
+    """Handlers of the Shard service; state lives in the runner."""
+
+    def __init__(self, runner: SpanRunner) -> None:
+        self.runner = runner
+
+    async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            req = _parse(ForwardRequest, raw)
+            if not req.HasField("input"):
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "ForwardRequest has no input tensor")
+            out = await self.runner.forward(req.model_id, req.start, req.end, req.input, req.last_only)
+        except Rejected as e:
+            await _abort(context, e)
+        return ForwardResponse(output=out).SerializeToString()
+
+    async def info(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        r = self.runner
+        cfg = r.span.cfg
+        return InfoResponse(
+            model_id=r.model_id,
+            model_name=r.model_name,
+            start=r.span.start,
+            end=r.span.end,
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            dtype=_WIRE_DTYPES[r.span.dtype],
+            version=software_version(),
+            protocol_version=PROTOCOL_VERSION,
+            capacity=Capacity(
+                max_sessions=r.config.max_sessions,
+                active_sessions=len(r.sessions),
+                max_length=r.max_length,
+                max_message_bytes=r.config.max_message_bytes,
+            ),
+        ).SerializeToString()
+
+    async def session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        session: Session | None = None
+        try:
+            async for raw in requests:
+                try:
+                    req = _parse(SessionRequest, raw)
+                    kind = req.WhichOneof("kind")
+                    if kind == "open":
+                        if session is not None:
+                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream")
+                        o = req.open
+                        session = self.runner.open(o.model_id, o.start, o.end, o.max_length)
+                        opened = SessionOpened(session_id=session.id, max_length=session.cache.max_length)
+                        yield SessionResponse(opened=opened).SerializeToString()
+                    elif kind == "step":
+                        if session is None:
+                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "unknown session: send open before steps")
+                        if session.closed:
+                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is closed")
+                        s = req.step
+                        if not s.HasField("input"):
+                            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step has no input tensor")
+                        out = await self.runner.step(session, s.position, s.input, s.last_only)
+                        result = StepResult(step_id=s.step_id, output=out, length=session.cache.length)
+                        yield SessionResponse(result=result).SerializeToString()
+                    elif kind == "close":
+                        if session is None or session.closed:
+                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "no open session to close")
+                        self.runner.close(session)
+                        yield SessionResponse(closed=SessionClosed()).SerializeToString()
+                    else:
+                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest (no open, step or close)")
+                except Rejected as e:
+                    await _abort(context, e)
+        finally:
+            if session is not None:
+                self.runner.close(session)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Forward": grpc.unary_unary_rpc_method_handler(self.forward),
+                "Info": grpc.unary_unary_rpc_method_handler(self.info),
+                "InferenceSession": grpc.stream_stream_rpc_method_handler(self.session),
+            },
+        )
+
+
+def load_runner(config: ServerConfig, progress: Callable[[str], None] | None = None) -> SpanRunner:
+    """Load the configured span of the checkpoint (only its tensors) into a runner."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    checkpoint = Checkpoint(config.model)
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    if progress:
+        progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({checkpoint.config.num_layers} layers)")
+    span = checkpoint.load_span(config.start, config.end, dtype)
+    return SpanRunner(span, checkpoint.model_id(), checkpoint.name, config)
+
+
+async def start_server(runner: SpanRunner) -> tuple[grpc.aio.Server, int]:
+    """Bind and start the gRPC server; returns it with the bound port."""
+    config = runner.config
+    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+    server.add_generic_rpc_handlers([ShardService(runner).handler()])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    await server.start()
+    return server, port
+
+
+async def serve(runner: SpanRunner, on_ready: Callable[[int], Awaitable[None] | None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting, give in-flight calls a moment, and exit."""
+    server, port = await start_server(runner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_ready is not None:
+            maybe: Any = on_ready(port)
+            if maybe is not None:
+                await maybe
+        await stop.wait()
+    finally:
+        await server.stop(grace=2.0)
+        runner.shutdown()

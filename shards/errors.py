@@ -1,0 +1,25 @@
+"""Errors raised while describing and loading shards.
+
+    ShardError
+    ├── SpanSpecError            a span such as "0:8" is malformed or outside the model
+    ├── CheckpointError          the checkpoint folder is missing, unreadable or inconsistent
+    └── UnsupportedModelError    (kernels) the architecture has no kernel here: "not supported: ..."
+"""
+
+from __future__ import annotations
+
+from kernels.errors import UnsupportedModelError
+
+__all__ = ["CheckpointError", "ShardError", "SpanSpecError", "UnsupportedModelError"]
+
+
+class ShardError(Exception):
+    """Base class of the errors raised by `shards` itself."""
+
+
+class SpanSpecError(ShardError, ValueError):
+    """A span spec is malformed or does not fit the model."""
+
+
+class CheckpointError(ShardError):
+    """The checkpoint cannot be read as the model it claims to be."""

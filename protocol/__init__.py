@@ -1,9 +1,9 @@
-"""The moemesh wire: shard.proto and its generated code, the tensor codec, versions, errors.
+"""The moemesh wire: shard.proto and its generated code (`protocol.shard_pb2`), the tensor codec,
+versions, errors.
 
 Imports nothing of moemesh's own; only protobuf and grpc.
 """
 
-from protocol import shard_pb2, shard_pb2_grpc
 from protocol.errors import InvalidTensorError, ProtocolError, VersionMismatchError
 from protocol.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protocol.tensors import DTYPE_NAMES, ITEMSIZE, TensorMeta, check_tensor, make_tensor
@@ -21,7 +21,5 @@ __all__ = [
     "check_tensor",
     "grpc_options",
     "make_tensor",
-    "shard_pb2",
-    "shard_pb2_grpc",
     "software_version",
 ]

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random checkpoints of each supported family, built offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+FAMILIES = ("mixtral", "qwen3_moe", "llama")
+COMMON: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(family: str) -> Any:
+    from transformers import LlamaConfig, MixtralConfig, Qwen3MoeConfig
+
+    if family == "mixtral":
+        return MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16, mlp_only_layers=[1]
+        )
+    if family == "llama":
+        return LlamaConfig(**COMMON)
+    raise ValueError(family)
+
+
+def build_tiny(family: str, folder: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    # Random init leaves routers near-uniform; make routing decisive so it matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] == 4:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_reference(folder: Path) -> Any:
+    """transformers' own model, with the eager experts loop (our kernels' definition)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if "llama" in folder.name else {"experts_implementation": "eager"}
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny(family, root / f"tiny-{family}") for family in FAMILIES}

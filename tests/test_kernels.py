@@ -1,0 +1,88 @@
+"""The compute layer: fast paths agree with references, spans reproduce transformers exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, load_reference
+
+from kernels import (
+    CacheError,
+    CacheFullError,
+    KVCache,
+    ShapeError,
+    attention_reference,
+    attention_sdpa,
+    experts_grouped,
+    experts_reference,
+    route,
+)
+from shards import Checkpoint
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_grouped_experts_match_reference_bit_for_bit(tokens: int) -> None:
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 32, generator=g)
+    router = torch.randn(8, 32, generator=g)
+    gate_up = torch.randn(8, 2 * 24, 32, generator=g)
+    down = torch.randn(8, 32, 24, generator=g)
+    weights, ids = route(x, router, 2, normalize=True, weights_in_model_dtype=False)
+    ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
+    fast = experts_grouped(x, ids, weights, gate_up, down, F.silu)
+    assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize(("q_len", "past"), [(1, 0), (1, 9), (6, 0), (4, 7)])
+def test_sdpa_attention_matches_eager_reference(q_len: int, past: int) -> None:
+    g = torch.Generator().manual_seed(q_len * 31 + past)
+    q = torch.randn(1, 4, q_len, 16, generator=g)
+    k = torch.randn(1, 2, past + q_len, 16, generator=g)
+    v = torch.randn(1, 2, past + q_len, 16, generator=g)
+    torch.testing.assert_close(attention_sdpa(q, k, v, 0.25), attention_reference(q, k, v, 0.25))
+
+
+def test_cache_refuses_gaps_and_overflow() -> None:
+    cache = KVCache(1, 2, 8, max_length=4, dtype=torch.float32)
+    with pytest.raises(CacheError, match="position 1"):
+        cache.check_step(1, 1)  # nothing cached yet: position must be 0
+    with pytest.raises(CacheFullError, match="max length 4"):
+        cache.check_step(0, 5)
+    cache.check_step(0, 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spans_reproduce_transformers_exactly_with_chunked_prefill(family: str, tiny_models: dict[str, Path]) -> None:
+    from transformers.cache_utils import DynamicCache
+
+    folder = tiny_models[family]
+    ref = load_reference(folder)
+    checkpoint = Checkpoint(folder)
+    spans = [checkpoint.load_span(0, 1), checkpoint.load_span(1, 3), checkpoint.load_span(3, 4)]
+    caches = [s.new_cache(64) for s in spans]
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(7))
+    ref_cache = DynamicCache(config=ref.config)
+    position = 0
+    for chunk in (ids[:, :5], ids[:, 5:11], ids[:, 11:12], ids[:, 12:13], ids[:, 13:]):  # prefill, chunk, decode
+        with torch.no_grad():
+            expected = ref(input_ids=chunk, past_key_values=ref_cache, use_cache=True).logits
+        h = chunk
+        for span, cache in zip(spans, caches):
+            h = span(h, cache, position)
+        position += chunk.shape[1]
+        assert torch.equal(h, expected), f"max abs diff {(h - expected).abs().max()}"
+
+
+def test_span_rejects_wrong_inputs(tiny_models: dict[str, Path]) -> None:
+    span = Checkpoint(tiny_models["mixtral"]).load_span(1, 2)
+    cache = span.new_cache(8)
+    with pytest.raises(ShapeError, match="hidden states"):
+        span(torch.zeros(1, 2, 63), cache, 0)
+    with pytest.raises(ShapeError, match="hidden states"):
+        span(torch.zeros(1, 2), cache, 0)
+    first = Checkpoint(tiny_models["mixtral"]).load_span(0, 1)
+    with pytest.raises(ShapeError, match="token ids must be in"):
+        first(torch.tensor([[256]]), first.new_cache(8), 0)

@@ -1,0 +1,66 @@
+"""The `moemesh` command line: help, clear errors without tracebacks, generate against a live swarm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from node.launch import local_swarm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def moemesh(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _fails_cleanly(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_every_command() -> None:
+    result = moemesh("--help")
+    assert result.returncode == 0
+    for command in ("serve", "generate", "info", "build-demo-model"):
+        assert command in result.stdout
+    serve = moemesh("serve", "--help").stdout
+    assert "--layers" in serve and "END exclusive" in serve
+
+
+def test_serve_errors_are_one_clear_line(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    _fails_cleanly(moemesh("serve", "--model", str(tmp_path), "--layers", "0:1"), "no config.json")
+    _fails_cleanly(moemesh("serve", "--model", str(tiny_models["llama"]), "--layers", "0:9"), "run past the model's 4 layers")
+    _fails_cleanly(moemesh("serve", "--model", str(tiny_models["llama"]), "--layers", "zero"), "START:END")
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_models["llama"], odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    _fails_cleanly(moemesh("serve", "--model", str(odd), "--layers", "0:1"), "not supported: model_type 'gpt_neox'")
+    _fails_cleanly(moemesh("serve", "--model", str(odd), "--layers", "0:1", "--port", "70000"), "outside 0..65535")
+
+
+def test_generate_errors(tiny_models: dict[str, Path]) -> None:
+    _fails_cleanly(moemesh("generate", "--peers", "localhost", "--ids", "1"), "not host:port")
+    _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "--ids", "1,2"), "no peer answered")
+    _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "hello"), "needs the model folder")
+
+
+def test_generate_and_info_against_a_live_swarm(tiny_models: dict[str, Path]) -> None:
+    with local_swarm(tiny_models["mixtral"], [(0, 3), (3, 4)]) as servers:
+        peers = ",".join(s.address for s in servers)
+        result = moemesh("generate", "--peers", peers, "--ids", "5,6,7", "--max-new-tokens", "5")
+        assert result.returncode == 0, result.stderr
+        tokens = result.stdout.split()
+        assert len(tokens) == 5 and all(0 <= int(t) < 256 for t in tokens)
+        info = moemesh("info", *(s.address for s in servers))
+        assert info.returncode == 0 and "layers 0:3 of 4" in info.stdout and "layers 3:4 of 4" in info.stdout
+        # Only the first span: the route misses layers 3:4 and says so.
+        partial = moemesh("generate", "--peers", servers[0].address, "--ids", "1")
+        _fails_cleanly(partial, "no known peer serves layers 3:4 of 4")

@@ -9,10 +9,11 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.errors import ConfigError, MoemeshError
+from node.errors import ConfigError, MoemeshError, RouteError
 
 __all__ = ["main"]
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="keep looking for a full route this long (peers still starting); default 0")
 
     info = sub.add_parser("info", help="show what peers serve", description="Ask peers for their model and span.")
     info.add_argument("peers", nargs="+", help="host:port of each peer")
@@ -109,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from node.runtime import ServerConfig
-    from node.server import load_runner, serve
+    from node.runtime import ServerConfig, SpanRunner
+    from node.server import serve
     from shards import Checkpoint, parse_layers
 
     total = Checkpoint(args.model).config.num_layers
@@ -128,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_mb * 1024**2,
         torch_threads=args.threads,
     )
-    runner = load_runner(config, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
+    runner = SpanRunner(config, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
 
     def ready(port: int) -> None:
         print(
@@ -146,6 +149,15 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     with Client(args.peers, model_folder=args.model) as client:
+        deadline = time.monotonic() + args.wait
+        while True:
+            try:
+                client.route()
+                break
+            except RouteError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
         if args.ids:
             try:
                 ids = [int(i) for i in args.ids.split(",")]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +44,18 @@ def _pump(stream: object, lines: queue.SimpleQueue[str | None], log: list[str]) 
     lines.put(None)
 
 
-def _spawn(model: Path, layers: tuple[int, int], extra_args: Sequence[str]) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
+def _spawn(
+    model: Path, layers: tuple[int, int], extra_args: Sequence[str], env: Mapping[str, str] | None = None
+) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
     cmd = [sys.executable, "-m", "node", "serve", "--model", str(model), "--layers", f"{layers[0]}:{layers[1]}",
            "--port", "0", *extra_args]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).resolve().parent.parent
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **env} if env else None,
     )
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
     server = ServerProcess(proc, "", layers)
@@ -84,13 +92,18 @@ def start_server_process(
 
 @contextlib.contextmanager
 def local_swarm(
-    model: Path, spans: Sequence[tuple[int, int]], *, extra_args: Sequence[str] = (), timeout: float = 300.0
+    model: Path,
+    spans: Sequence[tuple[int, int]],
+    *,
+    extra_args: Sequence[str] = (),
+    timeout: float = 300.0,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[list[ServerProcess]]:
     """Serve each span in its own process (started together); all are stopped on exit, also on failure."""
     started: list[tuple[ServerProcess, queue.SimpleQueue[str | None]]] = []
     try:
         for span in spans:
-            started.append(_spawn(model, span, extra_args))
+            started.append(_spawn(model, span, extra_args, env))
         deadline = time.monotonic() + timeout
         for server, lines in started:
             _wait_ready(server, lines, deadline)

@@ -3,6 +3,11 @@
 A request is checked here (model id, layers, lengths, memory budget) and turned into a
 `Rejected` with the gRPC status to answer; compute runs on one dedicated executor thread
 so the asyncio loop (heartbeats, other streams) never waits on a long prefill.
+
+Every torch operation of the server (loading included) runs on that one compute thread.
+With OpenMP, each thread that enters a parallel region gets its own worker team; two
+teams on a 2-core machine fight for the cores, and we measured decode at less than half
+speed when the weights were loaded on the main thread and used on another.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from node.codec import from_message, to_message
 from node.errors import Rejected
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, InvalidTensorError
 from protocol.shard_pb2 import Tensor
+from shards import DTYPES, Checkpoint
 
 __all__ = ["ServerConfig", "Session", "SpanRunner"]
 
@@ -65,16 +71,30 @@ class Session:
 class SpanRunner:
     """Owns the span, the sessions and the compute thread."""
 
-    def __init__(self, span: SpanModel, model_id: str, model_name: str, config: ServerConfig) -> None:
-        self.span = span
-        self.model_id = model_id
-        self.model_name = model_name
+    def __init__(self, config: ServerConfig, progress: Callable[[str], None] | None = None) -> None:
         self.config = config
-        self.max_length = min(config.max_length, span.cfg.max_position_embeddings)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
+        try:
+            self.span, self.model_id, self.model_name = self._executor.submit(self._load, progress).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+        self.max_length = min(config.max_length, self.span.cfg.max_position_embeddings)
         self.sessions: dict[str, Session] = {}
         self._kv_bytes = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
         self._ids = itertools.count()
+
+    def _load(self, progress: Callable[[str], None] | None) -> tuple[SpanModel, str, str]:
+        """Runs on the compute thread: read only the span's tensors from the checkpoint."""
+        config = self.config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        checkpoint = Checkpoint(config.model)
+        if progress:
+            layers = checkpoint.config.num_layers
+            progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
+        span = checkpoint.load_span(config.start, config.end, DTYPES[config.dtype] if config.dtype else None)
+        return span, checkpoint.model_id(), checkpoint.name
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -123,11 +143,11 @@ class SpanRunner:
 
     async def forward(self, model_id: str, start: int, end: int, msg: Tensor, last_only: bool) -> Tensor:
         first, last = self.local_layers(model_id, start, end)
-        x = self.decode_input(msg, first)
-        if x.shape[1] > self.max_length:
-            raise Rejected(grpc.StatusCode.OUT_OF_RANGE, f"{x.shape[1]} tokens exceed max length {self.max_length}")
 
         def compute() -> Tensor:
+            x = self.decode_input(msg, first)
+            if x.shape[1] > self.max_length:
+                raise Rejected(grpc.StatusCode.OUT_OF_RANGE, f"{x.shape[1]} tokens exceed max length {self.max_length}")
             cache = self.span.new_cache(x.shape[1], layers=(first, last))
             out = self.span(x, cache, 0, last_only=last_only, layers=(first, last))
             return to_message(out.float() if self.emits_logits(last) else out)
@@ -136,7 +156,7 @@ class SpanRunner:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
+    async def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
         first, last = self.local_layers(model_id, start, end)
         length = max_length or min(self.config.default_length, self.max_length)
         if length > self.max_length:
@@ -155,9 +175,13 @@ class SpanRunner:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"KV cache budget exhausted: {need} bytes needed, {self.config.kv_budget_bytes - self._kv_bytes} free",
             )
-        cache = self.span.new_cache(length, layers=(first, last))
+        self._kv_bytes += need  # reserved before the await, so concurrent opens cannot overbook
+        try:
+            cache = await self.run(lambda: self.span.new_cache(length, layers=(first, last)))
+        except BaseException:
+            self._kv_bytes -= need
+            raise
         session = Session(f"{next(self._ids)}-{secrets.token_hex(6)}", first, last, cache)
-        self._kv_bytes += need
         self.sessions[session.id] = session
         log.debug("session %s opened: layers %d:%d, max_length %d", session.id, start, end, length)
         return session
@@ -171,18 +195,22 @@ class SpanRunner:
         log.debug("session %s closed", session.id)
 
     async def step(self, session: Session, position: int, msg: Tensor, last_only: bool) -> Tensor:
-        x = self.decode_input(msg, session.first)
-        try:
-            session.cache.check_step(position, x.shape[1])
-        except CacheFullError as e:
-            raise Rejected(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
-        except CacheError as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         layers = (session.first, session.last)
         logits = self.emits_logits(session.last)
 
         def compute() -> Tensor:
+            x = self.decode_input(msg, session.first)
+            try:
+                session.cache.check_step(position, x.shape[1])
+            except CacheFullError as e:
+                raise Rejected(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+            except CacheError as e:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            started = time.perf_counter()
             out = self.span(x, session.cache, position, last_only=last_only, layers=layers)
-            return to_message(out.float() if logits else out)
+            message = to_message(out.float() if logits else out)
+            log.debug("session %s: %d tokens at %d in %.2f ms", session.id, x.shape[1], position,
+                      1000 * (time.perf_counter() - started))
+            return message
 
         return await self.run(compute)

@@ -33,9 +33,8 @@ from protocol.shard_pb2 import (
     SessionResponse,
     StepResult,
 )
-from shards import DTYPES, Checkpoint
 
-__all__ = ["ShardService", "load_runner", "serve", "start_server"]
+__all__ = ["ShardService", "serve", "start_server"]
 
 log = logging.getLogger(__name__)
 SERVICE = "moemesh.v1.Shard"
@@ -104,7 +103,7 @@ class ShardService:
                         if session is not None:
                             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream")
                         o = req.open
-                        session = self.runner.open(o.model_id, o.start, o.end, o.max_length)
+                        session = await self.runner.open(o.model_id, o.start, o.end, o.max_length)
                         opened = SessionOpened(session_id=session.id, max_length=session.cache.max_length)
                         yield SessionResponse(opened=opened).SerializeToString()
                     elif kind == "step":
@@ -140,18 +139,6 @@ class ShardService:
                 "InferenceSession": grpc.stream_stream_rpc_method_handler(self.session),
             },
         )
-
-
-def load_runner(config: ServerConfig, progress: Callable[[str], None] | None = None) -> SpanRunner:
-    """Load the configured span of the checkpoint (only its tensors) into a runner."""
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    checkpoint = Checkpoint(config.model)
-    dtype = DTYPES[config.dtype] if config.dtype else None
-    if progress:
-        progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({checkpoint.config.num_layers} layers)")
-    span = checkpoint.load_span(config.start, config.end, dtype)
-    return SpanRunner(span, checkpoint.model_id(), checkpoint.name, config)
 
 
 async def start_server(runner: SpanRunner) -> tuple[grpc.aio.Server, int]:

@@ -28,12 +28,28 @@ from node.client import Client  # noqa: E402
 from node.launch import local_swarm  # noqa: E402
 from shards import split_evenly  # noqa: E402
 
-BENCH = dict(hidden_size=1024, num_hidden_layers=16, num_local_experts=8, num_experts_per_tok=2,
-             intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+BENCH = dict(
+    hidden_size=1024,
+    num_hidden_layers=16,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    intermediate_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 HF = "transformers generate"
 ONE = "moemesh, 1 process"
-SMALL = dict(hidden_size=256, num_hidden_layers=6, num_local_experts=4, num_experts_per_tok=2,
-             intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, vocab_size=8000)
+SMALL = dict(
+    hidden_size=256,
+    num_hidden_layers=6,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    intermediate_size=512,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=8000,
+)
 
 
 def build(folder: Path, shape: dict[str, int], dtype: torch.dtype) -> Path:
@@ -149,14 +165,19 @@ def main() -> int:
         rounds: list[dict[str, tuple[float, float]]] = []
         for r in range(args.repeat):
             rounds.append({label: run(prompt, args.tokens) for label, run in runners.items()})
-            print(f"round {r + 1}/{args.repeat}: " + ", ".join(f"{k.split(',')[-1].strip()} {v[1]:.1f} tok/s"
-                                                      for k, v in rounds[-1].items()), flush=True)
+            print(
+                f"round {r + 1}/{args.repeat}: "
+                + ", ".join(f"{k.split(',')[-1].strip()} {v[1]:.1f} tok/s" for k, v in rounds[-1].items()),
+                flush=True,
+            )
 
     def median(values: list[float]) -> float:
         return statistics.median(values)
 
-    print(f"\n{name}: {layers} layers, prompt {args.prompt} tokens, {args.tokens} decode tokens,"
-          f" {args.repeat} interleaved rounds (medians)")
+    print(
+        f"\n{name}: {layers} layers, prompt {args.prompt} tokens, {args.tokens} decode tokens,"
+        f" {args.repeat} interleaved rounds (medians)"
+    )
     print(f"{'setting':34} {'decode tok/s':>12} {'x HF':>6} {'x 1proc':>8} {'prefill s':>10} {'x HF':>6}")
     summary = {}
     for label in runners:
@@ -165,13 +186,20 @@ def main() -> int:
         x_hf = median([rd[label][1] / rd[HF][1] for rd in rounds])
         x_one = median([rd[label][1] / rd[ONE][1] for rd in rounds])
         p_hf = median([rd[label][0] / rd[HF][0] for rd in rounds])
-        summary[label] = {"decode_tok_s": decode, "prefill_s": prefill, "decode_x_hf": x_hf,
-                          "decode_x_one_process": x_one, "prefill_x_hf": p_hf}
+        summary[label] = {
+            "decode_tok_s": decode,
+            "prefill_s": prefill,
+            "decode_x_hf": x_hf,
+            "decode_x_one_process": x_one,
+            "prefill_x_hf": p_hf,
+        }
         print(f"{label:34} {decode:12.2f} {x_hf:6.2f} {x_one:8.2f} {prefill:10.3f} {p_hf:6.2f}")
     two = summary["moemesh, 2-span pipeline"]["decode_x_one_process"]
     print(f"\ntarget: 2-span decode >= 0.9x one process: {two:.2f}x -> {'met' if two >= 0.9 else 'NOT met'}")
     vs_hf = summary[ONE]["decode_x_hf"]
-    print(f"target: one process decode >= transformers generate: {vs_hf:.2f}x -> {'met' if vs_hf >= 1.0 else 'NOT met'}")
+    print(
+        f"target: one process decode >= transformers generate: {vs_hf:.2f}x -> {'met' if vs_hf >= 1.0 else 'NOT met'}"
+    )
     print(json.dumps(summary))
     return 0
 

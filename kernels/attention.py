@@ -39,8 +39,7 @@ def attention_sdpa(
     groups = q.shape[1] // k.shape[1]
     q_len, kv_len = q.shape[2], k.shape[2]
     if q_len == 1 or q_len == kv_len:
-        gqa = {"enable_gqa": True} if groups > 1 else {}
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=q_len > 1, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=q_len > 1, enable_gqa=groups > 1)
     mask = causal_mask(q_len, kv_len - q_len, q.device)
     return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scale)
 

@@ -47,9 +47,7 @@ class KVCache:
         if position < 0 or position > self.length:
             raise CacheError(f"position {position} is not in 0..{self.length} (the cache holds {self.length} tokens)")
         if position + new_tokens > self.max_length:
-            raise CacheFullError(
-                f"{position} + {new_tokens} tokens exceeds the session's max length {self.max_length}"
-            )
+            raise CacheFullError(f"{position} + {new_tokens} tokens exceeds the session's max length {self.max_length}")
 
     def update(
         self,

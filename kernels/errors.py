@@ -1,10 +1,10 @@
 """Errors raised by the compute layer.
 
-    KernelError
-    ├── UnsupportedModelError      the architecture or one of its options has no kernel here
-    ├── CacheError                 a session's KV cache cannot take the step
-    │   └── CacheFullError         the step would run past the cache's max length
-    └── ShapeError                 an input tensor has the wrong shape or dtype for this span
+KernelError
+├── UnsupportedModelError      the architecture or one of its options has no kernel here
+├── CacheError                 a session's KV cache cannot take the step
+│   └── CacheFullError         the step would run past the cache's max length
+└── ShapeError                 an input tensor has the wrong shape or dtype for this span
 """
 
 from __future__ import annotations

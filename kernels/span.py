@@ -174,13 +174,19 @@ class SpanModel(nn.Module):
     def new_cache(self, max_length: int, batch: int = 1, layers: tuple[int, int] | None = None) -> KVCache:
         """A cache for `layers` (local [first, last), default all) holding up to `max_length` tokens."""
         first, last = layers or (0, len(self.layers))
-        weight = self.layers[0].input_layernorm.weight
+        weight = self._probe_weight
         cfg = self.cfg
         return KVCache(last - first, cfg.num_kv_heads, cfg.head_dim, max_length, weight.dtype, weight.device, batch)
 
     @property
+    def _probe_weight(self) -> torch.Tensor:
+        layer = self.layers[0]
+        assert isinstance(layer, DecoderLayer)
+        return layer.input_layernorm.weight
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return self._probe_weight.dtype
 
     def check_input(self, x: torch.Tensor, first: int = 0) -> None:
         """Raise ShapeError unless `x` is what local layer `first` of this span takes."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -96,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
-    gen.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                     help="keep looking for a full route this long (peers still starting); default 0")
+    gen.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep looking for a full route this long (peers still starting); default 0",
+    )
 
     info = sub.add_parser("info", help="show what peers serve", description="Ask peers for their model and span.")
     info.add_argument("peers", nargs="+", help="host:port of each peer")
@@ -111,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# libgomp's idle workers spin ~300k iterations before sleeping. A serving peer is idle
+# between steps most of the time, and its spinning threads steal the cores that the next
+# peer of a pipeline (or the volunteer's own programs) need; 10k keeps back-to-back ops fast.
+GOMP_SPINCOUNT = "10000"
+
+
 def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
     from node.runtime import ServerConfig, SpanRunner
     from node.server import serve
     from shards import Checkpoint, parse_layers
@@ -148,7 +161,16 @@ def _generate(args: argparse.Namespace) -> int:
     from node.client import Client, Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    ids: list[int] | None = None
+    if args.ids:
+        try:
+            ids = [int(i) for i in args.ids.split(",")]
+        except ValueError:
+            raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    elif not args.prompt:
+        raise ConfigError("give a prompt, or --ids")
     with Client(args.peers, model_folder=args.model) as client:
+        chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
         while True:
             try:
@@ -158,19 +180,12 @@ def _generate(args: argparse.Namespace) -> int:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(1.0)
-        if args.ids:
-            try:
-                ids = [int(i) for i in args.ids.split(",")]
-            except ValueError:
-                raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+        if ids is not None:
             for token in client.generate(ids, args.max_new_tokens, sampling=sampling):
                 print(token, end=" ", flush=True)
-        elif args.prompt:
-            chat = not args.raw and client.text.has_chat_template
+        else:
             for piece in client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat):
                 print(piece, end="", flush=True)
-        else:
-            raise ConfigError("give a prompt, or --ids")
     print()
     return 0
 

@@ -83,8 +83,15 @@ class PeerInfo:
     @classmethod
     def from_response(cls, address: str, r: InfoResponse) -> PeerInfo:
         return cls(
-            address, r.model_id, r.model_name, r.start, r.end, r.num_layers, r.vocab_size,
-            r.capacity.max_length, r.version,
+            address,
+            r.model_id,
+            r.model_name,
+            r.start,
+            r.end,
+            r.num_layers,
+            r.vocab_size,
+            r.capacity.max_length,
+            r.version,
         )
 
 
@@ -266,7 +273,9 @@ class Client:
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=grpc_options(self.config.max_message_bytes))
+            self._channels[address] = grpc.insecure_channel(
+                address, options=grpc_options(self.config.max_message_bytes)
+            )
         return self._channels[address]
 
     def close(self) -> None:
@@ -285,7 +294,9 @@ class Client:
 
     def info(self, address: str) -> PeerInfo:
         call = self.channel(address).unary_unary(
-            _SERVICE + "Info", request_serializer=InfoRequest.SerializeToString, response_deserializer=InfoResponse.FromString
+            _SERVICE + "Info",
+            request_serializer=InfoRequest.SerializeToString,
+            response_deserializer=InfoResponse.FromString,
         )
         try:
             return PeerInfo.from_response(address, call(InfoRequest(), timeout=self.config.info_timeout_s))
@@ -301,7 +312,7 @@ class Client:
                 infos.append(self.info(address))
             except PeerError as e:
                 failures.append(str(e))
-                log.warning("peer unavailable: %s", e)
+                log.info("peer unavailable: %s", e)
         models = {i.model_id for i in infos}
         model_id = self.model_id
         if model_id is None:

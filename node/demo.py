@@ -1,6 +1,6 @@
 """`make demo`: a local swarm of three serving processes on loopback answering a prompt.
 
-    python -m node.demo ["your question"]
+python -m node.demo ["your question"]
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ DEMO_NAME = "smollm2-135m-moe4"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NUM_EXPERTS, TOP_K = 4, 2
 EXPERT_NOISE = 0.02  # relative std of the noise added to each expert's copy of the MLP
-RECIPE = {"source": GGUF_FILE, "experts": NUM_EXPERTS, "top_k": TOP_K, "noise": EXPERT_NOISE, "seed": 0, "v": 1}
+SEED = 0
+RECIPE = {"source": GGUF_FILE, "experts": NUM_EXPERTS, "top_k": TOP_K, "noise": EXPERT_NOISE, "seed": SEED, "v": 1}
 
 
 def default_cache() -> Path:
@@ -67,7 +68,7 @@ def build_demo_model(out: Path | None = None) -> Path:
     cfg = dense.config
     state = {k: v.detach() for k, v in dense.state_dict().items()}
 
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
+    generator = torch.Generator().manual_seed(SEED)
     moe: dict[str, torch.Tensor] = {}
     layers = cfg.num_hidden_layers
     for i in range(layers):

@@ -1,13 +1,13 @@
 """Errors raised by the node: the server, the client SDK and the CLI.
 
-    MoemeshError
-    ├── ConfigError          a bad option or argument (the CLI prints it and exits 2)
-    ├── Rejected             the server refuses a request; carries the gRPC status to send
-    ├── RouteError           no chain of the known peers covers every layer (names the gap)
-    └── PeerError            talking to a peer failed
-        ├── PeerUnavailable  it cannot be reached, or the connection broke
-        ├── PeerTimeout      it did not answer before the deadline
-        └── PeerRefused      it answered with an error status (code and message kept)
+MoemeshError
+├── ConfigError          a bad option or argument (the CLI prints it and exits 2)
+├── Rejected             the server refuses a request; carries the gRPC status to send
+├── RouteError           no chain of the known peers covers every layer (names the gap)
+└── PeerError            talking to a peer failed
+    ├── PeerUnavailable  it cannot be reached, or the connection broke
+    ├── PeerTimeout      it did not answer before the deadline
+    └── PeerRefused      it answered with an error status (code and message kept)
 """
 
 from __future__ import annotations

@@ -47,8 +47,19 @@ def _pump(stream: object, lines: queue.SimpleQueue[str | None], log: list[str]) 
 def _spawn(
     model: Path, layers: tuple[int, int], extra_args: Sequence[str], env: Mapping[str, str] | None = None
 ) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
-    cmd = [sys.executable, "-m", "node", "serve", "--model", str(model), "--layers", f"{layers[0]}:{layers[1]}",
-           "--port", "0", *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "node",
+        "serve",
+        "--model",
+        str(model),
+        "--layers",
+        f"{layers[0]}:{layers[1]}",
+        "--port",
+        "0",
+        *extra_args,
+    ]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -209,8 +209,13 @@ class SpanRunner:
             started = time.perf_counter()
             out = self.span(x, session.cache, position, last_only=last_only, layers=layers)
             message = to_message(out.float() if logits else out)
-            log.debug("session %s: %d tokens at %d in %.2f ms", session.id, x.shape[1], position,
-                      1000 * (time.perf_counter() - started))
+            log.debug(
+                "session %s: %d tokens at %d in %.2f ms",
+                session.id,
+                x.shape[1],
+                position,
+                1000 * (time.perf_counter() - started),
+            )
             return message
 
         return await self.run(compute)

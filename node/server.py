@@ -18,14 +18,13 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from node.errors import Rejected
-from node.runtime import ServerConfig, Session, SpanRunner
+from node.runtime import Session, SpanRunner
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
 from protocol.shard_pb2 import (
     Capacity,
     DType,
     ForwardRequest,
     ForwardResponse,
-    InfoRequest,
     InfoResponse,
     SessionClosed,
     SessionOpened,
@@ -101,14 +100,18 @@ class ShardService:
                     kind = req.WhichOneof("kind")
                     if kind == "open":
                         if session is not None:
-                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream")
+                            raise Rejected(
+                                grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream"
+                            )
                         o = req.open
                         session = await self.runner.open(o.model_id, o.start, o.end, o.max_length)
                         opened = SessionOpened(session_id=session.id, max_length=session.cache.max_length)
                         yield SessionResponse(opened=opened).SerializeToString()
                     elif kind == "step":
                         if session is None:
-                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "unknown session: send open before steps")
+                            raise Rejected(
+                                grpc.StatusCode.FAILED_PRECONDITION, "unknown session: send open before steps"
+                            )
                         if session.closed:
                             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is closed")
                         s = req.step
@@ -123,7 +126,9 @@ class ShardService:
                         self.runner.close(session)
                         yield SessionResponse(closed=SessionClosed()).SerializeToString()
                     else:
-                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest (no open, step or close)")
+                        raise Rejected(
+                            grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest (no open, step or close)"
+                        )
                 except Rejected as e:
                     await _abort(context, e)
         finally:

@@ -1,8 +1,8 @@
 """Errors about what crosses the wire.
 
-    ProtocolError
-    ├── InvalidTensorError     a Tensor message is malformed: dtype, shape or byte length
-    └── VersionMismatchError   the peer speaks a protocol version we do not
+ProtocolError
+├── InvalidTensorError     a Tensor message is malformed: dtype, shape or byte length
+└── VersionMismatchError   the peer speaks a protocol version we do not
 """
 
 from __future__ import annotations

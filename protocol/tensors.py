@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from protocol.errors import InvalidTensorError
 from protocol.shard_pb2 import DType, Tensor
@@ -21,7 +22,7 @@ DTYPE_NAMES: dict[int, str] = {
     DType.FLOAT16: "float16",
     DType.INT64: "int64",
 }
-_BY_NAME = {name: code for code, name in DTYPE_NAMES.items()}
+_BY_NAME: dict[str, Any] = {name: code for code, name in DTYPE_NAMES.items()}
 MAX_DIMS = 4
 
 

@@ -1,7 +1,7 @@
 """Regenerate protocol/*_pb2*.py(i) from protocol/*.proto, or check they are current.
 
-    python scripts/gen_proto.py           # rewrite the generated files
-    python scripts/gen_proto.py --check   # exit 1 when they differ from a fresh generation
+python scripts/gen_proto.py           # rewrite the generated files
+python scripts/gen_proto.py --check   # exit 1 when they differ from a fresh generation
 """
 
 from __future__ import annotations

@@ -185,18 +185,22 @@ class Checkpoint:
         fused_prefix = f"model.layers.{layer}.mlp.experts"
         if f"{fused_prefix}.gate_up_proj" in self._files:  # already fused by transformers 5
             return {
-                "router": _Source((router if router in self._files else f"model.layers.{layer}.mlp.gate.weight",), _one),
+                "router": _Source(
+                    (router if router in self._files else f"model.layers.{layer}.mlp.gate.weight",), _one
+                ),
                 "gate_up": _Source((f"{fused_prefix}.gate_up_proj",), _one),
                 "down": _Source((f"{fused_prefix}.down_proj",), _one),
             }
         gates = tuple(f"{base}.experts.{e}.{gate}.weight" for e in range(e_count))
         ups = tuple(f"{base}.experts.{e}.{up}.weight" for e in range(e_count))
         downs = tuple(f"{base}.experts.{e}.{down}.weight" for e in range(e_count))
+
+        def fuse_gate_up(ts: list[torch.Tensor]) -> torch.Tensor:  # E x [I, H] gates, then E x [I, H] ups
+            return torch.stack([torch.cat(pair) for pair in zip(ts[:e_count], ts[e_count:], strict=True)])
+
         return {
             "router": _Source((router,), _one),
-            "gate_up": _Source(
-                gates + ups, lambda ts: torch.stack([torch.cat((g, u)) for g, u in zip(ts[:e_count], ts[e_count:])])
-            ),
+            "gate_up": _Source(gates + ups, fuse_gate_up),
             "down": _Source(downs, torch.stack),
         }
 
@@ -245,10 +249,9 @@ class Checkpoint:
         expected = dict(span.named_parameters())
         for name, source in self._sources(span).items():
             tensor = source.combine(list(self._read(source.names)))
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(
-                    f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {list(expected[name].shape)}"
-                )
+            want = list(expected[name].shape)
+            if list(tensor.shape) != want:
+                raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {want}")
             state[name] = tensor if dtype is None else tensor.to(dtype)
         span.load_state_dict(state, assign=True, strict=True)
         span.rotary = type(span.rotary)(self.config.head_dim, self.config.rope_theta)  # real buffer, fp32

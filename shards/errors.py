@@ -1,9 +1,9 @@
 """Errors raised while describing and loading shards.
 
-    ShardError
-    ├── SpanSpecError            a span such as "0:8" is malformed or outside the model
-    ├── CheckpointError          the checkpoint folder is missing, unreadable or inconsistent
-    └── UnsupportedModelError    (kernels) the architecture has no kernel here: "not supported: ..."
+ShardError
+├── SpanSpecError            a span such as "0:8" is malformed or outside the model
+├── CheckpointError          the checkpoint folder is missing, unreadable or inconsistent
+└── UnsupportedModelError    (kernels) the architecture has no kernel here: "not supported: ..."
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ def test_help_explains_every_command() -> None:
 
 def test_serve_errors_are_one_clear_line(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     _fails_cleanly(moemesh("serve", "--model", str(tmp_path), "--layers", "0:1"), "no config.json")
-    _fails_cleanly(moemesh("serve", "--model", str(tiny_models["llama"]), "--layers", "0:9"), "run past the model's 4 layers")
+    _fails_cleanly(
+        moemesh("serve", "--model", str(tiny_models["llama"]), "--layers", "0:9"), "run past the model's 4 layers"
+    )
     _fails_cleanly(moemesh("serve", "--model", str(tiny_models["llama"]), "--layers", "zero"), "START:END")
     odd = tmp_path / "odd"
     shutil.copytree(tiny_models["llama"], odd)

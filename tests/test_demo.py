@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_answers_a_question_through_three_peers() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "node.demo", "What is the capital of France?", "--max-new-tokens", "24"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     answer = result.stdout.split("assistant> ", 1)[1]

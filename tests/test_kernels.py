@@ -70,7 +70,7 @@ def test_spans_reproduce_transformers_exactly_with_chunked_prefill(family: str, 
         with torch.no_grad():
             expected = ref(input_ids=chunk, past_key_values=ref_cache, use_cache=True).logits
         h = chunk
-        for span, cache in zip(spans, caches):
+        for span, cache in zip(spans, caches, strict=True):
             h = span(h, cache, position)
         position += chunk.shape[1]
         assert torch.equal(h, expected), f"max abs diff {(h - expected).abs().max()}"

@@ -42,7 +42,9 @@ def _assert_same_tokens(ours: list[int], reference: list[int], eos: set[int]) ->
     assert len(reference) == len(ours) or reference[-1] in eos
 
 
-@pytest.fixture(scope="module", params=[(f, p) for f in FAMILIES for p in (2, 3)], ids=lambda fp: f"{fp[0]}-{fp[1]}span")
+@pytest.fixture(
+    scope="module", params=[(f, p) for f in FAMILIES for p in (2, 3)], ids=lambda fp: f"{fp[0]}-{fp[1]}span"
+)
 def pipeline(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Iterator[tuple[str, list[ServerProcess]]]:
     family, parts = request.param
     with local_swarm(tiny_models[family], SPANS[parts]) as servers:
@@ -60,7 +62,7 @@ def test_logits_and_greedy_tokens_match_transformers(
         _, hops = client.route()
         assert [(h.start, h.end) for h in hops] == [s.layers for s in servers]
         with client.session(32) as session:
-            for (a, b), want in zip(CHUNKS, expected):
+            for (a, b), want in zip(CHUNKS, expected, strict=True):
                 got = session.step(ids[0, a:b].tolist(), last_only=False)
                 assert got.shape == want.shape
                 assert np.abs(got - want).max() == 0.0
@@ -97,4 +99,6 @@ def test_concurrent_sessions_do_not_disturb_each_other(
             t.join(120)
     eos = ref.generation_config.eos_token_id
     for k in range(2):
-        _assert_same_tokens(results[k], _reference_tokens(ref, prompts[k][0].tolist(), 10), set(eos if isinstance(eos, list) else [eos]))
+        _assert_same_tokens(
+            results[k], _reference_tokens(ref, prompts[k][0].tolist(), 10), set(eos if isinstance(eos, list) else [eos])
+        )

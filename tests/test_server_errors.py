@@ -48,7 +48,9 @@ def _ids(n: int) -> Tensor:
 
 
 def _hidden(n: int, width: int = HIDDEN, dtype: str = "float32") -> Tensor:
-    return make_tensor(dtype, (1, n, width), np.zeros((1, n, width), dtype="<f4" if dtype == "float32" else "<f2").tobytes())
+    return make_tensor(
+        dtype, (1, n, width), np.zeros((1, n, width), dtype="<f4" if dtype == "float32" else "<f2").tobytes()
+    )
 
 
 def _forward_raw(channel: grpc.Channel, payload: bytes) -> bytes:
@@ -72,7 +74,8 @@ def _session(channel: grpc.Channel, requests: Sequence[SessionRequest]) -> list[
 
 def _still_serving(channel: grpc.Channel) -> None:
     call = channel.unary_unary(
-        "/moemesh.v1.Shard/Info", request_serializer=InfoRequest.SerializeToString,
+        "/moemesh.v1.Shard/Info",
+        request_serializer=InfoRequest.SerializeToString,
         response_deserializer=InfoResponse.FromString,
     )
     assert call(InfoRequest(), timeout=10).num_layers == 4
@@ -106,7 +109,9 @@ def test_valid_requests_work(channels: list[grpc.Channel]) -> None:
 def test_wrong_dtype(channels: list[grpc.Channel]) -> None:
     first, second = channels
     _refused(grpc.StatusCode.INVALID_ARGUMENT, "int64 token ids", _forward, first, 0, 2, _hidden(3))
-    _refused(grpc.StatusCode.INVALID_ARGUMENT, "float32 hidden states", _forward, second, 2, 4, _hidden(3, dtype="float16"))
+    _refused(
+        grpc.StatusCode.INVALID_ARGUMENT, "float32 hidden states", _forward, second, 2, 4, _hidden(3, dtype="float16")
+    )
     _still_serving(first)
     _still_serving(second)
 
@@ -143,7 +148,9 @@ def test_layers_outside_the_span_and_wrong_model(channels: list[grpc.Channel]) -
 
 def test_garbage_bytes(channels: list[grpc.Channel]) -> None:
     first = channels[0]
-    _refused(grpc.StatusCode.INVALID_ARGUMENT, "not a valid ForwardRequest", _forward_raw, first, b"\xff\xff\xff\xff\xff")
+    _refused(
+        grpc.StatusCode.INVALID_ARGUMENT, "not a valid ForwardRequest", _forward_raw, first, b"\xff\xff\xff\xff\xff"
+    )
     _refused(grpc.StatusCode.INVALID_ARGUMENT, "no input tensor", _forward_raw, first, b"")
     stream = first.stream_stream("/moemesh.v1.Shard/InferenceSession")
     with pytest.raises(grpc.RpcError) as info:
@@ -163,7 +170,13 @@ def test_unknown_and_closed_sessions(channels: list[grpc.Channel]) -> None:
 
 def test_session_past_its_max_length(channels: list[grpc.Channel]) -> None:
     first = channels[0]
-    _refused(grpc.StatusCode.OUT_OF_RANGE, "max length 4", _session, first, [_open(0, 2, 4), _step(_ids(3)), _step(_ids(2), 3)])
+    _refused(
+        grpc.StatusCode.OUT_OF_RANGE,
+        "max length 4",
+        _session,
+        first,
+        [_open(0, 2, 4), _step(_ids(3)), _step(_ids(2), 3)],
+    )
     _refused(grpc.StatusCode.OUT_OF_RANGE, "exceeds this server's limit 32", _session, first, [_open(0, 2, 1000)])
     _refused(grpc.StatusCode.INVALID_ARGUMENT, "position 5", _session, first, [_open(0, 2), _step(_ids(2), 5)])
     _still_serving(first)

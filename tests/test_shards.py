@@ -38,7 +38,7 @@ def test_split_evenly_covers_every_layer() -> None:
         for parts in range(1, min(total, 7) + 1):
             spans = split_evenly(total, parts)
             assert spans[0][0] == 0 and spans[-1][1] == total
-            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
             sizes = [e - s for s, e in spans]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(SpanSpecError):
@@ -93,7 +93,9 @@ def test_unsupported_architectures_say_so(tiny_models: dict[str, Path], tmp_path
     with pytest.raises(UnsupportedModelError, match="not supported: sliding-window"):
         Checkpoint(_copy(tiny_models["mixtral"], tmp_path / "b", sliding_window=128))
     with pytest.raises(UnsupportedModelError, match="not supported: rope_type"):
-        Checkpoint(_copy(tiny_models["llama"], tmp_path / "c", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}))
+        Checkpoint(
+            _copy(tiny_models["llama"], tmp_path / "c", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4})
+        )
 
 
 def test_broken_checkpoints_get_clear_errors(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import logging
 import queue
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import grpc
 import numpy as np
 
 from node.errors import ConfigError, PeerError, PeerTimeout, PeerUnavailable, RouteError, peer_error
+from node.routing import Candidate, Hop, best_chain
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
 from protocol.shard_pb2 import (
     CloseSession,
@@ -95,41 +97,20 @@ class PeerInfo:
         )
 
 
-@dataclass(frozen=True)
-class Hop:
-    """Run layers [start, end) on the peer at `address`."""
-
-    address: str
-    start: int
-    end: int
-
-
-def plan_route(peers: Sequence[PeerInfo]) -> list[Hop]:
-    """A chain of hops covering [0, L): from each position, the peer that reaches furthest.
+def plan_route(peers: Sequence[PeerInfo], rtts: dict[str, float] | None = None) -> list[Hop]:
+    """The chain of the given peers with the fewest round trips (measured RTTs when known).
 
     Peers may overlap; a hop runs a sub-span of its peer's span. Raises RouteError naming
     the layers that no peer serves.
     """
     if not peers:
         raise RouteError("no peer answered")
-    total = peers[0].num_layers
-    hops: list[Hop] = []
-    position = 0
-    missing: list[tuple[int, int]] = []
-    while position < total:
-        candidates = [p for p in peers if p.start <= position < p.end]
-        if not candidates:
-            nxt = min((p.start for p in peers if p.start > position), default=total)
-            missing.append((position, nxt))
-            position = nxt
-            continue
-        best = max(candidates, key=lambda p: (p.end, -peers.index(p)))
-        hops.append(Hop(best.address, position, best.end))
-        position = best.end
-    if missing:
-        gaps = ", ".join(f"{a}:{b}" for a, b in missing)
-        raise RouteError(f"no known peer serves layers {gaps} of {total}", tuple(missing))
-    return hops
+    rtts = rtts or {}
+    candidates = [
+        Candidate(p.address, p.address, p.start, p.end, block_seconds=0.0, rtt_seconds=rtts.get(p.address, 1e-3))
+        for p in peers
+    ]
+    return best_chain(candidates, peers[0].num_layers)
 
 
 def sample(logits: np.ndarray, sampling: Sampling, step: int) -> int:
@@ -306,10 +287,13 @@ class Client:
     def route(self) -> tuple[str, list[Hop]]:
         """Ask every peer what it serves and plan a chain; returns (model id, hops)."""
         infos: list[PeerInfo] = []
+        rtts: dict[str, float] = {}
         failures: list[str] = []
         for address in self.peers:
             try:
+                started = time.perf_counter()
                 infos.append(self.info(address))
+                rtts[address] = time.perf_counter() - started
             except PeerError as e:
                 failures.append(str(e))
                 log.info("peer unavailable: %s", e)
@@ -321,7 +305,7 @@ class Client:
             model_id = next(iter(models), "")
         infos = [i for i in infos if i.model_id == model_id]
         try:
-            return model_id, plan_route(infos)
+            return model_id, plan_route(infos, rtts)
         except RouteError as e:
             detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
             raise RouteError(f"{e}{detail}", e.missing) from None

@@ -9,6 +9,7 @@ import pytest
 
 from node.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
 from node.errors import ConfigError, RouteError
+from node.routing import Candidate, best_chain, missing_blocks
 from node.launch import local_swarm
 
 
@@ -16,9 +17,20 @@ def peer(address: str, start: int, end: int, layers: int = 12) -> PeerInfo:
     return PeerInfo(address, "m", "model", start, end, layers, 100, 1024, "0")
 
 
-def test_route_takes_the_furthest_reaching_peer_and_uses_sub_spans() -> None:
-    peers = [peer("a", 0, 4), peer("b", 0, 6), peer("c", 3, 12), peer("d", 6, 9)]
-    assert plan_route(peers) == [Hop("b", 0, 6), Hop("c", 6, 12)]
+def test_route_needs_the_fewest_hops_and_uses_sub_spans() -> None:
+    peers = [peer("a", 0, 4), peer("b", 0, 6), peer("d", 6, 9), peer("c", 3, 12)]
+    hops = plan_route(peers)
+    assert len(hops) == 2 and hops[0].start == 0 and hops[-1] == Hop("c", hops[0].end, 12, "c")
+
+
+def test_best_chain_weighs_round_trips_against_compute() -> None:
+    fast_far = Candidate("far", "far:1", 0, 8, block_seconds=0.001, rtt_seconds=0.050)
+    slow_near = Candidate("near", "near:1", 0, 8, block_seconds=0.010, rtt_seconds=0.001)
+    assert [h.peer for h in best_chain([fast_far, slow_near], 8)] == ["far"]  # 0.058 s < 0.081 s
+    assert [h.peer for h in best_chain([fast_far, slow_near], 2)] == ["near"]  # 0.021 s < 0.052 s
+    split = [Candidate("a", "a:1", 0, 8, 0.010, 0.001), Candidate("b", "b:1", 4, 8, 0.001, 0.001)]
+    assert [(h.peer, h.start, h.end) for h in best_chain(split, 8)] == [("a", 0, 4), ("b", 4, 8)]
+    assert missing_blocks(split[1:], 8) == [(0, 4)]
 
 
 def test_route_names_every_missing_block() -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from node.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
 from node.errors import ConfigError, RouteError
-from node.routing import Candidate, best_chain, missing_blocks
 from node.launch import local_swarm
+from node.routing import Candidate, best_chain, missing_blocks
 
 
 def peer(address: str, start: int, end: int, layers: int = 12) -> PeerInfo:

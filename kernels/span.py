@@ -185,6 +185,10 @@ class SpanModel(nn.Module):
         return layer.input_layernorm.weight
 
     @property
+    def device(self) -> torch.device:
+        return self._probe_weight.device
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._probe_weight.dtype
 

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find a chain of the given peers covering every layer and stream the answer to stdout.",
     )
     gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
-    gen.add_argument("--peers", required=True, type=_peers, help="comma-separated host:port of serving peers")
+    where = gen.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
+    where.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="find peers in the swarm's DHT")
+    gen.add_argument("--model-id", help="which model of the swarm (default: the only one)")
     gen.add_argument("--model", type=Path, help="model folder, for its tokenizer (needed for a text prompt)")
     gen.add_argument("--ids", help="comma-separated prompt token ids instead of text")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="default 64")
@@ -104,6 +107,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep looking for a full route this long (peers still starting); default 0",
     )
+
+    daemon = sub.add_parser(
+        "daemon",
+        help="join (or start) a swarm: serve layers and advertise them in the DHT",
+        description="Run a libp2p host (Noise only, Kademlia DHT server) beside the gRPC shard server."
+        " With --model, serve --layers of it and publish signed records for each block; without, be a"
+        " bootstrap node. With no --bootstrap, start a new swarm and print the address others join with.",
+    )
+    daemon.add_argument("--model", type=Path, help="checkpoint folder to serve (omit for a bootstrap-only node)")
+    daemon.add_argument("--layers", help="START:END of --model to serve")
+    daemon.add_argument("--bootstrap", nargs="+", default=[], metavar="MULTIADDR", help="peers to join through")
+    daemon.add_argument("--host", default="127.0.0.1", help="listen address for gRPC and libp2p (default 127.0.0.1)")
+    daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
+    daemon.add_argument("--p2p-port", type=_port, default=0, help="libp2p TCP port (default: any free one)")
+    daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
+    daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
+    daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
+    daemon.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    daemon.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    daemon.add_argument("--max-length", type=_positive, default=8192, help="longest session (default 8192)")
+    daemon.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+
+    status = sub.add_parser("status", help="show the swarm: models, block coverage, peers, routes",
+                            description="Join the DHT as a client through a bootstrap peer and report what it holds.")
+    status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     info = sub.add_parser("info", help="show what peers serve", description="Ask peers for their model and span.")
     info.add_argument("peers", nargs="+", help="host:port of each peer")
@@ -169,7 +198,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
     elif not args.prompt:
         raise ConfigError("give a prompt, or --ids")
-    with Client(args.peers, model_folder=args.model) as client:
+    with Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
         while True:
@@ -187,6 +216,51 @@ def _generate(args: argparse.Namespace) -> int:
             for piece in client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat):
                 print(piece, end="", flush=True)
     print()
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    from node.daemon import DaemonConfig, run_daemon
+    from node.identity import default_identity_path
+    from node.p2p import MeshConfig
+    from node.runtime import ServerConfig
+
+    server = None
+    if args.model is not None:
+        from shards import Checkpoint, parse_layers
+
+        if not args.layers:
+            raise ConfigError("--model needs --layers START:END")
+        start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
+        server = ServerConfig(
+            model=args.model, start=start, end=end, host=args.host, port=args.port, dtype=args.dtype,
+            max_sessions=args.max_sessions, max_length=args.max_length, torch_threads=args.threads,
+        )
+    elif args.layers:
+        raise ConfigError("--layers needs --model")
+    if args.ttl < 3:
+        raise ConfigError("--ttl must be at least 3 seconds")
+    config = DaemonConfig(
+        identity=args.identity or default_identity_path(),
+        mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
+        server=server,
+        announce_host=args.announce_host,
+        ttl_s=args.ttl,
+    )
+    asyncio.run(run_daemon(config, lambda m: print(f"moemesh: {m}", flush=True)))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.discovery import SwarmReader
+    from node.status import format_report, report
+
+    with SwarmReader(args.bootstrap) as reader:
+        view = report(reader.everyone())
+    print(json.dumps(view, indent=2) if args.json else format_report(view))
     return 0
 
 
@@ -214,7 +288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"serve": _serve, "generate": _generate, "info": _info, "build-demo-model": _build_demo}
+    if args.command in ("daemon", "status") or getattr(args, "bootstrap", None):
+        import libp2p  # noqa: F401  (importing it resets its logger, so configure after)
+    p2p_log = logging.getLogger("libp2p")  # has no handler and does not propagate: stderr by default
+    if args.verbose >= 2:
+        p2p_log.propagate = True
+    else:  # routine events of a P2P network (a peer gone, a client without the DHT protocol)
+        p2p_log.addHandler(logging.NullHandler())
+    commands = {
+        "serve": _serve,
+        "daemon": _daemon,
+        "status": _status,
+        "generate": _generate,
+        "info": _info,
+        "build-demo-model": _build_demo,
+    }
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:

@@ -227,19 +227,25 @@ class InferenceSession:
 
 
 class Client:
-    """Talks to a fixed list of peer addresses ("host:port") that together cover a model."""
+    """Finds peers covering a model, from a list of addresses or from the swarm's DHT.
+
+    Either `peers` ("host:port" of serving peers) or `bootstrap` (libp2p multiaddrs of any
+    daemon of the swarm; the client joins the DHT as a client and reads signed records).
+    """
 
     def __init__(
         self,
-        peers: Sequence[str],
+        peers: Sequence[str] = (),
         *,
+        bootstrap: Sequence[str] = (),
         model_folder: str | Path | None = None,
         model_id: str | None = None,
         config: ClientConfig | None = None,
     ) -> None:
-        if not peers:
-            raise ConfigError("give at least one peer address (host:port)")
+        if not peers and not bootstrap:
+            raise ConfigError("give peer addresses (host:port) or a bootstrap multiaddr")
         self.peers = list(peers)
+        self.bootstrap = list(bootstrap)
         self.model_id = model_id
         self.config = config or ClientConfig()
         self._channels: dict[str, grpc.Channel] = {}
@@ -284,19 +290,58 @@ class Client:
         except grpc.RpcError as e:
             raise peer_error(address, e) from None
 
-    def route(self) -> tuple[str, list[Hop]]:
-        """Ask every peer what it serves and plan a chain; returns (model id, hops)."""
-        infos: list[PeerInfo] = []
-        rtts: dict[str, float] = {}
-        failures: list[str] = []
-        for address in self.peers:
+    def _measure(self, addresses: Sequence[str]) -> dict[str, tuple[PeerInfo, float]]:
+        """Info and round-trip time of each reachable address, asked concurrently."""
+
+        def one(address: str) -> tuple[PeerInfo, float]:
+            started = time.perf_counter()
+            info = self.info(address)
+            return info, time.perf_counter() - started
+
+        futures = {address: self._pool.submit(one, address) for address in dict.fromkeys(addresses)}
+        answers: dict[str, tuple[PeerInfo, float]] = {}
+        for address, future in futures.items():
             try:
-                started = time.perf_counter()
-                infos.append(self.info(address))
-                rtts[address] = time.perf_counter() - started
+                answers[address] = future.result()
             except PeerError as e:
-                failures.append(str(e))
                 log.info("peer unavailable: %s", e)
+        return answers
+
+    def _route_from_swarm(self) -> tuple[str, list[Hop]]:
+        from node.discovery import SwarmReader
+
+        with SwarmReader(self.bootstrap, timeout_s=self.config.info_timeout_s) as reader:
+            model_id, snapshot = reader.model(self.model_id)
+        offers = [
+            (pid, record.grpc_addresses[0], ad)
+            for pid, record in snapshot.records.items()
+            for ad in record.shards
+            if ad.model_id == model_id and record.grpc_addresses
+        ]
+        answers = self._measure([address for _, address, _ in offers])
+        candidates = []
+        num_layers = max((ad.num_layers for _, _, ad in offers), default=0)
+        for pid, address, ad in offers:
+            if address not in answers:
+                continue
+            info, rtt = answers[address]
+            if (info.model_id, info.start, info.end) != (model_id, ad.start, ad.end):
+                log.info("ignoring %s: it now serves %s %d:%d", address, info.model_id, info.start, info.end)
+                continue
+            block_seconds = 1.0 / ad.throughput if ad.throughput > 0 else 1.0
+            candidates.append(Candidate(pid, address, ad.start, ad.end, block_seconds, rtt))
+        if not num_layers:
+            raise RouteError(f"no live peer serves model {model_id}")
+        return model_id, best_chain(candidates, num_layers)
+
+    def route(self) -> tuple[str, list[Hop]]:
+        """Find what the peers serve and plan a chain; returns (model id, hops)."""
+        if self.bootstrap:
+            return self._route_from_swarm()
+        answers = self._measure(self.peers)
+        infos = [info for info, _ in answers.values()]
+        rtts = {address: rtt for address, (_, rtt) in answers.items()}
+        failures = [f"{address} did not answer" for address in self.peers if address not in answers]
         models = {i.model_id for i in infos}
         model_id = self.model_id
         if model_id is None:

@@ -96,6 +96,10 @@ class SpanRunner:
         span = checkpoint.load_span(config.start, config.end, DTYPES[config.dtype] if config.dtype else None)
         return span, checkpoint.model_id(), checkpoint.name
 
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` on the compute thread and wait (for callers outside the event loop)."""
+        return self._executor.submit(fn, *args).result()
+
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 

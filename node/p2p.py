@@ -1,0 +1,183 @@
+"""The libp2p side of a node: a Noise-only host with a Kademlia DHT, run on the trio thread.
+
+Everything here runs on trio (called through `node.bridge.TrioThread`); arguments and
+results are plain values. Facts this code relies on (py-libp2p 0.8.1): plaintext security
+is accepted unless only Noise is offered; connecting does not fill the DHT routing table
+(`add_peer` must follow); `find_providers` returns duplicates and caches what it found;
+`get_value` answers from the local store when it has the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from node.errors import ConfigError, MoemeshError
+from node.records import NAMESPACE, RecordValidator, peer_key
+
+__all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(MoemeshError):
+    """The libp2p side failed: no bootstrap peer reachable, a DHT operation failed."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 0
+    bootstrap: tuple[str, ...] = ()
+    server: bool = True  # DHT server mode (store records for others); clients only query
+    timeout_s: float = 20.0
+
+
+def noise_only_host(key_pair: KeyPair, listen: Sequence[Multiaddr]) -> IHost:
+    """A host that speaks Noise and nothing else (py-libp2p would also accept plaintext)."""
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        listen_addrs=list(listen),
+    )
+
+
+def _multiaddr(text: str) -> Multiaddr:
+    try:
+        addr = Multiaddr(text)
+        info_from_p2p_addr(addr)
+    except Exception:  # multiaddr raises several types
+        raise ConfigError(f"{text!r} is not a multiaddr with a /p2p/ peer id (e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3...)") from None
+    return addr
+
+
+class _ServersOnlyDHT(KadDHT):
+    """KadDHT that keeps DHT clients out of its routing table.
+
+    py-libp2p adds every peer that opens a DHT stream, skipping the server-mode check
+    ("they MUST support KAD server mode"), which clients do not: each short-lived client
+    (`moemesh status`, a generating SDK) then lingers in the table and every later lookup
+    dials it in vain. Here the identify-based check always applies.
+    """
+
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        return await super().add_peer(peer_id, skip_server_mode_check=False)
+
+
+class MeshNode:
+    """A libp2p host + DHT; `serve` is started in the trio thread's nursery."""
+
+    def __init__(self, key_pair: KeyPair, config: MeshConfig) -> None:
+        self.key_pair = key_pair
+        self.config = config
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self._bootstrap = [_multiaddr(b) for b in config.bootstrap]
+        self._listen = [Multiaddr(f"/ip4/{config.listen_host}/tcp/{config.port}")]
+        self.host = noise_only_host(key_pair, self._listen)
+        self.dht = _ServersOnlyDHT(self.host, DHTMode.SERVER if config.server else DHTMode.CLIENT)
+        self.dht.register_validator(NAMESPACE, RecordValidator())
+        self.addresses: list[str] = []
+
+    async def serve(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, join the swarm through the bootstrap peers, then run until cancelled."""
+        async with self.host.run(self._listen), background_trio_service(self.dht):
+            self.addresses = [str(a) for a in self.host.get_addrs()]
+            try:
+                await self._join()
+                task_status.started(self.addresses)
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    for listener in list(self.host.get_network().listeners.values()):
+                        await listener.close()
+
+    async def _join(self) -> None:
+        if not self._bootstrap:
+            return
+        joined = 0
+        errors = []
+        for addr in self._bootstrap:
+            info = info_from_p2p_addr(addr)
+            try:
+                with trio.fail_after(self.config.timeout_s):
+                    await self.host.connect(info)
+                await self.dht.add_peer(info.peer_id)
+                joined += 1
+            except Exception as e:  # libp2p raises several types for an unreachable peer
+                errors.append(f"{addr}: {e}")
+        if not joined:
+            raise MeshError("no bootstrap peer could be reached: " + "; ".join(errors))
+        if self.config.server:
+            with trio.move_on_after(self.config.timeout_s):
+                await self.dht.refresh_routing_table()
+
+    async def publish(self, signed_record: bytes, provider_keys: Sequence[str]) -> None:
+        """Store our record under our peer key and announce us as provider of `provider_keys`."""
+        key = peer_key(self.peer_id)
+        self.dht.value_store.remove(key.encode())  # ours is always the newest: replace it
+        await self.dht.put_value(key, signed_record)
+        async with trio.open_nursery() as nursery:
+            for provider_key in provider_keys:
+                nursery.start_soon(self.dht.provide, provider_key)
+
+    async def providers(self, provider_key: str, count: int = 64) -> list[str]:
+        """Peer ids that announced `provider_key` (deduplicated)."""
+        found = await self.dht.find_providers(provider_key, count=count)
+        return sorted({info.peer_id.to_base58() for info in found})
+
+    async def providers_of_all(self, provider_keys: Sequence[str]) -> list[str]:
+        """Union of the providers of several keys, looked up concurrently."""
+        found: set[str] = set()
+
+        async def one(key: str) -> None:
+            with trio.move_on_after(self.config.timeout_s):
+                found.update(await self.providers(key))
+
+        async with trio.open_nursery() as nursery:
+            for key in provider_keys:
+                nursery.start_soon(one, key)
+        return sorted(found)
+
+    async def record(self, peer_id: str) -> bytes | None:
+        """The freshest record a peer published (asks the network, not our cache)."""
+        key = peer_key(peer_id)
+        if peer_id != self.peer_id:
+            self.dht.value_store.remove(key.encode())
+        value: bytes | None = await self.dht.get_value(key)
+        return value
+
+    async def records(self, peer_ids: Sequence[str]) -> dict[str, bytes]:
+        results: dict[str, bytes] = {}
+
+        async def one(pid: str) -> None:
+            try:
+                with trio.move_on_after(self.config.timeout_s):
+                    value = await self.record(pid)
+                    if value is not None:
+                        results[pid] = value
+            except Exception as e:  # one unreachable peer must not fail the others
+                log.debug("record of %s: %s", pid, e)
+
+        async with trio.open_nursery() as nursery:
+            for pid in peer_ids:
+                nursery.start_soon(one, pid)
+        return results

@@ -1,0 +1,87 @@
+"""`moemesh status`: the swarm as the DHT tells it, per model: coverage, peers, route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.discovery import SwarmSnapshot
+from node.errors import RouteError
+from node.records import peer_id_of
+from node.routing import Candidate, best_chain
+
+__all__ = ["format_report", "report"]
+
+
+def report(snapshot: SwarmSnapshot) -> dict[str, Any]:
+    """A JSON-ready view of the swarm."""
+    models: dict[str, Any] = {}
+    for model_id, (name, layers) in sorted(snapshot.models().items()):
+        peers = []
+        coverage = [0] * layers
+        candidates = []
+        for pid, record in sorted(snapshot.records.items()):
+            for ad in record.shards:
+                if ad.model_id != model_id:
+                    continue
+                for b in range(ad.start, min(ad.end, layers)):
+                    coverage[b] += 1
+                peers.append(
+                    {
+                        "peer_id": pid,
+                        "start": ad.start,
+                        "end": ad.end,
+                        "grpc_addresses": list(record.grpc_addresses),
+                        "p2p_addresses": list(record.p2p_addresses),
+                        "throughput": round(ad.throughput, 3),
+                        "version": record.software_version,
+                        "protocol_version": record.protocol_version,
+                        "record_age_s": round((snapshot.taken_at_ms - record.issued_at_ms) / 1000, 1),
+                        "expires_in_s": round((record.expires_at_ms - snapshot.taken_at_ms) / 1000, 1),
+                    }
+                )
+                block_seconds = 1.0 / ad.throughput if ad.throughput > 0 else 1.0
+                candidates.append(Candidate(pid, "", ad.start, ad.end, block_seconds, 0.0))
+        try:
+            route = [{"peer_id": h.peer, "start": h.start, "end": h.end} for h in best_chain(candidates, layers)]
+            missing: list[list[int]] = []
+        except RouteError as e:
+            route, missing = [], [list(gap) for gap in e.missing]
+        models[model_id] = {
+            "name": name,
+            "num_layers": layers,
+            "coverage": coverage,
+            "full_route": bool(route),
+            "route": route,
+            "missing": missing,
+            "peers": peers,
+        }
+    bare = sorted(pid for pid, r in snapshot.records.items() if not r.shards)
+    return {
+        "models": models,
+        "bootstrap_only_peers": bare,
+        "ignored_records": dict(sorted(snapshot.ignored.items())),
+        "peer_ids": sorted({peer_id_of(r) for r in snapshot.records.values()}),
+    }
+
+
+def format_report(view: dict[str, Any]) -> str:
+    lines = []
+    if not view["models"]:
+        lines.append("no model is served in this swarm yet")
+    for model_id, m in view["models"].items():
+        state = "full route available" if m["full_route"] else "NO full route: missing layers " + ", ".join(
+            f"{a}:{b}" for a, b in m["missing"]
+        )
+        lines.append(f"model {m['name']} ({model_id}), {m['num_layers']} layers: {state}")
+        lines.append("  coverage (peers per block): " + " ".join(str(c) for c in m["coverage"]))
+        for p in m["peers"]:
+            lines.append(
+                f"  {p['peer_id']}  layers {p['start']}:{p['end']}  {', '.join(p['grpc_addresses'])}"
+                f"  {p['throughput']:.1f} tok/s/block  v{p['version']} (proto {p['protocol_version']})"
+                f"  record age {p['record_age_s']:.0f} s"
+            )
+    if view["bootstrap_only_peers"]:
+        lines.append(f"bootstrap-only peers: {len(view['bootstrap_only_peers'])}")
+    for pid, why in view["ignored_records"].items():
+        lines.append(f"ignored {pid}: {why}")
+    return "\n".join(lines)

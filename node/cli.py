@@ -129,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--max-length", type=_positive, default=8192, help="longest session (default 8192)")
     daemon.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
 
-    status = sub.add_parser("status", help="show the swarm: models, block coverage, peers, routes",
-                            description="Join the DHT as a client through a bootstrap peer and report what it holds.")
+    status = sub.add_parser(
+        "status",
+        help="show the swarm: models, block coverage, peers, routes",
+        description="Join the DHT as a client through a bootstrap peer and report what it holds.",
+    )
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -198,7 +201,9 @@ def _generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
     elif not args.prompt:
         raise ConfigError("give a prompt, or --ids")
-    with Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id) as client:
+    with Client(
+        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
+    ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
         while True:
@@ -234,8 +239,15 @@ def _daemon(args: argparse.Namespace) -> int:
             raise ConfigError("--model needs --layers START:END")
         start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
         server = ServerConfig(
-            model=args.model, start=start, end=end, host=args.host, port=args.port, dtype=args.dtype,
-            max_sessions=args.max_sessions, max_length=args.max_length, torch_threads=args.threads,
+            model=args.model,
+            start=start,
+            end=end,
+            host=args.host,
+            port=args.port,
+            dtype=args.dtype,
+            max_sessions=args.max_sessions,
+            max_length=args.max_length,
+            torch_threads=args.threads,
         )
     elif args.layers:
         raise ConfigError("--layers needs --model")

@@ -98,8 +98,10 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                 throughput=throughput,
             )
         ]
-        say(f"serving {runner.model_name} ({runner.model_id}) layers {runner.span.start}:{runner.span.end}"
-            f" on {grpc_addresses[0]}, {throughput:.1f} tokens/s per block")
+        say(
+            f"serving {runner.model_name} ({runner.model_id}) layers {runner.span.start}:{runner.span.end}"
+            f" on {grpc_addresses[0]}, {throughput:.1f} tokens/s per block"
+        )
 
     bridge = TrioThread()
     bridge.start()
@@ -120,10 +122,17 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
             nonlocal seq
             seq = max(seq + 1, time.time_ns())
             record = make_record(
-                key_pair, grpc_addresses=grpc_addresses, p2p_addresses=addresses, shards=shards,
-                ttl_s=config.ttl_s, seq=seq, withdrawn=withdrawn,
+                key_pair,
+                grpc_addresses=grpc_addresses,
+                p2p_addresses=addresses,
+                shards=shards,
+                ttl_s=config.ttl_s,
+                seq=seq,
+                withdrawn=withdrawn,
             )
-            await bridge.call(node.publish, sign_record(record, key_pair), [] if withdrawn else provider_keys)
+            started = time.monotonic()
+            await bridge.call(node.publish, sign_record(record, key_pair), provider_keys, not withdrawn)
+            log.info("published %s record in %.2f s", "a withdrawn" if withdrawn else "our", time.monotonic() - started)
 
         await publish()
         say(f"advertised {len(provider_keys) - 1} blocks, record ttl {config.ttl_s:g} s")
@@ -137,9 +146,9 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                     log.warning("republishing the record failed: %s", e)
         say("stopping: withdrawing the record")
         try:
-            await asyncio.wait_for(publish(withdrawn=True), timeout=5)
+            await asyncio.wait_for(publish(withdrawn=True), timeout=30)
         except Exception as e:  # the record then expires by its ttl
-            log.warning("withdrawing the record failed (it expires in %g s): %s", config.ttl_s, e)
+            log.warning("withdrawing the record failed (it expires in %g s): %r", config.ttl_s, e)
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=2.0)

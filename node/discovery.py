@@ -36,7 +36,9 @@ class SwarmReader:
         if not bootstrap:
             raise ConfigError("give at least one bootstrap multiaddr")
         self._thread = TrioThread("moemesh-dht-client")
-        self._node = MeshNode(ephemeral_identity(), MeshConfig(bootstrap=tuple(bootstrap), server=False, timeout_s=timeout_s))
+        self._node = MeshNode(
+            ephemeral_identity(), MeshConfig(bootstrap=tuple(bootstrap), server=False, timeout_s=timeout_s)
+        )
 
     def __enter__(self) -> SwarmReader:
         self._thread.start()

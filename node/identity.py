@@ -29,7 +29,9 @@ def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
         try:
             private = deserialize_private_key(path.read_bytes())
         except Exception as e:  # the library raises several types for a malformed key
-            raise ConfigError(f"{path}: not a libp2p private key ({e}); move it away to create a new identity") from None
+            raise ConfigError(
+                f"{path}: not a libp2p private key ({e}); move it away to create a new identity"
+            ) from None
         return KeyPair(private, private.get_public_key()), False
     key_pair = create_new_key_pair()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -122,3 +122,74 @@ def local_swarm(
     finally:
         for server, _ in started:
             server.stop()
+
+
+_PEER = re.compile(r"^moemesh: peer (\S+) listening on (\S+?)(?:,|$)")
+_SERVING = re.compile(r"^moemesh: serving .* on (\S+:\d+),")
+_ADVERTISED = re.compile(r"^moemesh: advertised ")
+
+
+@dataclass
+class DaemonProcess:
+    process: subprocess.Popen[str]
+    log: list[str] = field(default_factory=list)
+    peer_id: str = ""
+    multiaddr: str = ""
+    grpc_address: str = ""
+    started: float = 0.0
+    advertised_after_s: float = 0.0
+
+    def terminate(self) -> None:
+        """SIGTERM: a clean stop (the daemon withdraws its record)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.process.wait()
+
+
+def start_daemon(
+    args: Sequence[str], *, timeout: float = 120.0, env: Mapping[str, str] | None = None, verbose: bool = True
+) -> DaemonProcess:
+    """Start `moemesh daemon ARGS` and wait until it has advertised its record."""
+    cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **env} if env else None,
+    )
+    daemon = DaemonProcess(proc, started=started)
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines, daemon.log), daemon=True).start()
+    deadline = started + timeout
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"daemon {' '.join(args)} did not advertise in time") from None
+            if line is None:
+                raise RuntimeError("daemon exited:\n" + "\n".join(daemon.log[-20:]))
+            if m := _PEER.match(line):
+                daemon.peer_id, daemon.multiaddr = m.group(1), m.group(2)
+            elif m := _SERVING.match(line):
+                daemon.grpc_address = m.group(1)
+            elif _ADVERTISED.match(line):
+                daemon.advertised_after_s = time.monotonic() - started
+                return daemon
+    except BaseException:
+        daemon.stop()
+        raise

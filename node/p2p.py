@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from libp2p import new_host
@@ -35,6 +36,7 @@ from node.records import NAMESPACE, RecordValidator, peer_key
 __all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]
 
 log = logging.getLogger(__name__)
+PUSH_TIMEOUT_S = 3.0
 
 
 class MeshError(MoemeshError):
@@ -66,7 +68,9 @@ def _multiaddr(text: str) -> Multiaddr:
         addr = Multiaddr(text)
         info_from_p2p_addr(addr)
     except Exception:  # multiaddr raises several types
-        raise ConfigError(f"{text!r} is not a multiaddr with a /p2p/ peer id (e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3...)") from None
+        raise ConfigError(
+            f"{text!r} is not a multiaddr with a /p2p/ peer id (e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3...)"
+        ) from None
     return addr
 
 
@@ -97,7 +101,7 @@ class MeshNode:
         self.dht.register_validator(NAMESPACE, RecordValidator())
         self.addresses: list[str] = []
 
-    async def serve(self, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, join the swarm through the bootstrap peers, then run until cancelled."""
         async with self.host.run(self._listen), background_trio_service(self.dht):
             self.addresses = [str(a) for a in self.host.get_addrs()]
@@ -130,14 +134,41 @@ class MeshNode:
             with trio.move_on_after(self.config.timeout_s):
                 await self.dht.refresh_routing_table()
 
-    async def publish(self, signed_record: bytes, provider_keys: Sequence[str]) -> None:
-        """Store our record under our peer key and announce us as provider of `provider_keys`."""
+    async def publish(self, signed_record: bytes, provider_keys: Sequence[str], full: bool = True) -> None:
+        """Store our record under our peer key and announce us as provider of `provider_keys`.
+
+        The record is first pushed straight to every DHT server we know, concurrently and
+        briefly (a dead peer costs at most `PUSH_TIMEOUT_S`): that alone reaches the whole
+        table of a small swarm and is what a withdrawal on shutdown relies on. With `full`,
+        a regular Kademlia put (lookup of the closest peers, then stores) follows.
+        """
         key = peer_key(self.peer_id)
         self.dht.value_store.remove(key.encode())  # ours is always the newest: replace it
-        await self.dht.put_value(key, signed_record)
+        self.dht.value_store.put(key.encode(), signed_record)
+        peers = set(self.dht.routing_table.get_peer_ids()) | set(self.host.get_connected_peers())
+        peers.discard(self.host.get_id())
+
+        async def push(peer: ID) -> None:
+            with trio.move_on_after(PUSH_TIMEOUT_S):
+                try:
+                    await self.dht.value_store._store_at_peer(peer, key.encode(), signed_record)
+                except Exception as e:  # an unreachable peer: the others still get it
+                    log.debug("pushing our record to %s: %s", peer, e)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(push, peer)
+        if not full:
+            return
+        with trio.move_on_after(self.config.timeout_s):
+            await self.dht.put_value(key, signed_record)
         async with trio.open_nursery() as nursery:
             for provider_key in provider_keys:
-                nursery.start_soon(self.dht.provide, provider_key)
+                nursery.start_soon(self._provide, provider_key)
+
+    async def _provide(self, provider_key: str) -> None:
+        with trio.move_on_after(self.config.timeout_s):
+            await self.dht.provide(provider_key)
 
     async def providers(self, provider_key: str, count: int = 64) -> list[str]:
         """Peer ids that announced `provider_key` (deduplicated)."""

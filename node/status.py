@@ -69,8 +69,10 @@ def format_report(view: dict[str, Any]) -> str:
     if not view["models"]:
         lines.append("no model is served in this swarm yet")
     for model_id, m in view["models"].items():
-        state = "full route available" if m["full_route"] else "NO full route: missing layers " + ", ".join(
-            f"{a}:{b}" for a, b in m["missing"]
+        state = (
+            "full route available"
+            if m["full_route"]
+            else "NO full route: missing layers " + ", ".join(f"{a}:{b}" for a, b in m["missing"])
         )
         lines.append(f"model {m['name']} ({model_id}), {m['num_layers']} layers: {state}")
         lines.append("  coverage (peers per block): " + " ".join(str(c) for c in m["coverage"]))

@@ -61,3 +61,14 @@ def load_reference(folder: Path) -> Any:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {family: build_tiny(family, root / f"tiny-{family}") for family in FAMILIES}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_libp2p() -> None:
+    """py-libp2p's logger has no handler and does not propagate, so its routine warnings about
+    unreachable peers would reach stderr through logging's last resort; swallow them."""
+    import logging
+
+    import libp2p  # noqa: F401  (its import resets its logger)
+
+    logging.getLogger("libp2p").addHandler(logging.NullHandler())

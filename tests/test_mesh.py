@@ -1,0 +1,151 @@
+"""The mesh: daemons on loopback advertise signed records in the DHT; a client that knows only
+the bootstrap address finds a route; stopped and killed daemons leave the view."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import load_reference
+
+from node.client import Client
+from node.errors import RouteError
+from node.launch import DaemonProcess, start_daemon
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT_TTL = 5.0  # the daemon we SIGKILL: its record must vanish by itself
+LONG_TTL = 120.0  # everyone else: a disappearance within seconds means a withdrawal, not expiry
+
+
+def _status(bootstrap: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--bootstrap", bootstrap, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    view: dict[str, Any] = json.loads(result.stdout)
+    return view
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, DaemonProcess]]:
+    keys = tmp_path_factory.mktemp("keys")
+    model = str(tiny_models["mixtral"])
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        daemons["boot"] = start_daemon(["--identity", str(keys / "boot.key"), "--ttl", str(LONG_TTL)])
+        boot = daemons["boot"].multiaddr
+        plan = {"a": ("0:2", LONG_TTL), "b": ("2:4", LONG_TTL), "c": ("2:4", SHORT_TTL), "d": ("0:3", LONG_TTL)}
+        for name, (layers, ttl) in plan.items():
+            daemons[name] = start_daemon(
+                [
+                    "--model",
+                    model,
+                    "--layers",
+                    layers,
+                    "--bootstrap",
+                    boot,
+                    "--identity",
+                    str(keys / f"{name}.key"),
+                    "--ttl",
+                    str(ttl),
+                ]
+            )
+        yield daemons
+    finally:
+        for d in daemons.values():
+            d.stop()
+
+
+def _reference_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
+    ref = load_reference(folder)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = ref.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_identity_persists_across_restarts(tmp_path: Path) -> None:
+    key = tmp_path / "id.key"
+    first = start_daemon(["--identity", str(key)])
+    first.stop()
+    second = start_daemon(["--identity", str(key)])
+    second.stop()
+    assert first.peer_id == second.peer_id and key.stat().st_mode & 0o777 == 0o600
+    assert any("new swarm: others join with --bootstrap /ip4/127.0.0.1/tcp/" in line for line in first.log)
+
+
+def test_client_with_only_the_bootstrap_address_matches_transformers(
+    swarm: dict[str, DaemonProcess], tiny_models: dict[str, Path]
+) -> None:
+    prompt = [5, 17, 99, 3, 250, 42]
+    expected = _reference_tokens(tiny_models["mixtral"], prompt, 12)
+    with Client(bootstrap=[swarm["boot"].multiaddr]) as client:
+        _, hops = client.route()
+        assert hops[0].start == 0 and hops[-1].end == 4
+        assert list(client.generate(prompt, 12, stop_at_eos=False)) == expected
+
+
+def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -> None:
+    view = _status(swarm["boot"].multiaddr)
+    (model,) = view["models"].values()
+    assert model["num_layers"] == 4 and model["full_route"] and model["missing"] == []
+    assert model["coverage"] == [2, 2, 3, 2]  # blocks 0-1: a, d; block 2: b, c, d; block 3: b, c
+    serving = {p["peer_id"]: p for p in model["peers"]}
+    assert set(serving) == {swarm[n].peer_id for n in "abcd"}
+    a = serving[swarm["a"].peer_id]
+    assert (a["start"], a["end"]) == (0, 2) and a["grpc_addresses"] == [swarm["a"].grpc_address]
+    assert a["throughput"] > 0 and a["protocol_version"] == 1 and 0 <= a["record_age_s"] < LONG_TTL
+    assert view["bootstrap_only_peers"] == [swarm["boot"].peer_id]
+
+
+def test_killed_and_stopped_daemons_leave_the_view(
+    swarm: dict[str, DaemonProcess], tiny_models: dict[str, Path]
+) -> None:
+    boot = swarm["boot"].multiaddr
+    prompt = [9, 8, 7, 6]
+    expected = _reference_tokens(tiny_models["mixtral"], prompt, 8)
+
+    def serving() -> set[str]:
+        return {p["peer_id"] for m in _status(boot)["models"].values() for p in m["peers"]}
+
+    swarm["c"].kill()  # SIGKILL: no goodbye; the client must route around it at once
+    with Client(bootstrap=[boot]) as client:
+        _, hops = client.route()
+        assert swarm["c"].peer_id not in {h.peer for h in hops}
+        assert list(client.generate(prompt, 8, stop_at_eos=False)) == expected
+    _wait_for(lambda: swarm["c"].peer_id not in serving(), SHORT_TTL + 10, "the killed daemon's record expiring")
+
+    swarm["b"].terminate()  # SIGTERM: the record is withdrawn before the process exits
+    swarm["b"].process.wait(30)
+    assert swarm["b"].peer_id not in serving(), "\n".join(swarm["b"].log[-30:])
+    swarm["d"].terminate()
+    swarm["d"].process.wait(30)
+    with Client(bootstrap=[boot]) as client, pytest.raises(RouteError, match="layers 2:4 of 4"):
+        client.route()

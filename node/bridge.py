@@ -14,9 +14,16 @@ from typing import Any, TypeVar
 
 import trio
 
-__all__ = ["TrioThread"]
+__all__ = ["TrioThread", "unwrap"]
 
 T = TypeVar("T")
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The one real error inside trio's nested one-member exception groups (else the group)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 class TrioThread:
@@ -62,7 +69,10 @@ class TrioThread:
 
     def call_sync(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From a plain thread: run `fn(*args)` on the trio loop and wait for it."""
-        return trio.from_thread.run(fn, *args, trio_token=self.token)
+        try:
+            return trio.from_thread.run(fn, *args, trio_token=self.token)
+        except BaseExceptionGroup as group:
+            raise unwrap(group) from None
 
     async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From asyncio: run `fn(*args)` on the trio loop; cancelling the await cancels it there."""
@@ -83,7 +93,10 @@ class TrioThread:
                 try:
                     result = await fn(*args)
                 except BaseException as e:  # crosses to asyncio, re-raised there
-                    loop.call_soon_threadsafe(settle, False, e if isinstance(e, Exception) else RuntimeError(repr(e)))
+                    error = unwrap(e)
+                    if not isinstance(error, Exception):
+                        error = RuntimeError(repr(error))
+                    loop.call_soon_threadsafe(settle, False, error)
                     return
                 loop.call_soon_threadsafe(settle, True, result)
             if scope.cancelled_caught:

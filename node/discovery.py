@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,27 +76,39 @@ class SwarmReader:
                 records[pid] = record
         return SwarmSnapshot(records, ignored, at)
 
-    def everyone(self) -> SwarmSnapshot:
-        """Every daemon that announced itself."""
-        return self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
+    def everyone(self, attempts: int = 3) -> SwarmSnapshot:
+        """Every daemon that announced itself (asks again, briefly, while the answer is empty)."""
+        for attempt in range(attempts):
+            snapshot = self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
+            if snapshot.records or attempt == attempts - 1:
+                return snapshot
+            time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def model(self, model_id: str | None) -> tuple[str, SwarmSnapshot]:
-        """The records of the peers serving any block of `model_id` (the only model, if None)."""
+        """The records of the peers serving any block of `model_id` (the only model, if None).
+
+        Peers are found through the provider keys of every block (and the all-peers key);
+        each peer's record is read once.
+        """
+        everyone = self.everyone()
         if model_id is None:
-            models = self.everyone().models()
+            models = everyone.models()
             if not models:
                 raise RouteError("the swarm serves no model yet")
             if len(models) > 1:
                 listing = ", ".join(f"{m} ({name})" for m, (name, _) in sorted(models.items()))
                 raise ConfigError(f"the swarm serves several models, pick one with model_id: {listing}")
             model_id = next(iter(models))
-        first = self._read(self._thread.call_sync(self._node.providers, block_key(model_id, 0)))
-        layers = {ad.num_layers for r in first.records.values() for ad in r.shards if ad.model_id == model_id}
+        layers = {ad.num_layers for r in everyone.records.values() for ad in r.shards if ad.model_id == model_id}
         if not layers:
-            everyone = self.everyone()
-            layers = {ad.num_layers for r in everyone.records.values() for ad in r.shards if ad.model_id == model_id}
+            first = self._read(self._thread.call_sync(self._node.providers, block_key(model_id, 0)))
+            layers = {ad.num_layers for r in first.records.values() for ad in r.shards if ad.model_id == model_id}
         if not layers:
             raise RouteError(f"no peer serves model {model_id}")
-        keys = [block_key(model_id, block) for block in range(1, max(layers))]
-        peers = set(first.records) | set(self._thread.call_sync(self._node.providers_of_all, keys))
-        return model_id, self._read(sorted(peers))
+        keys = [block_key(model_id, block) for block in range(max(layers))]
+        providers = set(self._thread.call_sync(self._node.providers_of_all, keys))
+        extra = self._read(sorted(providers - set(everyone.records) - set(everyone.ignored)))
+        records = {**everyone.records, **extra.records}
+        serving = {pid: r for pid, r in records.items() if any(ad.model_id == model_id for ad in r.shards)}
+        return model_id, SwarmSnapshot(serving, {**everyone.ignored, **extra.ignored}, everyone.taken_at_ms)

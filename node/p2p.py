@@ -37,6 +37,8 @@ __all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]
 
 log = logging.getLogger(__name__)
 PUSH_TIMEOUT_S = 3.0
+RECORD_PROTOCOL = TProtocol("/moemesh/record/1.0.0")  # "send me your current signed record"
+MAX_RECORD_BYTES = 64 * 1024
 
 
 class MeshError(MoemeshError):
@@ -100,6 +102,33 @@ class MeshNode:
         self.dht = _ServersOnlyDHT(self.host, DHTMode.SERVER if config.server else DHTMode.CLIENT)
         self.dht.register_validator(NAMESPACE, RecordValidator())
         self.addresses: list[str] = []
+        self.signed_record = b""  # what we answer on RECORD_PROTOCOL
+        self.host.set_stream_handler(RECORD_PROTOCOL, self._answer_record)
+
+    async def _answer_record(self, stream: Any) -> None:
+        try:
+            with trio.move_on_after(PUSH_TIMEOUT_S):
+                await stream.write(self.signed_record)
+        finally:
+            await stream.close()
+
+    async def _ask_record(self, peer_id: str) -> bytes | None:
+        """The record straight from the peer (fresh, one dial), or None when it cannot be reached."""
+        data = b""
+        with trio.move_on_after(PUSH_TIMEOUT_S):
+            try:
+                stream = await self.host.new_stream(ID.from_base58(peer_id), [RECORD_PROTOCOL])
+                try:
+                    while len(data) <= MAX_RECORD_BYTES:
+                        chunk = await stream.read(MAX_RECORD_BYTES)
+                        if not chunk:
+                            break
+                        data += chunk
+                finally:
+                    await stream.close()
+            except Exception as e:  # StreamEOF ends a complete answer; anything else: ask the DHT
+                log.debug("asking %s for its record: %r", peer_id, e)
+        return data or None
 
     async def serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, join the swarm through the bootstrap peers, then run until cancelled."""
@@ -143,6 +172,7 @@ class MeshNode:
         a regular Kademlia put (lookup of the closest peers, then stores) follows.
         """
         key = peer_key(self.peer_id)
+        self.signed_record = signed_record
         self.dht.value_store.remove(key.encode())  # ours is always the newest: replace it
         self.dht.value_store.put(key.encode(), signed_record)
         peers = set(self.dht.routing_table.get_peer_ids()) | set(self.host.get_connected_peers())
@@ -189,7 +219,11 @@ class MeshNode:
         return sorted(found)
 
     async def record(self, peer_id: str) -> bytes | None:
-        """The freshest record a peer published (asks the network, not our cache)."""
+        """A peer's record: asked of the peer itself, else of the DHT (not of our cache)."""
+        if peer_id != self.peer_id:
+            direct = await self._ask_record(peer_id)
+            if direct is not None:
+                return direct
         key = peer_key(peer_id)
         if peer_id != self.peer_id:
             self.dht.value_store.remove(key.encode())
@@ -200,13 +234,15 @@ class MeshNode:
         results: dict[str, bytes] = {}
 
         async def one(pid: str) -> None:
-            try:
-                with trio.move_on_after(self.config.timeout_s):
-                    value = await self.record(pid)
-                    if value is not None:
-                        results[pid] = value
-            except Exception as e:  # one unreachable peer must not fail the others
-                log.debug("record of %s: %s", pid, e)
+            for attempt in range(2):  # a lookup racing a loaded swarm can come back empty once
+                try:
+                    with trio.move_on_after(self.config.timeout_s):
+                        value = await self.record(pid)
+                        if value is not None:
+                            results[pid] = value
+                            return
+                except Exception as e:  # one unreachable peer must not fail the others
+                    log.debug("record of %s (attempt %d): %s", pid, attempt + 1, e)
 
         async with trio.open_nursery() as nursery:
             for pid in peer_ids:

@@ -66,3 +66,16 @@ def test_generate_and_info_against_a_live_swarm(tiny_models: dict[str, Path]) ->
         # Only the first span: the route misses layers 3:4 and says so.
         partial = moemesh("generate", "--peers", servers[0].address, "--ids", "1")
         _fails_cleanly(partial, "no known peer serves layers 3:4 of 4")
+
+
+def test_daemon_and_status_errors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_models["mixtral"])
+    _fails_cleanly(moemesh("daemon", "--model", model, "--identity", str(tmp_path / "k")), "needs --layers")
+    _fails_cleanly(moemesh("status", "--bootstrap", "127.0.0.1:4001"), "not a multiaddr")
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDEFv3Tokarnn5vGZcEGbpzr9v1hUSuL9ZGCkUxx7inev"
+    _fails_cleanly(
+        moemesh("daemon", "--bootstrap", nobody, "--identity", str(tmp_path / "k")),
+        "no bootstrap peer could be reached",
+    )
+    (tmp_path / "bad.key").write_bytes(b"not a key")
+    _fails_cleanly(moemesh("daemon", "--identity", str(tmp_path / "bad.key")), "not a libp2p private key")

@@ -73,6 +73,8 @@ def swarm(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         yield daemons
     finally:
         for d in daemons.values():
+            d.terminate()
+        for d in daemons.values():
             d.stop()
 
 

@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.errors import ConfigError, MoemeshError, RouteError
+
+if TYPE_CHECKING:
+    from node.runtime import ServerConfig
 
 __all__ = ["main"]
 
@@ -56,6 +60,39 @@ def _port(text: str) -> int:
     return value
 
 
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)"
+    )
+    parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
+    parser.add_argument("--kv-budget-mb", type=_positive, default=4096, help="memory for all KV caches (default 4096)")
+    parser.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
+    parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    from node.runtime import ServerConfig
+    from shards import Checkpoint, parse_layers
+
+    if not args.layers:
+        raise ConfigError("--model needs --layers START:END")
+    start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
+    return ServerConfig(
+        model=args.model,
+        start=start,
+        end=end,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_sessions=args.max_sessions,
+        max_length=args.max_length,
+        kv_budget_bytes=args.kv_budget_mb * 1024**2,
+        max_message_bytes=args.max_message_mb * 1024**2,
+        torch_threads=args.threads,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moemesh",
@@ -76,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--layers", required=True, help="START:END, END exclusive; e.g. 0:8 (':' alone = all)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default)")
-    serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)")
-    serve.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
-    serve.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
-    serve.add_argument("--kv-budget-mb", type=_positive, default=4096, help="memory for all KV caches (default 4096)")
-    serve.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
-    serve.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    _add_server_options(serve)
 
     gen = sub.add_parser(
         "generate",
@@ -124,10 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
     daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
     daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
-    daemon.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
-    daemon.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
-    daemon.add_argument("--max-length", type=_positive, default=8192, help="longest session (default 8192)")
-    daemon.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    _add_server_options(daemon)
 
     status = sub.add_parser(
         "status",
@@ -157,31 +186,16 @@ GOMP_SPINCOUNT = "10000"
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
-    from node.runtime import ServerConfig, SpanRunner
+    from node.runtime import SpanRunner
     from node.server import serve
-    from shards import Checkpoint, parse_layers
 
-    total = Checkpoint(args.model).config.num_layers
-    start, end = parse_layers(args.layers, total)
-    config = ServerConfig(
-        model=args.model,
-        start=start,
-        end=end,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        max_sessions=args.max_sessions,
-        max_length=args.max_length,
-        kv_budget_bytes=args.kv_budget_mb * 1024**2,
-        max_message_bytes=args.max_message_mb * 1024**2,
-        torch_threads=args.threads,
-    )
-    runner = SpanRunner(config, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
+    runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
+    span = runner.span
 
     def ready(port: int) -> None:
         print(
-            f"moemesh: serving {runner.model_name} ({runner.model_id}) layers {start}:{end}"
-            f" of {total} on {args.host}:{port}",
+            f"moemesh: serving {runner.model_name} ({runner.model_id}) layers {span.start}:{span.end}"
+            f" of {span.cfg.num_layers} on {args.host}:{port}",
             flush=True,
         )
 
@@ -229,26 +243,10 @@ def _daemon(args: argparse.Namespace) -> int:
     from node.daemon import DaemonConfig, run_daemon
     from node.identity import default_identity_path
     from node.p2p import MeshConfig
-    from node.runtime import ServerConfig
 
     server = None
     if args.model is not None:
-        from shards import Checkpoint, parse_layers
-
-        if not args.layers:
-            raise ConfigError("--model needs --layers START:END")
-        start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
-        server = ServerConfig(
-            model=args.model,
-            start=start,
-            end=end,
-            host=args.host,
-            port=args.port,
-            dtype=args.dtype,
-            max_sessions=args.max_sessions,
-            max_length=args.max_length,
-            torch_threads=args.threads,
-        )
+        server = _server_config(args)
     elif args.layers:
         raise ConfigError("--layers needs --model")
     if args.ttl < 3:

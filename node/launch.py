@@ -44,6 +44,24 @@ def _pump(stream: object, lines: queue.SimpleQueue[str | None], log: list[str]) 
     lines.put(None)
 
 
+def _popen(
+    cmd: Sequence[str], env: Mapping[str, str] | None
+) -> tuple[subprocess.Popen[str], queue.SimpleQueue[str | None], list[str]]:
+    """Start `cmd` in the repository root; its output lines go to a queue and a log."""
+    proc = subprocess.Popen(
+        list(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **env} if env else None,
+    )
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    log: list[str] = []
+    threading.Thread(target=_pump, args=(proc.stdout, lines, log), daemon=True).start()
+    return proc, lines, log
+
+
 def _spawn(
     model: Path, layers: tuple[int, int], extra_args: Sequence[str], env: Mapping[str, str] | None = None
 ) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
@@ -60,18 +78,8 @@ def _spawn(
         "0",
         *extra_args,
     ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, **env} if env else None,
-    )
-    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    server = ServerProcess(proc, "", layers)
-    threading.Thread(target=_pump, args=(proc.stdout, lines, server.log), daemon=True).start()
-    return server, lines
+    proc, lines, log = _popen(cmd, env)
+    return ServerProcess(proc, "", layers, log), lines
 
 
 def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], deadline: float) -> None:
@@ -163,17 +171,8 @@ def start_daemon(
     """Start `moemesh daemon ARGS` and wait until it has advertised its record."""
     cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", *args]
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        env={**os.environ, **env} if env else None,
-    )
-    daemon = DaemonProcess(proc, started=started)
-    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    threading.Thread(target=_pump, args=(proc.stdout, lines, daemon.log), daemon=True).start()
+    proc, lines, log = _popen(cmd, env)
+    daemon = DaemonProcess(proc, log, started=started)
     deadline = started + timeout
     try:
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -69,7 +70,9 @@ def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> f
     value = runner.call(measure)
     cached[key] = value
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file.write_text(json.dumps(cached, indent=1))
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # several daemons may start at once
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(cache_file)
     return value
 
 

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,7 +64,6 @@ class Session:
     first: int  # local layers [first, last) of the span
     last: int
     cache: KVCache
-    opened: float = field(default_factory=time.monotonic)
     closed: bool = False
 
 

@@ -51,9 +51,12 @@ def build_tiny(family: str, folder: Path, seed: int = 0) -> Path:
 
 def load_reference(folder: Path) -> Any:
     """transformers' own model, with the eager experts loop (our kernels' definition)."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    kwargs = {} if "llama" in folder.name else {"experts_implementation": "eager"}
+    dense = json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    kwargs = {} if dense else {"experts_implementation": "eager"}
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 

@@ -1,6 +1,9 @@
-"""The replicated swarm state (pycrdt) and its sync: arrives with the CRDT issue.
+"""The replicated swarm state (pycrdt) and the primitives of its sync.
 
-Layering: imports only `protocol` of ours.
+Layering: imports only `protocol` of ours (and nothing yet).
 """
 
-__all__: list[str] = []
+from crdt.errors import BadUpdateError, CrdtError, NotOwnerError
+from crdt.state import Load, Member, SwarmState
+
+__all__ = ["BadUpdateError", "CrdtError", "Load", "Member", "NotOwnerError", "SwarmState"]

@@ -123,13 +123,14 @@ class SwarmState:
     # -- reads (cast: pycrdt returns numbers as floats) --------------------------------------
 
     def members(self) -> dict[str, Member]:
-        return {pid: Member.from_py(value) for pid, value in self._members.to_py().items()}
+        return {pid: Member.from_py(value) for pid, value in (self._members.to_py() or {}).items()}
 
     def loads(self) -> dict[str, Load]:
-        return {pid: Load.from_py(value) for pid, value in self._load.to_py().items()}
+        return {pid: Load.from_py(value) for pid, value in (self._load.to_py() or {}).items()}
 
     def rtts_ms(self) -> dict[str, dict[str, float]]:
-        return {pid: {o: float(ms) for o, ms in row.items()} for pid, row in self._rtt.to_py().items()}
+        rows = self._rtt.to_py() or {}
+        return {pid: {o: float(ms) for o, ms in row.items()} for pid, row in rows.items()}
 
     def snapshot(self) -> tuple[dict[str, Member], dict[str, Load], dict[str, dict[str, float]]]:
         return self.members(), self.loads(), self.rtts_ms()

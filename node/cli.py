@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
     where = gen.add_mutually_exclusive_group(required=True)
     where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
-    where.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="find peers in the swarm's DHT")
+    where.add_argument(
+        "--bootstrap", action="append", metavar="MULTIADDR", help="find peers in the swarm's DHT (repeatable)"
+    )
     gen.add_argument("--model-id", help="which model of the swarm (default: the only one)")
     gen.add_argument("--model", type=Path, help="model folder, for its tokenizer (needed for a text prompt)")
     gen.add_argument("--ids", help="comma-separated prompt token ids instead of text")

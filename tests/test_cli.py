@@ -52,6 +52,8 @@ def test_generate_errors(tiny_models: dict[str, Path]) -> None:
     _fails_cleanly(moemesh("generate", "--peers", "localhost", "--ids", "1"), "not host:port")
     _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "--ids", "1,2"), "no peer answered")
     _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "hello"), "needs the model folder")
+    nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDEFv3Tokarnn5vGZcEGbpzr9v1hUSuL9ZGCkUxx7inev"
+    _fails_cleanly(moemesh("generate", "--bootstrap", nobody, "hello"), "needs the model folder")  # not a 2nd address
 
 
 def test_generate_and_info_against_a_live_swarm(tiny_models: dict[str, Path]) -> None:

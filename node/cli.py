@@ -224,17 +224,18 @@ def _generate(args: argparse.Namespace) -> int:
         deadline = time.monotonic() + args.wait
         while True:
             try:
-                client.route()
+                route = client.route()  # planned once, used by the generation below
                 break
             except RouteError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(1.0)
         if ids is not None:
-            for token in client.generate(ids, args.max_new_tokens, sampling=sampling):
+            for token in client.generate(ids, args.max_new_tokens, sampling=sampling, route=route):
                 print(token, end=" ", flush=True)
         else:
-            for piece in client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat):
+            pieces = client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat, route=route)
+            for piece in pieces:
                 print(piece, end="", flush=True)
     print()
     return 0

@@ -355,8 +355,9 @@ class Client:
             detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
             raise RouteError(f"{e}{detail}", e.missing) from None
 
-    def session(self, max_length: int) -> InferenceSession:
-        model_id, hops = self.route()
+    def session(self, max_length: int, route: tuple[str, list[Hop]] | None = None) -> InferenceSession:
+        """Open a session on every hop of `route` (default: a route planned now)."""
+        model_id, hops = route or self.route()
         return InferenceSession(self, hops, model_id, max_length)
 
     # -- generation -------------------------------------------------------------------------
@@ -375,8 +376,9 @@ class Client:
         sampling: Sampling | None = None,
         stop_at_eos: bool = True,
         chat: bool = False,
+        route: tuple[str, list[Hop]] | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids as they are produced."""
+        """Yield generated token ids as they are produced (through `route`, or one planned now)."""
         sampling = sampling or Sampling()
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -387,7 +389,7 @@ class Client:
         if not ids:
             raise ConfigError("the prompt is empty")
         eos = set(self._text.eos_token_ids) if (stop_at_eos and self._text) else set()
-        with self.session(len(ids) + max_new_tokens) as session:
+        with self.session(len(ids) + max_new_tokens, route) as session:
             chunk = self.config.prefill_chunk
             for i in range(0, len(ids), chunk):
                 logits = session.step(ids[i : i + chunk])

@@ -78,12 +78,13 @@ class SwarmReader:
 
     def everyone(self, attempts: int = 3) -> SwarmSnapshot:
         """Every daemon that announced itself (asks again, briefly, while the answer is empty)."""
-        for attempt in range(attempts):
+        snapshot = self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
+        for attempt in range(1, attempts):
+            if snapshot.records:
+                break
+            time.sleep(0.5 * attempt)
             snapshot = self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
-            if snapshot.records or attempt == attempts - 1:
-                return snapshot
-            time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
+        return snapshot
 
     def model(self, model_id: str | None) -> tuple[str, SwarmSnapshot]:
         """The records of the peers serving any block of `model_id` (the only model, if None).

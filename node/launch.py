@@ -19,6 +19,17 @@ __all__ = ["ServerProcess", "local_swarm", "start_server_process"]
 _READY = re.compile(r"^moemesh: serving .* on (\S+):(\d+)$")
 
 
+def _stop(process: subprocess.Popen[str], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen[str]
@@ -27,14 +38,7 @@ class ServerProcess:
     log: list[str] = field(default_factory=list)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process, timeout)
 
 
 def _pump(stream: object, lines: queue.SimpleQueue[str | None], log: list[str]) -> None:
@@ -82,14 +86,20 @@ def _spawn(
     return ServerProcess(proc, "", layers, log), lines
 
 
-def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], deadline: float) -> None:
+def _lines(lines: queue.SimpleQueue[str | None], log: list[str], deadline: float, what: str) -> Iterator[str]:
+    """The process's output lines until `deadline`; TimeoutError then, RuntimeError if it exits."""
     while True:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise TimeoutError(f"server for layers {server.layers} did not start in time") from None
+            raise TimeoutError(f"{what} did not get ready in time") from None
         if line is None:
-            raise RuntimeError(f"server for layers {server.layers} exited:\n" + "\n".join(server.log[-20:]))
+            raise RuntimeError(f"{what} exited:\n" + "\n".join(log[-20:]))
+        yield line
+
+
+def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], deadline: float) -> None:
+    for line in _lines(lines, server.log, deadline, f"server for layers {server.layers}"):
         match = _READY.match(line)
         if match:
             server.address = f"{match.group(1)}:{match.group(2)}"
@@ -157,12 +167,7 @@ class DaemonProcess:
             self.process.kill()
 
     def stop(self, timeout: float = 15.0) -> None:
-        self.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.process.wait()
+        _stop(self.process, timeout)
 
 
 def start_daemon(
@@ -175,13 +180,7 @@ def start_daemon(
     daemon = DaemonProcess(proc, log, started=started)
     deadline = started + timeout
     try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"daemon {' '.join(args)} did not advertise in time") from None
-            if line is None:
-                raise RuntimeError("daemon exited:\n" + "\n".join(daemon.log[-20:]))
+        for line in _lines(lines, log, deadline, f"daemon {' '.join(args)}"):
             if m := _PEER.match(line):
                 daemon.peer_id, daemon.multiaddr = m.group(1), m.group(2)
             elif m := _SERVING.match(line):
@@ -189,6 +188,7 @@ def start_daemon(
             elif _ADVERTISED.match(line):
                 daemon.advertised_after_s = time.monotonic() - started
                 return daemon
+        raise AssertionError("unreachable: _lines ends only by raising")
     except BaseException:
         daemon.stop()
         raise

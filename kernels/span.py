@@ -7,7 +7,7 @@ pipeline of spans reproduces the single-process model exactly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +79,9 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [B, T, H]
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
+        caches: Sequence[KVCache],  # one cache for all rows, or one per row (batched decode)
         layer: int,
-        position: int,
+        positions: Sequence[int],  # where each cache's new tokens go
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
@@ -90,8 +90,16 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
-        k_all, v_all = cache.update(layer, position, k, v)  # [B, Hkv, position + T, D]
-        out = attention_sdpa(q, k_all, v_all, self.scale)  # [B, Hq, T, D]
+        if len(caches) == 1:
+            k_all, v_all = caches[0].update(layer, positions[0], k, v)  # [B, Hkv, position + T, D]
+            out = attention_sdpa(q, k_all, v_all, self.scale)  # [B, Hq, T, D]
+        else:  # row i is another session: its own cache, its own length
+            out = torch.cat(
+                [
+                    attention_sdpa(q[i : i + 1], *c.update(layer, p, k[i : i + 1], v[i : i + 1]), self.scale)
+                    for i, (c, p) in enumerate(zip(caches, positions, strict=True))
+                ]
+            )
         out = out.transpose(1, 2).contiguous().reshape(b, t, -1).contiguous()  # [B, T, Hq*D]
         return self.o_proj(out)
 
@@ -139,11 +147,11 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache,
+        caches: Sequence[KVCache],
         layer: int,
-        position: int,
+        positions: Sequence[int],
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, layer, position)
+        x = x + self.self_attn(self.input_layernorm(x), rope, caches, layer, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,18 +229,63 @@ class SpanModel(nn.Module):
         `cache` must hold exactly those layers. Token ids are embedded when local layer 0 is
         the model's first; logits come out when `last` is the model's last layer.
         """
-        first, last = layers or (0, len(self.layers))
-        if not 0 <= first < last <= len(self.layers) or cache.keys.shape[0] != last - first:
-            raise ShapeError(f"local layers [{first}, {last}) do not match the span or its cache")
+        first, last = self._layers(layers, [cache])
         self.check_input(x, first)
         t = x.shape[1]
         cache.check_step(position, t)
-        h = self.embed_tokens(x) if self.embed_tokens is not None and first == 0 else x  # [B, T, H]
-        positions = torch.arange(position, position + t, device=h.device)[None]  # [1, T]
-        rope = self.rotary(positions, h.dtype)
-        for i in range(first, last):
-            h = self.layers[i](h, rope, cache, i - first, position)
+        positions = torch.arange(position, position + t)[None]  # [1, T]
+        h = self._run(x, positions, [cache], [position], first, last)
         cache.length = position + t
+        return self._head(h, last, last_only)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        x: torch.Tensor,  # [B, 1] token ids or [B, 1, H] hidden states: one new token of B sessions
+        caches: Sequence[KVCache],  # session i's cache (batch 1 each), all for local layers `layers`
+        positions: Sequence[int],  # session i's token goes to positions[i]
+        layers: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """One decode step of several sessions as one batched forward (continuous batching).
+
+        Projections, experts and the head run once over the B rows; attention runs per
+        session over its own cache. Returns hidden states [B, 1, H] or logits [B, 1, V].
+        """
+        first, last = self._layers(layers, caches)
+        if x.shape[:2] != (len(caches), 1) or len(positions) != len(caches):
+            raise ShapeError(f"decode takes one token per session: {len(caches)} caches, input {list(x.shape)}")
+        self.check_input(x, first)
+        for cache, position in zip(caches, positions, strict=True):
+            if cache.keys.shape[1] != 1:
+                raise ShapeError("decode takes caches of batch 1 (one per session)")
+            cache.check_step(position, 1)
+        h = self._run(x, torch.tensor(positions)[:, None], caches, positions, first, last)  # [B, 1, H]
+        for cache, position in zip(caches, positions, strict=True):
+            cache.length = position + 1
+        return self._head(h, last, last_only=True)
+
+    def _layers(self, layers: tuple[int, int] | None, caches: Sequence[KVCache]) -> tuple[int, int]:
+        first, last = layers or (0, len(self.layers))
+        if not 0 <= first < last <= len(self.layers) or any(c.keys.shape[0] != last - first for c in caches):
+            raise ShapeError(f"local layers [{first}, {last}) do not match the span or its cache")
+        return first, last
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,  # [1 or B, T] absolute positions of x's tokens
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        first: int,
+        last: int,
+    ) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None and first == 0 else x  # [B, T, H]
+        rope = self.rotary(positions.to(h.device), h.dtype)
+        for i in range(first, last):
+            h = self.layers[i](h, rope, caches, i - first, starts)
+        return h
+
+    def _head(self, h: torch.Tensor, last: int, last_only: bool) -> torch.Tensor:
         if self.norm is None or self.lm_head is None or last != len(self.layers):
             return h
         h = self.norm(h)

@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from node.errors import ConfigError, PeerError, PeerTimeout, PeerUnavailable, RouteError, peer_error
+from node.errors import ConfigError, PeerError, PeerRefused, PeerTimeout, PeerUnavailable, RouteError, peer_error
 from node.routing import Candidate, Hop, best_chain
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
 from protocol.shard_pb2 import (
@@ -49,10 +50,15 @@ _SERVICE = "/moemesh.v1.Shard/"
 
 @dataclass(frozen=True)
 class ClientConfig:
-    step_timeout_s: float = 120.0  # one step through one hop (a long prefill chunk included)
-    info_timeout_s: float = 10.0
+    step_timeout_s: float = 120.0  # one prefill chunk through one hop
+    decode_timeout_s: float = 30.0  # one token through one hop: longer means the peer hangs
+    info_timeout_s: float = 10.0  # Info, and opening a session
     prefill_chunk: int = 512  # prompt tokens per step
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_retries: int = 5  # attempts to replace one failed hop
+    retry_backoff_s: float = 0.25  # wait before the 2nd attempt; doubles each time (at most 5 s)
+    recovery_deadline_s: float = 120.0  # time to replace one failed hop
+    avoid_s: float = 60.0  # a peer that failed is left out of routes this long
 
 
 @dataclass(frozen=True)
@@ -132,81 +138,171 @@ def sample(logits: np.ndarray, sampling: Sampling, step: int) -> int:
 
 _END = object()
 
+# Statuses after which the step is retried on another peer: the peer failed, is leaving, is
+# full, or lost the session. Others (a bad argument, past max length) would fail anywhere.
+_FAILOVER = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _should_fail_over(error: PeerError) -> bool:
+    return not isinstance(error, PeerRefused) or error.code in _FAILOVER
+
 
 class _HopStream:
-    """One InferenceSession stream to one hop (sync gRPC, one step in flight)."""
+    """One InferenceSession stream to one hop: sync gRPC, answers read by a thread of its own
+    so that every step waits with a timeout."""
 
     def __init__(self, client: Client, hop: Hop, model_id: str, max_length: int) -> None:
         self.hop = hop
-        self._client = client
+        self._config = client.config
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._broken: PeerError | None = None
         call = client.channel(hop.address).stream_stream(
             _SERVICE + "InferenceSession",
             request_serializer=SessionRequest.SerializeToString,
             response_deserializer=SessionResponse.FromString,
         )
         self._call = call(iter(self._requests.get, _END), wait_for_ready=False)
+        threading.Thread(target=self._read, name=f"moemesh-hop-{hop.address}", daemon=True).start()
         self._step_ids = itertools.count()
-        opened = self._exchange(
-            SessionRequest(open=OpenSession(model_id=model_id, start=hop.start, end=hop.end, max_length=max_length)),
-            "opened",
-        )
-        self.max_length = opened.opened.max_length
+        request = OpenSession(model_id=model_id, start=hop.start, end=hop.end, max_length=max_length)
+        self._requests.put(SessionRequest(open=request))
+        self.max_length = self._answer("opened", self._config.info_timeout_s).opened.max_length
 
-    def _exchange(self, request: SessionRequest, expect: str) -> SessionResponse:
-        self._requests.put(request)
-        future = self._client._pool.submit(next, self._call)
+    def _read(self) -> None:
         try:
-            response: SessionResponse = future.result(timeout=self._client.config.step_timeout_s)
-        except concurrent.futures.TimeoutError:
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(_END)
+        except grpc.RpcError as e:  # the call itself is the error
+            self._responses.put(e)
+
+    def _answer(self, expect: str, timeout: float) -> SessionResponse:
+        if self._broken is not None:
+            raise self._broken
+        try:
+            response = self._responses.get(timeout=timeout)
+        except queue.Empty:
             self._call.cancel()
-            raise PeerTimeout(self.hop.address, f"no answer within {self._client.config.step_timeout_s} s") from None
-        except StopIteration:
-            raise PeerUnavailable(self.hop.address, "the stream ended without an answer") from None
-        except grpc.RpcError as e:
-            raise peer_error(self.hop.address, e) from None
-        if response.WhichOneof("kind") != expect:
-            raise PeerError(self.hop.address, f"expected {expect}, got {response.WhichOneof('kind')}")
-        return response
+            self._broken = PeerTimeout(self.hop.address, f"no answer within {timeout:g} s")
+            raise self._broken from None
+        if response is _END:
+            self._broken = PeerUnavailable(self.hop.address, "the stream ended without an answer")
+        elif isinstance(response, grpc.RpcError):
+            self._broken = peer_error(self.hop.address, response)
+        elif response.WhichOneof("kind") != expect:
+            self._broken = PeerError(self.hop.address, f"expected {expect}, got {response.WhichOneof('kind')}")
+        if self._broken is not None:
+            raise self._broken
+        return response  # type: ignore[no-any-return]
+
+    def _send(self, tensor: Tensor, position: int, last_only: bool) -> float:
+        step = Step(step_id=next(self._step_ids), position=position, input=tensor, last_only=last_only)
+        self._requests.put(SessionRequest(step=step))
+        tokens = tensor.shape[1] if len(tensor.shape) > 1 else 1
+        return self._config.decode_timeout_s if tokens == 1 else self._config.step_timeout_s
 
     def step(self, tensor: Tensor, position: int, last_only: bool) -> Tensor:
-        step = Step(step_id=next(self._step_ids), position=position, input=tensor, last_only=last_only)
-        return self._exchange(SessionRequest(step=step), "result").result.output
+        return self._answer("result", self._send(tensor, position, last_only)).result.output
+
+    def replay(self, steps: Sequence[_Record]) -> list[Tensor]:
+        """Send every step at once and collect the outputs in order (one round trip, not one per
+        step; the server runs a stream's steps in order)."""
+        timeouts = [self._send(r.input, r.position, r.last_only) for r in steps]
+        return [self._answer("result", t).result.output for t in timeouts]
 
     def close(self) -> None:
-        try:
-            self._exchange(SessionRequest(close=CloseSession()), "closed")
-        except PeerError as e:
-            log.debug("closing session on %s: %s", self.hop.address, e)
-        finally:
-            self._requests.put(_END)
-            self._call.cancel()
+        if self._broken is None:
+            try:
+                self._requests.put(SessionRequest(close=CloseSession()))
+                self._answer("closed", self._config.info_timeout_s)
+            except PeerError as e:
+                log.debug("closing session on %s: %s", self.hop.address, e)
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One step as a hop received it: enough to replay it to a replacement."""
+
+    position: int
+    input: Tensor
+    last_only: bool
 
 
 class InferenceSession:
-    """A generation session across a chain of hops; each hop keeps its own KV cache."""
+    """A generation session across a chain of hops; each hop keeps its own KV cache.
+
+    The session keeps every step's input to every hop. When a hop fails (killed, reset,
+    hung, an error status, told to move by a peer shutting down), the layers it ran are
+    routed to other peers, its past inputs are replayed to them, step by step as it got
+    them, to rebuild the same KV cache, and the step goes on. So a failure changes no token.
+    """
 
     def __init__(self, client: Client, hops: Sequence[Hop], model_id: str, max_length: int) -> None:
         self.hops = list(hops)
         self.max_length = max_length
+        self.model_id = model_id
         self.position = 0
-        self._streams: list[_HopStream] = []
+        self.recoveries: list[str] = []  # what failed and where its layers went, in order
+        self._client = client
+        self._closed = False
+        self._streams: list[_HopStream | None] = [None] * len(self.hops)
+        self._history: list[list[_Record]] = [[] for _ in self.hops]
         try:
-            for hop in self.hops:
-                self._streams.append(_HopStream(client, hop, model_id, max_length))
+            for k in range(len(self.hops)):
+                self._open(k)
         except BaseException:
             self.close()
             raise
+
+    def _open(self, k: int) -> _HopStream:
+        stream = self._streams[k]
+        while stream is None:
+            try:
+                stream = self._streams[k] = _HopStream(self._client, self.hops[k], self.model_id, self.max_length)
+            except PeerError as e:
+                if not _should_fail_over(e):
+                    raise
+                self._recover(k, e)
+                stream = self._streams[k]
+        return stream
 
     def step(self, ids: Sequence[int], position: int | None = None, last_only: bool = True) -> np.ndarray:
         """Feed token ids at `position` (default: after the last step); return fp32 logits.
 
         The result is ``[V]`` when `last_only`, else ``[T, V]``.
         """
+        if self._closed:
+            raise ConfigError("the session is closed")
         position = self.position if position is None else position
+        for history in self._history:  # a step at an earlier position rolls every cache back
+            while history and history[-1].position >= position:
+                history.pop()
         tensor = make_tensor("int64", (1, len(ids)), np.asarray(ids, dtype="<i8").tobytes())
-        for stream in self._streams:
-            tensor = stream.step(tensor, position, last_only)
+        k = 0
+        while k < len(self.hops):
+            try:
+                out = self._open(k).step(tensor, position, last_only)
+            except PeerError as e:
+                if not _should_fail_over(e):
+                    raise
+                self._recover(k, e)
+                continue  # the same input, to the replacement
+            self._history[k].append(_Record(position, tensor, last_only))
+            tensor = out
+            k += 1
         self.position = position + len(ids)
         meta = check_tensor(tensor, what="logits")
         if meta.dtype != "float32" or len(meta.shape) != 3:
@@ -214,10 +310,72 @@ class InferenceSession:
         logits = np.frombuffer(tensor.data, dtype="<f4").reshape(meta.shape)[0]
         return logits[-1] if last_only else logits
 
-    def close(self) -> None:
-        for stream in self._streams:
+    def _recover(self, k: int, error: PeerError) -> None:
+        """Replace hop k by a chain of other peers holding the same KV cache, or raise."""
+        failed = self.hops[k]
+        config = self._client.config
+        self._client.avoid(failed, error)
+        stream = self._streams[k]
+        if stream is not None:
             stream.close()
-        self._streams.clear()
+            self._streams[k] = None
+        deadline = time.monotonic() + config.recovery_deadline_s
+        problems = [f"{failed.address}: {error}"]
+        for attempt in range(config.max_retries):
+            if attempt:
+                time.sleep(min(config.retry_backoff_s * 2 ** (attempt - 1), 5.0))
+            if time.monotonic() > deadline:
+                break
+            try:
+                hops = self._client.replacement(failed.start, failed.end, refresh=attempt > 0)
+            except RouteError as e:
+                problems.append(str(e))
+                if attempt + 1 == config.max_retries or time.monotonic() > deadline:
+                    raise RouteError(
+                        f"layers {failed.start}:{failed.end} failed on {failed.address} ({error}) and {e}", e.missing
+                    ) from None
+                continue
+            streams: list[_HopStream] = []
+            histories: list[list[_Record]] = [[] for _ in hops]
+            try:
+                for hop in hops:
+                    streams.append(_HopStream(self._client, hop, self.model_id, self.max_length))
+                inputs = self._history[k]
+                for j, stream in enumerate(streams):
+                    histories[j] = inputs
+                    outputs = stream.replay(inputs)
+                    inputs = [_Record(r.position, out, r.last_only) for r, out in zip(inputs, outputs, strict=True)]
+            except PeerError as e:
+                for stream in streams:
+                    stream.close()
+                if not _should_fail_over(e):
+                    raise
+                bad = next((h for h in hops if h.address == e.address), None)
+                if bad is not None:
+                    self._client.avoid(bad, e)
+                problems.append(str(e))
+                continue
+            self.hops[k : k + 1] = hops
+            self._streams[k : k + 1] = list(streams)
+            self._history[k : k + 1] = histories
+            note = (
+                f"layers {failed.start}:{failed.end} moved from {failed.address} ({error})"
+                f" to {', '.join(f'{h.address} [{h.start}:{h.end}]' for h in hops)},"
+                f" {len(histories[0])} steps replayed"
+            )
+            log.info("%s", note)
+            self.recoveries.append(note)
+            return
+        raise PeerUnavailable(
+            failed.address, f"gave up on layers {failed.start}:{failed.end}: " + "; ".join(problems[-4:])
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        for stream in self._streams:
+            if stream is not None:
+                stream.close()
+        self._streams = [None] * len(self.hops)
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -249,7 +407,10 @@ class Client:
         self.model_id = model_id
         self.config = config or ClientConfig()
         self._channels: dict[str, grpc.Channel] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemesh-client")
+        self._lock = threading.Lock()  # sessions of one client may run in several threads
+        self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
+        self._known: tuple[str, int, list[Candidate]] | None = None  # (model id, layers, candidates)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
             from node.text import TextCodec
@@ -259,16 +420,19 @@ class Client:
     # -- plumbing ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(
-                address, options=grpc_options(self.config.max_message_bytes)
-            )
-        return self._channels[address]
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = grpc.insecure_channel(
+                    address, options=grpc_options(self.config.max_message_bytes)
+                )
+            return self._channels[address]
 
     def close(self) -> None:
-        for channel in self._channels.values():
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
             channel.close()
-        self._channels.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Client:
@@ -307,7 +471,7 @@ class Client:
                 log.info("peer unavailable: %s", e)
         return answers
 
-    def _route_from_swarm(self) -> tuple[str, list[Hop]]:
+    def _candidates_from_swarm(self) -> tuple[str, int, list[Candidate]]:
         from node.discovery import SwarmReader
 
         with SwarmReader(self.bootstrap, timeout_s=self.config.info_timeout_s) as reader:
@@ -332,28 +496,66 @@ class Client:
             candidates.append(Candidate(pid, address, ad.start, ad.end, block_seconds, rtt))
         if not num_layers:
             raise RouteError(f"no live peer serves model {model_id}")
-        return model_id, best_chain(candidates, num_layers)
+        return model_id, num_layers, candidates
 
-    def route(self) -> tuple[str, list[Hop]]:
-        """Find what the peers serve and plan a chain; returns (model id, hops)."""
-        if self.bootstrap:
-            return self._route_from_swarm()
+    def _candidates_from_peers(self) -> tuple[str, int, list[Candidate]]:
         answers = self._measure(self.peers)
         infos = [info for info, _ in answers.values()]
-        rtts = {address: rtt for address, (_, rtt) in answers.items()}
-        failures = [f"{address} did not answer" for address in self.peers if address not in answers]
         models = {i.model_id for i in infos}
         model_id = self.model_id
         if model_id is None:
             if len(models) > 1:
                 raise ConfigError(f"the peers serve different models ({', '.join(sorted(models))}): pass model_id")
             model_id = next(iter(models), "")
-        infos = [i for i in infos if i.model_id == model_id]
-        try:
-            return model_id, plan_route(infos, rtts)
-        except RouteError as e:
-            detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
-            raise RouteError(f"{e}{detail}", e.missing) from None
+        failures = [address for address in self.peers if address not in answers]
+        if not infos:
+            raise RouteError("no peer answered" + (f" (tried {', '.join(failures)})" if failures else ""))
+        candidates = [
+            Candidate(address, address, info.start, info.end, 0.0, max(rtt, 1e-3))
+            for address, (info, rtt) in answers.items()
+            if info.model_id == model_id
+        ]
+        return model_id, max(i.num_layers for i in infos), candidates
+
+    def candidates(self, refresh: bool = False) -> tuple[str, int, list[Candidate]]:
+        """(model id, number of layers, every peer able to run some of them); asked once, then
+        kept until `refresh` (a recovery that found no replacement among them asks again)."""
+        with self._lock:
+            known = self._known
+        if known is None or refresh:
+            known = self._candidates_from_swarm() if self.bootstrap else self._candidates_from_peers()
+            with self._lock:
+                self._known = known
+        return known
+
+    def avoid(self, hop: Hop, error: PeerError) -> None:
+        """Leave the peer of `hop` out of routes for a while (it failed)."""
+        log.info("avoiding %s for %g s: %s", hop.address, self.config.avoid_s, error)
+        with self._lock:
+            self._avoid[hop.peer or hop.address] = time.monotonic() + self.config.avoid_s
+
+    def _usable(self, candidates: Sequence[Candidate]) -> list[Candidate]:
+        now = time.monotonic()
+        with self._lock:
+            return [c for c in candidates if self._avoid.get(c.peer, 0.0) <= now]
+
+    def replacement(self, start: int, end: int, refresh: bool = False) -> list[Hop]:
+        """A chain of peers not avoided for blocks [start, end), or RouteError naming the gap."""
+        _, num_layers, candidates = self.candidates(refresh)
+        return best_chain(self._usable(candidates), num_layers, start, end)
+
+    def route(self) -> tuple[str, list[Hop]]:
+        """Find what the peers serve and plan a chain; returns (model id, hops)."""
+        model_id, num_layers, candidates = self.candidates(refresh=True)
+        if not self.bootstrap:
+            usable = {c.address for c in candidates}
+            failures = [f"{a} did not answer or serves another model" for a in self.peers if a not in usable]
+            try:
+                return model_id, best_chain(self._usable(candidates), num_layers)
+            except RouteError as e:
+                detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
+                raise RouteError(f"{e}{detail}", e.missing) from None
+        return model_id, best_chain(self._usable(candidates), num_layers)
 
     def session(self, max_length: int, route: tuple[str, list[Hop]] | None = None) -> InferenceSession:
         """Open a session on every hop of `route` (default: a route planned now)."""

@@ -39,11 +39,11 @@ class Hop:
     peer: str = ""
 
 
-def missing_blocks(candidates: Sequence[Candidate], num_layers: int) -> list[tuple[int, int]]:
-    """Maximal runs of blocks that no candidate serves."""
-    covered = [False] * num_layers
+def missing_blocks(candidates: Sequence[Candidate], num_layers: int, start: int = 0) -> list[tuple[int, int]]:
+    """Maximal runs of blocks in [start, num_layers) that no candidate serves."""
+    covered = [b < start for b in range(num_layers)]
     for c in candidates:
-        for b in range(max(c.start, 0), min(c.end, num_layers)):
+        for b in range(max(c.start, start), min(c.end, num_layers)):
             covered[b] = True
     gaps: list[tuple[int, int]] = []
     for b, ok in enumerate(covered):
@@ -56,33 +56,35 @@ def missing_blocks(candidates: Sequence[Candidate], num_layers: int) -> list[tup
     return gaps
 
 
-def best_chain(candidates: Sequence[Candidate], num_layers: int) -> list[Hop]:
-    """The cheapest chain of hops covering [0, num_layers), or RouteError naming the gaps."""
-    gaps = missing_blocks(candidates, num_layers)
+def best_chain(candidates: Sequence[Candidate], num_layers: int, start: int = 0, end: int | None = None) -> list[Hop]:
+    """The cheapest chain of hops covering blocks [start, end) (default: the whole model of
+    `num_layers` blocks), or RouteError naming the gaps."""
+    end = num_layers if end is None else end
+    gaps = missing_blocks(candidates, end, start)
     if gaps:
         names = ", ".join(f"{a}:{b}" for a, b in gaps)
         raise RouteError(f"no known peer serves layers {names} of {num_layers}", tuple(gaps))
-    best: dict[int, float] = {0: 0.0}
+    best: dict[int, float] = {start: 0.0}
     came_from: dict[int, tuple[int, Candidate]] = {}
-    queue: list[tuple[float, int]] = [(0.0, 0)]
+    queue: list[tuple[float, int]] = [(0.0, start)]
     while queue:
         cost, s = heapq.heappop(queue)
-        if s == num_layers:
+        if s == end:
             break
         if cost > best.get(s, float("inf")):
             continue
         for c in candidates:
             if not c.start <= s < c.end:
                 continue
-            for e in range(s + 1, min(c.end, num_layers) + 1):
+            for e in range(s + 1, min(c.end, end) + 1):
                 new = cost + c.rtt_seconds + (e - s) * c.block_seconds
                 if new < best.get(e, float("inf")):
                     best[e] = new
                     came_from[e] = (s, c)
                     heapq.heappush(queue, (new, e))
     hops: list[Hop] = []
-    e = num_layers
-    while e:
+    e = end
+    while e != start:
         s, c = came_from[e]
         hops.append(Hop(c.address, s, e, c.peer))
         e = s

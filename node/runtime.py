@@ -4,6 +4,11 @@ A request is checked here (model id, layers, lengths, memory budget) and turned 
 `Rejected` with the gRPC status to answer; compute runs on one dedicated executor thread
 so the asyncio loop (heartbeats, other streams) never waits on a long prefill.
 
+Session steps go through one scheduler (continuous batching): whenever the compute thread
+is free it takes every queued one-token decode step over the same layers, from any number
+of sessions, and runs them as one batched forward; sessions join and leave between steps.
+Decode is memory-bound, so B sessions cost little more than one. Prefill chunks run alone.
+
 Every torch operation of the server (loading included) runs on that one compute thread.
 With OpenMP, each thread that enters a parallel region gets its own worker team; two
 teams on a 2-core machine fight for the cores, and we measured decode at less than half
@@ -19,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -56,6 +61,9 @@ class ServerConfig:
     kv_budget_bytes: int = 4 * 1024**3  # KV caches of all sessions together
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     torch_threads: int | None = None
+    max_batch: int = 16  # decode steps of this many sessions run as one forward
+    idle_timeout_s: float = 300.0  # a session with no request for this long is closed
+    grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
 
 
 @dataclass
@@ -65,6 +73,21 @@ class Session:
     last: int
     cache: KVCache
     closed: bool = False
+
+
+@dataclass
+class _Step:
+    """A session step waiting for the compute thread."""
+
+    session: Session
+    position: int
+    msg: Tensor
+    last_only: bool
+    future: asyncio.Future[Tensor] = field(repr=False)
+
+    @property
+    def batchable(self) -> bool:  # one new token: [1, 1] ids or [1, 1, H] hidden states
+        return len(self.msg.shape) >= 2 and self.msg.shape[0] == 1 and self.msg.shape[1] == 1
 
 
 class SpanRunner:
@@ -82,6 +105,13 @@ class SpanRunner:
         self.sessions: dict[str, Session] = {}
         self._kv_bytes = 0
         self._ids = itertools.count()
+        self._queue: list[_Step] = []
+        self._wake: asyncio.Event | None = None
+        self._scheduler: asyncio.Task[None] | None = None
+        self.draining = False  # refuse new sessions (shutting down)
+        self.moving = asyncio.Event()  # open sessions must move to another peer now
+        self.batches = 0  # statistics: batched forwards run, and the steps they held
+        self.batched_steps = 0
 
     def _load(self, progress: Callable[[str], None] | None) -> tuple[SpanModel, str, str]:
         """Runs on the compute thread: read only the span's tensors from the checkpoint."""
@@ -103,7 +133,27 @@ class SpanRunner:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def shutdown(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Shut down gracefully: refuse new sessions, let open ones finish for `grace_s`, then
+        tell the rest to move (their streams end with UNAVAILABLE and the client replays them
+        elsewhere), so no client loses work."""
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        if self.sessions:
+            log.info("draining: %d open sessions may finish within %g s", len(self.sessions), grace_s)
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.sessions:
+            log.info("grace period over: telling %d sessions to move", len(self.sessions))
+        self.moving.set()
+        deadline = time.monotonic() + 5.0
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -161,6 +211,8 @@ class SpanRunner:
 
     async def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
         first, last = self.local_layers(model_id, start, end)
+        if self.draining:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down: open the session on another peer")
         length = max_length or min(self.config.default_length, self.max_length)
         if length > self.max_length:
             raise Rejected(
@@ -197,28 +249,110 @@ class SpanRunner:
             self._kv_bytes -= session.cache.nbytes
         log.debug("session %s closed", session.id)
 
+    @property
+    def kv_free_bytes(self) -> int:
+        return self.config.kv_budget_bytes - self._kv_bytes
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     async def step(self, session: Session, position: int, msg: Tensor, last_only: bool) -> Tensor:
-        layers = (session.first, session.last)
-        logits = self.emits_logits(session.last)
+        """Queue one step of `session` for the scheduler and wait for its output."""
+        if self._scheduler is None or self._wake is None:
+            self._wake = asyncio.Event()
+            self._scheduler = asyncio.create_task(self._schedule(), name="moemesh-scheduler")
+        future: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Step(session, position, msg, last_only, future))
+        self._wake.set()
+        return await future
 
-        def compute() -> Tensor:
-            x = self.decode_input(msg, session.first)
+    async def _schedule(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                steps = [s for s in self._take() if not s.future.done()]  # a cancelled caller went away
+                if not steps:
+                    continue
+                try:
+                    outcomes = await self.run(self._compute, steps)
+                except BaseException as e:  # a bug, or shutdown: fail these steps, keep scheduling
+                    outcomes = [e for _ in steps]
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                for s, outcome in zip(steps, outcomes, strict=True):
+                    if s.future.done() or outcome is None:
+                        continue
+                    if isinstance(outcome, BaseException):
+                        s.future.set_exception(outcome)
+                    else:
+                        s.future.set_result(outcome)
+
+    def _take(self) -> list[_Step]:
+        """The next batch: the oldest step, with every queued decode step over the same layers."""
+        head = self._queue[0]
+        if not head.batchable:
+            return [self._queue.pop(0)]
+        layers = (head.session.first, head.session.last)
+        batch: list[_Step] = []
+        rest: list[_Step] = []
+        sessions: set[str] = set()
+        for s in self._queue:
+            if (
+                s.batchable
+                and (s.session.first, s.session.last) == layers
+                and s.session.id not in sessions
+                and len(batch) < self.config.max_batch
+            ):
+                batch.append(s)
+                sessions.add(s.session.id)
+            else:
+                rest.append(s)
+        self._queue = rest
+        return batch
+
+    def _compute(self, steps: list[_Step]) -> list[Tensor | BaseException | None]:
+        """Runs on the compute thread: check every step, run the good ones together."""
+        outcomes: list[Tensor | BaseException | None] = [None] * len(steps)
+        ready: list[tuple[int, _Step, torch.Tensor]] = []
+        for i, s in enumerate(steps):
             try:
-                session.cache.check_step(position, x.shape[1])
-            except CacheFullError as e:
-                raise Rejected(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
-            except CacheError as e:
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            started = time.perf_counter()
-            out = self.span(x, session.cache, position, last_only=last_only, layers=layers)
-            message = to_message(out.float() if logits else out)
-            log.debug(
-                "session %s: %d tokens at %d in %.2f ms",
-                session.id,
-                x.shape[1],
-                position,
-                1000 * (time.perf_counter() - started),
+                if s.session.closed:
+                    raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"session {s.session.id} is closed")
+                x = self.decode_input(s.msg, s.session.first)
+                try:
+                    s.session.cache.check_step(s.position, x.shape[1])
+                except CacheFullError as e:
+                    raise Rejected(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+                except CacheError as e:
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+                ready.append((i, s, x))
+            except Rejected as e:
+                outcomes[i] = e
+        if not ready:
+            return outcomes
+        started = time.perf_counter()
+        first, last = ready[0][1].session.first, ready[0][1].session.last
+        logits = self.emits_logits(last)
+        if len(ready) == 1:
+            _, s, x = ready[0]
+            outs = [self.span(x, s.session.cache, s.position, last_only=s.last_only, layers=(first, last))]
+        else:
+            x = torch.cat([x for _, _, x in ready])
+            out = self.span.decode(
+                x, [s.session.cache for _, s, _ in ready], [s.position for _, s, _ in ready], (first, last)
             )
-            return message
-
-        return await self.run(compute)
+            outs = list(out.split(1))
+            self.batches += 1
+            self.batched_steps += len(ready)
+        for (i, _, _), out in zip(ready, outs, strict=True):
+            outcomes[i] = to_message(out.float() if logits else out)
+        log.debug(
+            "%d step(s) of %s tokens in %.2f ms",
+            len(ready),
+            "/".join(str(x.shape[1]) for _, _, x in ready),
+            1000 * (time.perf_counter() - started),
+        )
+        return outcomes

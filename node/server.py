@@ -88,14 +88,44 @@ class ShardService:
                 active_sessions=len(r.sessions),
                 max_length=r.max_length,
                 max_message_bytes=r.config.max_message_bytes,
+                draining=r.draining,
+                kv_budget_bytes=r.config.kv_budget_bytes,
+                kv_free_bytes=max(r.kv_free_bytes, 0),
+                queued_steps=r.queued,
+                batched_steps=r.batched_steps,
             ),
         ).SerializeToString()
+
+    async def _next_request(self, requests: AsyncIterator[bytes]) -> bytes | None:
+        """The stream's next request; None at its end. Raises Rejected when the session sat
+        idle too long or the server is shutting down and the session must move."""
+        runner = self.runner
+        read = asyncio.ensure_future(anext(requests, None))
+        moving = asyncio.ensure_future(runner.moving.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {read, moving}, timeout=runner.config.idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            moving.cancel()
+            if not read.done():
+                read.cancel()
+        if read in done:
+            return read.result()
+        if moving in done:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down: move this session to another peer")
+        raise Rejected(
+            grpc.StatusCode.DEADLINE_EXCEEDED, f"no request for {runner.config.idle_timeout_s:g} s: session closed"
+        )
 
     async def session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         session: Session | None = None
         try:
-            async for raw in requests:
+            while True:
                 try:
+                    raw = await self._next_request(requests)
+                    if raw is None:
+                        return
                     req = _parse(SessionRequest, raw)
                     kind = req.WhichOneof("kind")
                     if kind == "open":
@@ -131,7 +161,7 @@ class ShardService:
                         )
                 except Rejected as e:
                     await _abort(context, e)
-        finally:
+        finally:  # also when the client went away (the handler is cancelled): free the cache
             if session is not None:
                 self.runner.close(session)
 
@@ -159,7 +189,8 @@ async def start_server(runner: SpanRunner) -> tuple[grpc.aio.Server, int]:
 
 
 async def serve(runner: SpanRunner, on_ready: Callable[[int], Awaitable[None] | None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then stop accepting, give in-flight calls a moment, and exit."""
+    """Serve until SIGINT or SIGTERM, then drain: refuse new sessions, let open ones finish
+    within the grace period, tell the rest to move, and exit."""
     server, port = await start_server(runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,6 +202,7 @@ async def serve(runner: SpanRunner, on_ready: Callable[[int], Awaitable[None] | 
             if maybe is not None:
                 await maybe
         await stop.wait()
+        await runner.drain()
     finally:
-        await server.stop(grace=2.0)
+        await server.stop(grace=1.0)
         runner.shutdown()

@@ -125,16 +125,26 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes")
+    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes", "draining", "kv_budget_bytes", "kv_free_bytes", "queued_steps", "batched_steps")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     active_sessions: int
     max_length: int
     max_message_bytes: int
-    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    draining: bool
+    kv_budget_bytes: int
+    kv_free_bytes: int
+    queued_steps: int
+    batched_steps: int
+    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "hidden_size", "vocab_size", "dtype", "version", "protocol_version", "capacity")

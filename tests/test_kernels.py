@@ -86,3 +86,37 @@ def test_span_rejects_wrong_inputs(tiny_models: dict[str, Path]) -> None:
     first = Checkpoint(tiny_models["mixtral"]).load_span(0, 1)
     with pytest.raises(ShapeError, match="token ids must be in"):
         first(torch.tensor([[256]]), first.new_cache(8), 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_decode_of_several_sessions_matches_each_session_alone(
+    family: str, tiny_models: dict[str, Path]
+) -> None:
+    checkpoint = Checkpoint(tiny_models[family])
+    head, tail = checkpoint.load_span(0, 2), checkpoint.load_span(2, 4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in (3, 7, 1, 12)]
+
+    def prefill(ids: torch.Tensor) -> tuple[list[KVCache], torch.Tensor]:
+        caches = [head.new_cache(32), tail.new_cache(32)]
+        logits = tail(head(ids, caches[0], 0), caches[1], 0, last_only=True)
+        return caches, logits[:, -1].argmax(-1, keepdim=True)
+
+    alone = [prefill(p) for p in prompts]
+    batched = [prefill(p) for p in prompts]
+    for _ in range(4):
+        expected = []
+        for (caches, token), p in zip(alone, prompts, strict=True):
+            position = caches[0].length
+            expected.append(tail(head(token, caches[0], position), caches[1], position)[:, -1])
+        tokens = torch.cat([token for _, token in batched])  # [B, 1]
+        positions = [caches[0].length for caches, _ in batched]
+        hidden = head.decode(tokens, [c[0] for c, _ in batched], positions)
+        logits = tail.decode(hidden, [c[1] for c, _ in batched], positions)[:, -1]  # [B, V]
+        torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), torch.cat(expected).argmax(-1))
+        alone = [(c, e.argmax(-1, keepdim=True)) for (c, _), e in zip(alone, expected, strict=True)]
+        batched = [(c, logits[i : i + 1].argmax(-1, keepdim=True)) for i, (c, _) in enumerate(batched)]
+    assert [c[1].length for c, _ in batched] == [c[1].length for c, _ in alone] == [len(p[0]) + 4 for p in prompts]
+    with pytest.raises(ShapeError, match="one token per session"):
+        head.decode(torch.zeros(2, 2, dtype=torch.int64), [c[0] for c, _ in batched[:2]], [0, 0])

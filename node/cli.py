@@ -60,15 +60,47 @@ def _port(text: str) -> int:
     return value
 
 
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} MB must be positive")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text} seconds is not a duration")
+    return value
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)"
     )
     parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
     parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
-    parser.add_argument("--kv-budget-mb", type=_positive, default=4096, help="memory for all KV caches (default 4096)")
+    parser.add_argument("--kv-budget-mb", type=_megabytes, default=4096, help="memory for all KV caches (default 4096)")
     parser.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
     parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--max-batch", type=_positive, default=16, help="decode steps of this many sessions run as one forward (16)"
+    )
+    parser.add_argument(
+        "--grace",
+        type=_seconds,
+        default=30.0,
+        help="on SIGTERM: seconds open sessions may finish before they are told to move to another peer (30)",
+    )
+    parser.add_argument(
+        "--idle-timeout", type=_seconds, default=300.0, help="close a session after this many idle seconds (300)"
+    )
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -87,9 +119,12 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         max_sessions=args.max_sessions,
         max_length=args.max_length,
-        kv_budget_bytes=args.kv_budget_mb * 1024**2,
+        kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
         max_message_bytes=args.max_message_mb * 1024**2,
         torch_threads=args.threads,
+        max_batch=args.max_batch,
+        grace_s=args.grace,
+        idle_timeout_s=max(args.idle_timeout, 0.1),
     )
 
 

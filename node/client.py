@@ -87,6 +87,10 @@ class PeerInfo:
     vocab_size: int
     max_length: int
     version: str
+    active_sessions: int = 0
+    draining: bool = False
+    kv_free_bytes: int = 0
+    batched_steps: int = 0  # decode steps it ran batched with other sessions' since it started
 
     @classmethod
     def from_response(cls, address: str, r: InfoResponse) -> PeerInfo:
@@ -100,6 +104,10 @@ class PeerInfo:
             r.vocab_size,
             r.capacity.max_length,
             r.version,
+            r.capacity.active_sessions,
+            r.capacity.draining,
+            r.capacity.kv_free_bytes,
+            r.capacity.batched_steps,
         )
 
 
@@ -365,6 +373,7 @@ class InferenceSession:
             )
             log.info("%s", note)
             self.recoveries.append(note)
+            self._client.recoveries.append(note)
             return
         raise PeerUnavailable(
             failed.address, f"gave up on layers {failed.start}:{failed.end}: " + "; ".join(problems[-4:])
@@ -410,6 +419,7 @@ class Client:
         self._lock = threading.Lock()  # sessions of one client may run in several threads
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: tuple[str, int, list[Candidate]] | None = None  # (model id, layers, candidates)
+        self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:

@@ -111,8 +111,14 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
     node = MeshNode(key_pair, config.mesh)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first stops gracefully; a second one cuts the grace period short
+        if stop.is_set() and runner is not None:
+            runner.moving.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         addresses = await bridge.call(bridge.start_service, node.serve)
         say(f"peer {node.peer_id} listening on {', '.join(addresses)}")
@@ -147,14 +153,21 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                     await publish()
                 except Exception as e:  # keep serving; the next round retries
                     log.warning("republishing the record failed: %s", e)
+        drained = None
+        if runner is not None:  # refuse new sessions at once; open ones finish, or move after the grace
+            if runner.sessions:
+                say(f"draining {len(runner.sessions)} open sessions (grace {runner.config.grace_s:g} s)")
+            drained = asyncio.create_task(runner.drain())
         say("stopping: withdrawing the record")
         try:
             await asyncio.wait_for(publish(withdrawn=True), timeout=30)
         except Exception as e:  # the record then expires by its ttl
             log.warning("withdrawing the record failed (it expires in %g s): %r", config.ttl_s, e)
+        if drained is not None:
+            await drained
     finally:
         if grpc_server is not None:
-            await grpc_server.stop(grace=2.0)
+            await grpc_server.stop(grace=1.0)
         if runner is not None:
             runner.shutdown()
         bridge.stop()

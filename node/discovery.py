@@ -96,7 +96,11 @@ class SwarmReader:
         if model_id is None:
             models = everyone.models()
             if not models:
-                raise RouteError("the swarm serves no model yet")
+                seen = f"{len(everyone.records)} live records"
+                if everyone.ignored:
+                    reasons = ", ".join(f"{pid[-8:]}: {why}" for pid, why in sorted(everyone.ignored.items()))
+                    seen += f"; ignored {reasons}"
+                raise RouteError(f"the swarm serves no model yet ({seen})")
             if len(models) > 1:
                 listing = ", ".join(f"{m} ({name})" for m, (name, _) in sorted(models.items()))
                 raise ConfigError(f"the swarm serves several models, pick one with model_id: {listing}")

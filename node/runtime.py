@@ -146,7 +146,7 @@ class SpanRunner:
         deadline = time.monotonic() + grace_s
         if self.sessions:
             log.info("draining: %d open sessions may finish within %g s", len(self.sessions), grace_s)
-        while self.sessions and time.monotonic() < deadline:
+        while self.sessions and not self.moving.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.sessions:
             log.info("grace period over: telling %d sessions to move", len(self.sessions))

@@ -194,8 +194,14 @@ async def serve(runner: SpanRunner, on_ready: Callable[[int], Awaitable[None] | 
     server, port = await start_server(runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first stops gracefully; a second one cuts the grace period short
+        if stop.is_set():
+            runner.moving.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         if on_ready is not None:
             maybe: Any = on_ready(port)

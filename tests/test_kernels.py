@@ -106,7 +106,7 @@ def test_batched_decode_of_several_sessions_matches_each_session_alone(
     batched = [prefill(p) for p in prompts]
     for _ in range(4):
         expected = []
-        for (caches, token), p in zip(alone, prompts, strict=True):
+        for caches, token in alone:
             position = caches[0].length
             expected.append(tail(head(token, caches[0], position), caches[1], position)[:, -1])
         tokens = torch.cat([token for _, token in batched])  # [B, 1]

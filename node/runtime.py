@@ -62,6 +62,7 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     torch_threads: int | None = None
     max_batch: int = 16  # decode steps of this many sessions run as one forward
+    batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
     idle_timeout_s: float = 300.0  # a session with no request for this long is closed
     grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
 
@@ -73,6 +74,8 @@ class Session:
     last: int
     cache: KVCache
     closed: bool = False
+    decoding: bool = False  # its last step was one token: the next one is due soon
+    last_done: float = 0.0  # when its last step finished (monotonic)
 
 
 @dataclass
@@ -110,6 +113,7 @@ class SpanRunner:
         self._scheduler: asyncio.Task[None] | None = None
         self.draining = False  # refuse new sessions (shutting down)
         self.moving = asyncio.Event()  # open sessions must move to another peer now
+        self._decode_s = 0.0  # compute time of the last decode batch
         self.batches = 0  # statistics: batched forwards run, and the steps they held
         self.batched_steps = 0
 
@@ -273,22 +277,51 @@ class SpanRunner:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                await self._gather()
                 steps = [s for s in self._take() if not s.future.done()]  # a cancelled caller went away
                 if not steps:
                     continue
+                started = time.monotonic()
                 try:
                     outcomes = await self.run(self._compute, steps)
                 except BaseException as e:  # a bug, or shutdown: fail these steps, keep scheduling
                     outcomes = [e for _ in steps]
                     if isinstance(e, asyncio.CancelledError):
                         raise
+                done = time.monotonic()
+                if len(steps) > 1 or steps[0].batchable:
+                    self._decode_s = done - started
                 for s, outcome in zip(steps, outcomes, strict=True):
+                    s.session.decoding, s.session.last_done = s.batchable, done
                     if s.future.done() or outcome is None:
                         continue
                     if isinstance(outcome, BaseException):
                         s.future.set_exception(outcome)
                     else:
                         s.future.set_result(outcome)
+
+    async def _gather(self) -> None:
+        """Before a decode batch: wait briefly for the sessions that decoded in the last batch
+        and have not sent their next step yet (their answers just left; their next steps are
+        on the way). Without this, sessions split into groups that alternate, and each group
+        reads every weight again. The wait is a fraction of one batch's compute time."""
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.batch_wait * self._decode_s
+        while self._queue[0].batchable:
+            queued = {s.session.id for s in self._queue}
+            if len(queued) >= self.config.max_batch:
+                return
+            recent = time.monotonic() - 2 * self._decode_s - 0.05
+            due = [s for s in self.sessions.values() if s.decoding and s.last_done > recent and s.id not in queued]
+            remaining = deadline - loop.time()
+            if not due or remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _take(self) -> list[_Step]:
         """The next batch: the oldest step, with every queued decode step over the same layers."""

@@ -77,7 +77,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
     if not args.layers:
         raise ConfigError("--model needs --layers START:END")
-    start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
+    layers = Checkpoint(args.model).config.num_layers
+    start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: chosen later
     return ServerConfig(
         model=args.model,
         start=start,
@@ -150,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         " bootstrap node. With no --bootstrap, start a new swarm and print the address others join with.",
     )
     daemon.add_argument("--model", type=Path, help="checkpoint folder to serve (omit for a bootstrap-only node)")
-    daemon.add_argument("--layers", help="START:END of --model to serve")
+    daemon.add_argument(
+        "--layers",
+        help="START:END of --model to serve, or 'auto': the span that most raises the swarm's throughput"
+        " (blocks nobody serves first, then the weakest ones), moved later when the swarm is badly unbalanced",
+    )
+    daemon.add_argument(
+        "--max-layers", type=_positive, help="with --layers auto: how many layers this daemon holds (default: all)"
+    )
     daemon.add_argument("--bootstrap", nargs="+", default=[], metavar="MULTIADDR", help="peers to join through")
     daemon.add_argument("--host", default="127.0.0.1", help="listen address for gRPC and libp2p (default 127.0.0.1)")
     daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
@@ -158,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
     daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
     daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
+    daemon.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        help="lifetime of our record in the replicated swarm state, renewed every third of it;"
+        " any daemon removes an expired one (default 30 s)",
+    )
+    daemon.add_argument(
+        "--sync-interval",
+        type=float,
+        default=2.0,
+        help="seconds between anti-entropy exchanges with a random peer (default 2)",
+    )
+    daemon.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="with --layers auto: moving to another span, how long open sessions may take to finish (default 30 s)",
+    )
+    daemon.add_argument(
+        "--no-rebalance", action="store_true", help="with --layers auto: keep the first span chosen, never move"
+    )
     _add_server_options(daemon)
 
     status = sub.add_parser(
@@ -246,6 +276,7 @@ def _daemon(args: argparse.Namespace) -> int:
     from node.daemon import DaemonConfig, run_daemon
     from node.identity import default_identity_path
     from node.p2p import MeshConfig
+    from node.swarm import SwarmConfig
 
     server = None
     if args.model is not None:
@@ -254,12 +285,27 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--layers needs --model")
     if args.ttl < 3:
         raise ConfigError("--ttl must be at least 3 seconds")
+    auto = args.layers == "auto"
+    if args.max_layers is not None and not auto:
+        raise ConfigError("--max-layers goes with --layers auto")
+    if not 0.05 <= args.sync_interval <= 3600:
+        raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
+    if not 3 * args.sync_interval <= args.lease <= 86400:
+        raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    if not 0 <= args.drain_timeout <= 86400:
+        raise ConfigError("--drain-timeout must be between 0 and 86400 seconds")
     config = DaemonConfig(
         identity=args.identity or default_identity_path(),
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
         announce_host=args.announce_host,
         ttl_s=args.ttl,
+        swarm=SwarmConfig(
+            lease_s=args.lease, sync_interval_s=args.sync_interval, rebalance=auto and not args.no_rebalance
+        ),
+        auto_layers=auto,
+        max_layers=args.max_layers or 0,
+        drain_s=args.drain_timeout,
     )
     asyncio.run(run_daemon(config, lambda m: print(f"moemesh: {m}", flush=True)))
     return 0

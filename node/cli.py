@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show the swarm: models, block coverage, peers, routes",
-        description="Join the DHT as a client through a bootstrap peer and report what it holds.",
+        help="show the swarm: models, block coverage, peers, routes, load, RTTs",
+        description="Join the DHT as a client through a bootstrap peer and report what it holds, then the"
+        " replicated swarm state (members, load per peer, RTT matrix) as the first --bootstrap daemon holds it.",
     )
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -315,11 +316,17 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from node.discovery import SwarmReader
-    from node.status import format_report, report
+    from node.status import crdt_report, format_crdt_report, format_report, report
 
     with SwarmReader(args.bootstrap) as reader:
         view = report(reader.everyone())
-    print(json.dumps(view, indent=2) if args.json else format_report(view))
+        state = reader.swarm_state()
+    view["crdt"] = crdt_report(state, time.time(), args.bootstrap[0]) if state is not None else None
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(format_report(view))
+        print(format_crdt_report(view["crdt"]) if state is not None else "the daemon did not share its swarm state")
     return 0
 
 

@@ -145,7 +145,9 @@ class SyncWire:
             return None
 
 
-async def fetch_state(host: IHost, peer_id: str, pull: bytes, timeout_s: float = TIMEOUT_S) -> bytes | None:
+async def fetch_state(
+    host: IHost, peer_id: str, multiaddrs: Sequence[str], pull: bytes, timeout_s: float = TIMEOUT_S
+) -> bytes | None:
     """Send one PULL frame to `peer_id` and return its first answer (its document), or None."""
     answer: list[bytes] = []
 
@@ -154,7 +156,7 @@ async def fetch_state(host: IHost, peer_id: str, pull: bytes, timeout_s: float =
         return None
 
     wire = SyncWire(host, keep, timeout_s)
-    await wire.exchange(peer_id, [], pull)
+    await wire.exchange(peer_id, multiaddrs, pull)
     return answer[0] if answer else None
 
 

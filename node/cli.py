@@ -222,6 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
     from node.runtime import SpanRunner
     from node.server import serve
 
+    if args.layers == "auto":
+        raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
     runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
     span = runner.span
 

@@ -16,7 +16,7 @@ import pytest
 from crdt import Member
 from node.discovery import SwarmReader
 from node.launch import DaemonProcess, start_daemon
-from node.placement import block_capacity, choose_span
+from node.placement import block_capacity, choose_span, mover_rank
 from node.swarm import servers_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +130,13 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     spans = {n: swarm.span(n)[:2] for n in ("a0", "a1", "a2", "a3")}
     last = [n for n, (s, e) in spans.items() if e == 4]
     victim = last[0]
-    swarm.daemons[victim].kill()
     movers = [n for n in spans if n != victim]
+    left = [
+        s for s in servers_of(swarm.of("boot"), model_id, time.time()) if s.peer_id != swarm.daemons[victim].peer_id
+    ]
+    ranks = {n: mover_rank(left, swarm.daemons[n].peer_id, 4) for n in movers}
+    first = [n for n, rank in ranks.items() if rank == 0]  # what every daemon computes from the same view
+    swarm.daemons[victim].kill()
 
     def covered_again() -> bool:
         view = swarm.of("boot")
@@ -145,6 +150,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     time.sleep(3)  # long enough for a herd to show: the others' rebalance checks run every 0.5 s
     moved = [n for n in movers if swarm.span(n)[:2] != spans[n]]
     assert len(moved) == 1, (moved, spans, {n: swarm.span(n) for n in movers})
+    assert moved == first, (moved, ranks)
     log = swarm.daemons[moved[0]].log
     assert any("moving to layers" in line and "draining" in line for line in log), log[-20:]
 

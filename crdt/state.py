@@ -34,14 +34,18 @@ __all__ = ["Load", "Member", "SwarmState"]
 @dataclass(frozen=True)
 class Member:
     peer_id: str
-    addresses: tuple[str, ...] = ()
-    model_id: str = ""
-    start: int = 0
+    addresses: tuple[str, ...] = ()  # gRPC host:port
+    model_id: str = ""  # "" for a bootstrap-only daemon
+    start: int = 0  # layers [start, end) served (or being loaded, see `state`)
     end: int = 0
-    capacity_bytes: int = 0
-    throughput: float = 0.0
+    capacity_bytes: int = 0  # memory for KV caches
+    throughput: float = 0.0  # measured decode tokens/s through one block
     version: str = ""
     lease_until: float = 0.0  # unix seconds
+    p2p_addresses: tuple[str, ...] = ()  # libp2p multiaddrs (for sync)
+    num_layers: int = 0  # of the whole model
+    max_layers: int = 0  # how many layers this peer can hold
+    state: str = ""  # "serving", "loading" (a span it is moving to), "draining", or "" (no model)
 
     @classmethod
     def from_py(cls, value: Mapping[str, Any]) -> Member:
@@ -55,11 +59,16 @@ class Member:
             throughput=float(value.get("throughput", 0.0)),
             version=str(value.get("version", "")),
             lease_until=float(value.get("lease_until", 0.0)),
+            p2p_addresses=tuple(str(a) for a in value.get("p2p_addresses", ())),
+            num_layers=int(value.get("num_layers", 0)),
+            max_layers=int(value.get("max_layers", 0)),
+            state=str(value.get("state", "")),
         )
 
     def to_py(self) -> dict[str, Any]:
         data = asdict(self)
         data["addresses"] = list(self.addresses)
+        data["p2p_addresses"] = list(self.p2p_addresses)
         return data
 
 
@@ -134,6 +143,19 @@ class SwarmState:
 
     def snapshot(self) -> tuple[dict[str, Member], dict[str, Load], dict[str, dict[str, float]]]:
         return self.members(), self.loads(), self.rtts_ms()
+
+    def rebuilt(self) -> SwarmState:
+        """A new document (new client id) holding only the current values: no history, no tombstones."""
+        members, loads, rtts = self.snapshot()
+        fresh = SwarmState(self.local_peer)
+        with fresh.doc.transaction():
+            for pid, member in members.items():
+                fresh._members[pid] = member.to_py()
+            for pid, load in loads.items():
+                fresh._load[pid] = asdict(load)
+            for pid, row in rtts.items():
+                fresh._rtt[pid] = dict(row)
+        return fresh
 
     # -- replication -------------------------------------------------------------------------
 

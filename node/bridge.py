@@ -8,8 +8,9 @@ plain results (bytes, strings, numbers): nothing else touches the other loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import trio
@@ -112,6 +113,30 @@ class TrioThread:
         except asyncio.CancelledError:
             self.token.run_sync_soon(scope.cancel)
             raise
+
+    @staticmethod
+    async def to_asyncio(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """(On trio) run `fn(*args)` on the asyncio `loop` and await its result; cancelling cancels it there.
+
+        For handlers of incoming streams whose answer needs state that lives on asyncio.
+        """
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(*args), loop)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: object) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
 
     async def start_service(self, fn: Callable[..., Awaitable[None]]) -> Any:
         """(On trio) start `fn(task_status=...)` in the root nursery; return what it reports started."""

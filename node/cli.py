@@ -109,7 +109,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
     if not args.layers:
         raise ConfigError("--model needs --layers START:END")
-    start, end = parse_layers(args.layers, Checkpoint(args.model).config.num_layers)
+    layers = Checkpoint(args.model).config.num_layers
+    start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: chosen later
     return ServerConfig(
         model=args.model,
         start=start,
@@ -185,7 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         " bootstrap node. With no --bootstrap, start a new swarm and print the address others join with.",
     )
     daemon.add_argument("--model", type=Path, help="checkpoint folder to serve (omit for a bootstrap-only node)")
-    daemon.add_argument("--layers", help="START:END of --model to serve")
+    daemon.add_argument(
+        "--layers",
+        help="START:END of --model to serve, or 'auto': the span that most raises the swarm's throughput"
+        " (blocks nobody serves first, then the weakest ones), moved later when the swarm is badly unbalanced",
+    )
+    daemon.add_argument(
+        "--max-layers", type=_positive, help="with --layers auto: how many layers this daemon holds (default: all)"
+    )
     daemon.add_argument("--bootstrap", nargs="+", default=[], metavar="MULTIADDR", help="peers to join through")
     daemon.add_argument("--host", default="127.0.0.1", help="listen address for gRPC and libp2p (default 127.0.0.1)")
     daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
@@ -193,12 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
     daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
     daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
+    daemon.add_argument(
+        "--lease",
+        type=float,
+        default=30.0,
+        help="lifetime of our record in the replicated swarm state, renewed every third of it;"
+        " any daemon removes an expired one (default 30 s)",
+    )
+    daemon.add_argument(
+        "--sync-interval",
+        type=float,
+        default=2.0,
+        help="seconds between anti-entropy exchanges with a random peer (default 2)",
+    )
+    daemon.add_argument(
+        "--no-rebalance", action="store_true", help="with --layers auto: keep the first span chosen, never move"
+    )
     _add_server_options(daemon)
 
     status = sub.add_parser(
         "status",
-        help="show the swarm: models, block coverage, peers, routes",
-        description="Join the DHT as a client through a bootstrap peer and report what it holds.",
+        help="show the swarm: models, block coverage, peers, routes, load, RTTs",
+        description="Join the DHT as a client through a bootstrap peer and report what it holds, then the"
+        " replicated swarm state (members, load per peer, RTT matrix) as the first --bootstrap daemon holds it.",
     )
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -226,6 +251,8 @@ def _serve(args: argparse.Namespace) -> int:
     from node.runtime import SpanRunner
     from node.server import serve
 
+    if args.layers == "auto":
+        raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
     runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
     span = runner.span
 
@@ -281,6 +308,7 @@ def _daemon(args: argparse.Namespace) -> int:
     from node.daemon import DaemonConfig, run_daemon
     from node.identity import default_identity_path
     from node.p2p import MeshConfig
+    from node.swarm import SwarmConfig
 
     server = None
     if args.model is not None:
@@ -289,12 +317,24 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--layers needs --model")
     if args.ttl < 3:
         raise ConfigError("--ttl must be at least 3 seconds")
+    auto = args.layers == "auto"
+    if args.max_layers is not None and not auto:
+        raise ConfigError("--max-layers goes with --layers auto")
+    if not 0.05 <= args.sync_interval <= 3600:
+        raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
+    if not 3 * args.sync_interval <= args.lease <= 86400:
+        raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
     config = DaemonConfig(
         identity=args.identity or default_identity_path(),
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
         announce_host=args.announce_host,
         ttl_s=args.ttl,
+        swarm=SwarmConfig(
+            lease_s=args.lease, sync_interval_s=args.sync_interval, rebalance=auto and not args.no_rebalance
+        ),
+        auto_layers=auto,
+        max_layers=args.max_layers or 0,
     )
     asyncio.run(run_daemon(config, lambda m: print(f"moemesh: {m}", flush=True)))
     return 0
@@ -304,11 +344,17 @@ def _status(args: argparse.Namespace) -> int:
     import json
 
     from node.discovery import SwarmReader
-    from node.status import format_report, report
+    from node.status import crdt_report, format_crdt_report, format_report, report
 
     with SwarmReader(args.bootstrap) as reader:
         view = report(reader.everyone())
-    print(json.dumps(view, indent=2) if args.json else format_report(view))
+        state = reader.swarm_state()
+    view["crdt"] = crdt_report(state, time.time(), args.bootstrap[0]) if state is not None else None
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(format_report(view))
+        print(format_crdt_report(view["crdt"]) if state is not None else "the daemon did not share its swarm state")
     return 0
 
 

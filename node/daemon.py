@@ -3,6 +3,12 @@
 The asyncio loop owns the gRPC server and the announcer; the libp2p host and DHT run on
 the trio thread behind `node.bridge`. The record is republished every ttl/3, withdrawn
 (a signed tombstone with a higher seq) on SIGTERM/SIGINT before the server stops.
+
+Beside the DHT, the daemon keeps a replica of the swarm state (`node.swarm`): its member
+record, load and RTTs, synced with every other daemon. With `auto_layers` it picks its span
+from that view (`node.placement`) and later moves it when the swarm is badly unbalanced:
+it drains its open sessions first (they finish within the grace period, or move to other
+peers, whose clients replay them) before it loads the new span.
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from crdt import Load, Member
 from node.bridge import TrioThread
 from node.identity import load_or_create_identity
 from node.p2p import MeshConfig, MeshNode
 from node.records import ALL_PEERS_KEY, block_key, make_record, sign_record
 from node.runtime import ServerConfig, SpanRunner
+from node.swarm import SwarmAgent, SwarmConfig
+from protocol import software_version
 from protocol.mesh_pb2 import ShardAd
 
 __all__ = ["DaemonConfig", "measure_throughput", "run_daemon"]
@@ -37,6 +49,9 @@ class DaemonConfig:
     announce_host: str | None = None  # host others dial for gRPC (default: the listen host)
     ttl_s: float = 60.0
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "moemesh")
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    auto_layers: bool = False  # choose the span from the swarm state (server.start/end are ignored)
+    max_layers: int = 0  # with auto_layers: layers this daemon holds (0: the whole model)
 
 
 def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> float:
@@ -80,16 +95,18 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
     key_pair, created = load_or_create_identity(config.identity)
     if created:
         say(f"created identity {config.identity}")
-    runner = SpanRunner(config.server, progress=say) if config.server else None
+    runner: SpanRunner | None = None
     grpc_server = None
     shards: list[ShardAd] = []
     grpc_addresses: list[str] = []
-    if runner is not None:
+
+    async def start_serving(server_config: ServerConfig) -> None:
+        nonlocal runner, grpc_server, shards, grpc_addresses
         from node.server import start_server
 
-        assert config.server is not None
+        runner = SpanRunner(server_config, progress=say)
         grpc_server, port = await start_server(runner)
-        grpc_addresses = [f"{config.announce_host or config.server.host}:{port}"]
+        grpc_addresses = [f"{config.announce_host or server_config.host}:{port}"]
         throughput = measure_throughput(runner, config.cache_dir)
         shards = [
             ShardAd(
@@ -105,6 +122,9 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
             f"serving {runner.model_name} ({runner.model_id}) layers {runner.span.start}:{runner.span.end}"
             f" on {grpc_addresses[0]}, {throughput:.1f} tokens/s per block"
         )
+
+    if config.server is not None and not config.auto_layers:
+        await start_serving(config.server)
 
     bridge = TrioThread()
     bridge.start()
@@ -124,8 +144,24 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         say(f"peer {node.peer_id} listening on {', '.join(addresses)}")
         if not config.mesh.bootstrap:
             say(f"new swarm: others join with --bootstrap {addresses[0]}")
-        provider_keys = [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
+        agent = SwarmAgent(
+            bridge,
+            node.host,
+            Member(node.peer_id, p2p_addresses=tuple(addresses), version=software_version()),
+            config.swarm,
+            bootstrap=[(info_from_p2p_addr(Multiaddr(b)).peer_id.to_base58(), b) for b in config.mesh.bootstrap],
+            load=lambda: _load_of(runner),
+            on_move=lambda start, end: move(start, end),
+        )
+        await agent.start()
+        if config.server is not None and config.auto_layers:
+            span = await _auto_span(config, agent, say)
+            await start_serving(replace(config.server, start=span[0], end=span[1]))
+        agent.update_member(**_serving_fields(runner, grpc_addresses, shards, config))
         seq = time.time_ns()
+
+        def provider_keys() -> list[str]:
+            return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
 
         async def publish(withdrawn: bool = False) -> None:
             nonlocal seq
@@ -140,11 +176,28 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                 withdrawn=withdrawn,
             )
             started = time.monotonic()
-            await bridge.call(node.publish, sign_record(record, key_pair), provider_keys, not withdrawn)
+            await bridge.call(node.publish, sign_record(record, key_pair), provider_keys(), not withdrawn)
             log.info("published %s record in %.2f s", "a withdrawn" if withdrawn else "our", time.monotonic() - started)
 
+        async def move(start: int, end: int) -> None:
+            """Drain the open sessions (bounded), load layers [start, end), advertise them."""
+            nonlocal shards
+            assert config.server is not None and runner is not None and grpc_server is not None
+            say(f"moving to layers {start}:{end}: draining {len(runner.sessions)} open sessions")
+            agent.update_member(start=start, end=end, state="loading")  # others see the new span at once
+            shards = []
+            await publish()  # clients stop routing new sessions to the old span
+            old_server, old_runner = grpc_server, runner
+            await old_runner.drain()  # refuses new sessions; open ones finish within the grace, or move
+            await old_server.stop(grace=1.0)
+            old_runner.shutdown()
+            await start_serving(replace(config.server, start=start, end=end))
+            agent.update_member(**_serving_fields(runner, grpc_addresses, shards, config))
+            await publish()
+            say(f"moved to layers {start}:{end}")
+
         await publish()
-        say(f"advertised {len(provider_keys) - 1} blocks, record ttl {config.ttl_s:g} s")
+        say(f"advertised {len(provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=config.ttl_s / 3)
@@ -160,6 +213,10 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
             drained = asyncio.create_task(runner.drain())
         say("stopping: withdrawing the record")
         try:
+            await asyncio.wait_for(agent.stop(leave=True), timeout=10)
+        except Exception as e:  # our member record then expires by its lease
+            log.warning("leaving the swarm state failed: %r", e)
+        try:
             await asyncio.wait_for(publish(withdrawn=True), timeout=30)
         except Exception as e:  # the record then expires by its ttl
             log.warning("withdrawing the record failed (it expires in %g s): %r", config.ttl_s, e)
@@ -171,3 +228,53 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         if runner is not None:
             runner.shutdown()
         bridge.stop()
+
+
+def _serving_fields(
+    runner: SpanRunner | None, grpc_addresses: list[str], shards: list[ShardAd], config: DaemonConfig
+) -> dict[str, object]:
+    """Our member record's fields about what we serve."""
+    if runner is None or not shards:
+        return {"state": ""}
+    ad = shards[0]
+    return {
+        "addresses": tuple(grpc_addresses),
+        "model_id": ad.model_id,
+        "start": ad.start,
+        "end": ad.end,
+        "num_layers": ad.num_layers,
+        "max_layers": (config.max_layers or ad.num_layers) if config.auto_layers else ad.end - ad.start,
+        "throughput": ad.throughput,
+        "capacity_bytes": runner.config.kv_budget_bytes,
+        "state": "serving",
+    }
+
+
+def _load_of(runner: SpanRunner | None) -> Load:
+    if runner is None:
+        return Load()
+    from kernels import KVCache
+
+    span = runner.span
+    cfg = span.cfg
+    per_token = KVCache.bytes_for(len(span.layers), cfg.num_kv_heads, cfg.head_dim, 1, span.dtype)
+    free = max(0, runner.kv_free_bytes) // max(1, per_token)
+    return Load(active_sessions=len(runner.sessions), free_kv_tokens=int(free), queue_length=runner.queued)
+
+
+async def _auto_span(config: DaemonConfig, agent: SwarmAgent, say: Callable[[str], None]) -> tuple[int, int]:
+    """Pick the weakest window of the swarm's view and claim it (state "loading") before loading it."""
+    from shards import Checkpoint
+
+    assert config.server is not None
+    checkpoint = Checkpoint(config.server.model)
+    num_layers = checkpoint.config.num_layers
+    model_id = checkpoint.model_id()
+    length = min(config.max_layers or num_layers, num_layers)
+    start, end = agent.choose_span(model_id, num_layers, length)
+    served = len(agent.servers(model_id))
+    say(f"placement: layers {start}:{end} of {num_layers} (the weakest window; {served} peers serve this model)")
+    agent.update_member(
+        model_id=model_id, start=start, end=end, num_layers=num_layers, max_layers=length, state="loading"
+    )
+    return start, end

@@ -7,11 +7,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from crdt import Replica, SwarmState, decode_frame, encode_frame
 from node.bridge import TrioThread
 from node.errors import ConfigError, RouteError
 from node.identity import ephemeral_identity
 from node.p2p import MeshConfig, MeshNode
 from node.records import ALL_PEERS_KEY, InvalidRecord, block_key, is_live, now_ms, verify_record
+from node.syncwire import fetch_state
 from protocol.mesh_pb2 import PeerRecord
 
 __all__ = ["SwarmReader", "SwarmSnapshot"]
@@ -36,6 +41,7 @@ class SwarmReader:
     def __init__(self, bootstrap: Sequence[str], timeout_s: float = 20.0) -> None:
         if not bootstrap:
             raise ConfigError("give at least one bootstrap multiaddr")
+        self._bootstrap = list(bootstrap)
         self._thread = TrioThread("moemesh-dht-client")
         self._node = MeshNode(
             ephemeral_identity(), MeshConfig(bootstrap=tuple(bootstrap), server=False, timeout_s=timeout_s)
@@ -52,6 +58,18 @@ class SwarmReader:
 
     def __exit__(self, *exc: object) -> None:
         self._thread.stop()
+
+    def swarm_state(self, multiaddr: str | None = None) -> SwarmState | None:
+        """The replicated swarm state as one daemon holds it (the first bootstrap peer by default);
+        None when it does not answer the sync protocol."""
+        target = multiaddr or self._bootstrap[0]
+        peer_id = info_from_p2p_addr(Multiaddr(target)).peer_id.to_base58()
+        reader = Replica(self._node.peer_id)
+        data = self._thread.call_sync(fetch_state, self._node.host, peer_id, [target], encode_frame(reader.pull()))
+        if data is None:
+            return None
+        reader.receive(decode_frame(data))  # its whole document: the answer to our empty state vector
+        return reader.state
 
     def _read(self, peer_ids: Sequence[str]) -> SwarmSnapshot:
         raw = self._thread.call_sync(self._node.records, list(peer_ids))

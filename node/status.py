@@ -1,15 +1,20 @@
-"""`moemesh status`: the swarm as the DHT tells it, per model: coverage, peers, route."""
+"""`moemesh status`: the swarm as the DHT tells it, per model: coverage, peers, route; and the
+replicated swarm state (CRDT) as one daemon holds it: members, load per peer, RTT matrix."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
+from crdt import SwarmState
 from node.discovery import SwarmSnapshot
 from node.errors import RouteError
+from node.placement import block_capacity, bottleneck
 from node.records import peer_id_of
 from node.routing import Candidate, best_chain
+from node.swarm import servers_of
 
-__all__ = ["format_report", "report"]
+__all__ = ["crdt_report", "format_crdt_report", "format_report", "report"]
 
 
 def report(snapshot: SwarmSnapshot) -> dict[str, Any]:
@@ -86,4 +91,76 @@ def format_report(view: dict[str, Any]) -> str:
         lines.append(f"bootstrap-only peers: {len(view['bootstrap_only_peers'])}")
     for pid, why in view["ignored_records"].items():
         lines.append(f"ignored {pid}: {why}")
+    return "\n".join(lines)
+
+
+def crdt_report(state: SwarmState, now: float, source: str = "") -> dict[str, Any]:
+    """A JSON-ready view of one replica of the swarm state."""
+    members, loads, rtts = state.snapshot()
+    models: dict[str, Any] = {}
+    for model_id in sorted({m.model_id for m in members.values() if m.model_id}):
+        num_layers = max(m.num_layers for m in members.values() if m.model_id == model_id)
+        capacity = block_capacity(servers_of(members, model_id, now), num_layers)
+        models[model_id] = {
+            "num_layers": num_layers,
+            "capacity": [round(c, 3) for c in capacity],  # tokens/s each block can carry
+            "bottleneck": round(bottleneck(capacity), 3),
+        }
+    return {
+        "source": source,
+        "members": [
+            {
+                "peer_id": pid,
+                "model_id": m.model_id,
+                "start": m.start,
+                "end": m.end,
+                "num_layers": m.num_layers,
+                "max_layers": m.max_layers,
+                "state": m.state,
+                "throughput": round(m.throughput, 3),
+                "capacity_bytes": m.capacity_bytes,
+                "grpc_addresses": list(m.addresses),
+                "p2p_addresses": list(m.p2p_addresses),
+                "version": m.version,
+                "lease_left_s": round(m.lease_until - now, 1),
+                "load": asdict(loads[pid]) if pid in loads else None,
+            }
+            for pid, m in sorted(members.items())
+        ],
+        "rtt_ms": {pid: dict(sorted(row.items())) for pid, row in sorted(rtts.items())},
+        "models": models,
+    }
+
+
+def _short(peer_id: str) -> str:
+    return peer_id[-6:]
+
+
+def format_crdt_report(view: dict[str, Any]) -> str:
+    lines = [f"swarm state (CRDT) held by {view['source']}: {len(view['members'])} members"]
+    for m in view["members"]:
+        serves = f"layers {m['start']}:{m['end']} of {m['num_layers']} ({m['state']})" if m["model_id"] else "no model"
+        load = m["load"]
+        busy = (
+            f"{load['active_sessions']} sessions, {load['free_kv_tokens']} free KV tokens, queue {load['queue_length']}"
+            if load
+            else "no load reported"
+        )
+        lines.append(
+            f"  {m['peer_id']}  {serves}  {m['throughput']:.1f} tok/s/block  {busy}  lease {m['lease_left_s']:.0f} s"
+        )
+    for model_id, info in view["models"].items():
+        lines.append(
+            f"  model {model_id}: tokens/s per block "
+            + " ".join(f"{c:.1f}" for c in info["capacity"])
+            + f"  (weakest {info['bottleneck']:.1f})"
+        )
+    peers = [m["peer_id"] for m in view["members"]]
+    if view["rtt_ms"]:
+        lines.append("  RTT ms (row: measured by; ids are the last 6 characters)")
+        lines.append("  " + " " * 8 + "".join(f"{_short(p):>9}" for p in peers))
+        for row_peer in peers:
+            row = view["rtt_ms"].get(row_peer, {})
+            cells = "".join(f"{row[p]:>9.2f}" if p in row else f"{'-':>9}" for p in peers)
+            lines.append(f"  {_short(row_peer):>8}{cells}")
     return "\n".join(lines)

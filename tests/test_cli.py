@@ -81,3 +81,12 @@ def test_daemon_and_status_errors(tiny_models: dict[str, Path], tmp_path: Path) 
     )
     (tmp_path / "bad.key").write_bytes(b"not a key")
     _fails_cleanly(moemesh("daemon", "--identity", str(tmp_path / "bad.key")), "not a libp2p private key")
+
+
+def test_placement_and_sync_flag_errors(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = str(tiny_models["mixtral"])
+    key = ["--identity", str(tmp_path / "k")]
+    _fails_cleanly(moemesh("serve", "--model", model, "--layers", "auto"), "use `moemesh daemon`")
+    _fails_cleanly(moemesh("daemon", "--model", model, "--layers", "0:2", "--max-layers", "2", *key), "--layers auto")
+    _fails_cleanly(moemesh("daemon", "--layers", "auto", "--lease", "1", "--model", model, *key), "3 sync intervals")
+    _fails_cleanly(moemesh("daemon", "--sync-interval", "0", *key), "--sync-interval")

@@ -1,0 +1,167 @@
+"""The swarm-state sync protocol on libp2p streams (`/moemesh/sync/1.0.0`), trio side.
+
+A stream carries a short conversation of length-prefixed `SyncFrame`s (4-byte big-endian
+length, then the frame): the opener writes one frame, then each side answers what it
+reads until one has nothing to answer and closes. What to answer is decided by
+`crdt.Replica` on the asyncio thread; here are only bytes, framing and timeouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF
+from multiaddr import Multiaddr
+
+__all__ = ["SYNC_PROTOCOL", "FrameError", "SyncWire", "fetch_state"]
+
+log = logging.getLogger(__name__)
+
+SYNC_PROTOCOL = TProtocol("/moemesh/sync/1.0.0")
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+MAX_FRAMES = 6  # a conversation is at most PULL, ANSWER, PUSH (+ an epoch change)
+TIMEOUT_S = 10.0
+ADDRESS_TTL_S = 600
+
+Responder = Callable[[bytes], Awaitable[bytes | None]]
+
+
+class FrameError(Exception):
+    """The peer broke the framing (a frame over the limit, or cut in the middle)."""
+
+
+async def _read_exactly(stream: Any, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        try:
+            chunk = await stream.read(n - len(data))
+        except (StreamEOF, MuxedStreamEOF):
+            chunk = b""
+        if not chunk:
+            if data:
+                raise FrameError(f"stream ended {n - len(data)} bytes short of a frame")
+            return None
+        data += chunk
+    return data
+
+
+async def read_frame(stream: Any) -> bytes | None:
+    """The next frame, or None when the peer closed the stream between frames."""
+    header = await _read_exactly(stream, 4)
+    if header is None:
+        return None
+    size = int.from_bytes(header, "big")
+    if size > MAX_FRAME_BYTES:
+        raise FrameError(f"frame of {size} bytes is over the limit of {MAX_FRAME_BYTES}")
+    body = await _read_exactly(stream, size) if size else b""
+    if body is None:
+        raise FrameError("stream ended before the frame's body")
+    return body
+
+
+async def write_frame(stream: Any, frame: bytes) -> None:
+    await stream.write(len(frame).to_bytes(4, "big") + frame)
+
+
+async def converse(stream: Any, first: bytes | None, respond: Responder) -> float | None:
+    """Write `first` (if any), then answer frames until one side has nothing to say.
+
+    Returns the seconds from writing `first` to reading the answer (None without one).
+    """
+    rtt = None
+    started = time.perf_counter()
+    if first is not None:
+        await write_frame(stream, first)
+    for _ in range(MAX_FRAMES):
+        frame = await read_frame(stream)
+        if rtt is None and first is not None and frame is not None:
+            rtt = time.perf_counter() - started
+        if frame is None:
+            break
+        answer = await respond(frame)
+        if answer is None:
+            break
+        await write_frame(stream, answer)
+    return rtt
+
+
+def _addresses(multiaddrs: Sequence[str]) -> list[Multiaddr]:
+    out = []
+    for text in multiaddrs:
+        try:
+            out.extend(info_from_p2p_addr(Multiaddr(text)).addrs)
+        except Exception:  # multiaddr raises several types; a bad address of a peer is skipped
+            log.debug("skipping the address %r", text)
+    return out
+
+
+class SyncWire:
+    """Serves and opens sync conversations on one host; every method runs on the trio thread."""
+
+    def __init__(self, host: IHost, respond: Responder, timeout_s: float = TIMEOUT_S) -> None:
+        self.host = host
+        self.respond = respond
+        self.timeout_s = timeout_s
+
+    async def install(self) -> None:
+        self.host.set_stream_handler(SYNC_PROTOCOL, self._handle)
+
+    async def _handle(self, stream: Any) -> None:
+        try:
+            with trio.move_on_after(self.timeout_s):
+                await converse(stream, None, self.respond)
+        except Exception as e:  # a broken peer must not take the handler down
+            log.info("sync conversation with %s failed: %r", _remote(stream), e)
+        finally:
+            with trio.move_on_after(1):
+                await stream.close()
+
+    async def exchange(self, peer_id: str, multiaddrs: Sequence[str], first: bytes) -> float | None:
+        """Open a conversation with `peer_id` starting with `first`; the first round trip in seconds,
+        or None when the peer could not be reached or broke off."""
+        try:
+            peer = ID.from_base58(peer_id)
+            addrs = _addresses(multiaddrs)
+            if addrs:
+                self.host.get_peerstore().add_addrs(peer, addrs, ADDRESS_TTL_S)
+            with trio.fail_after(self.timeout_s):
+                stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+                try:
+                    return await converse(stream, first, self.respond)
+                finally:
+                    with trio.move_on_after(1):
+                        await stream.close()
+        except Exception as e:  # unreachable, gone, or a broken conversation: anti-entropy repairs later
+            log.debug("sync with %s failed: %r", peer_id, e)
+            return None
+
+
+async def fetch_state(
+    host: IHost, peer_id: str, multiaddrs: Sequence[str], pull: bytes, timeout_s: float = TIMEOUT_S
+) -> bytes | None:
+    """Send one PULL frame to `peer_id` and return its first answer (its document), or None."""
+    answer: list[bytes] = []
+
+    async def keep(frame: bytes) -> None:
+        answer.append(frame)
+        return None
+
+    wire = SyncWire(host, keep, timeout_s)
+    await wire.exchange(peer_id, multiaddrs, pull)
+    return answer[0] if answer else None
+
+
+def _remote(stream: Any) -> str:
+    try:
+        return str(stream.muxed_conn.peer_id)
+    except AttributeError:
+        return "?"

@@ -299,7 +299,9 @@ def _generate(args: argparse.Namespace) -> int:
             pieces = client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat, route=route)
             for piece in pieces:
                 print(piece, end="", flush=True)
-    print()
+        print()
+        for note in client.recoveries:
+            print(f"moemesh: recovered: {note}", file=sys.stderr)
     return 0
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from node.client import Client, ClientConfig, Sampling
-from node.launch import DaemonProcess, start_daemon
+from node.client import Client, ClientConfig, Hop, Sampling
+from node.launch import DaemonProcess, local_swarm, start_daemon
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
 TOKENS = 64
@@ -130,3 +130,22 @@ def test_sigterm_tells_the_session_to_move_and_no_token_changes(
     tokens, recoveries = _generate(swarm, GREEDY, terminate)
     assert tokens == undisturbed[GREEDY]
     assert len(recoveries) == 1 and "shutting down" in recoveries[0], recoveries
+
+
+def test_lost_layers_move_to_a_chain_of_smaller_peers(tiny_models: dict[str, Path]) -> None:
+    """The one peer holding every layer dies; two peers holding halves take over, each rebuilt
+    from the replayed steps (the second from the first's replayed outputs)."""
+    with local_swarm(tiny_models["qwen3_moe"], [(0, 4), (0, 2), (2, 4)]) as (whole, head, tail):
+        with Client([s.address for s in (whole, head, tail)], config=CONFIG) as client:
+            model_id, _ = client.route()
+            on_whole = (model_id, [Hop(whole.address, 0, 4, whole.address)])
+            expected = list(client.generate(PROMPT, 32, stop_at_eos=False, route=on_whole))
+            tokens = []
+            for token in client.generate(PROMPT, 32, stop_at_eos=False, route=on_whole):
+                tokens.append(token)
+                if len(tokens) == 10:
+                    whole.process.kill()
+                    whole.process.wait(10)
+            assert tokens == expected
+            (note,) = client.recoveries
+            assert f"to {head.address} [0:2], {tail.address} [2:4], 10 steps replayed" in note, note

@@ -158,12 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
     daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
     daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
+    daemon.add_argument(
+        "--relay",
+        action="store_true",
+        help="offer circuit relay v2 to peers behind NAT, once AutoNAT finds this daemon publicly reachable"
+        " (limited to 32 reservations, 16 circuits, 1 h and 1 GiB per circuit)",
+    )
+    daemon.add_argument(
+        "--autonat-confirmations",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="peers that must agree before this daemon calls itself public or private (default 3)",
+    )
     _add_server_options(daemon)
 
     status = sub.add_parser(
         "status",
         help="show the swarm: models, block coverage, peers, routes",
-        description="Join the DHT as a client through a bootstrap peer and report what it holds.",
+        description="Join the DHT as a client through a bootstrap peer and report what it holds: each peer's"
+        " span, its reachability (AutoNAT: public, private) and how this node reached it (direct, hole-punched"
+        " through NAT, or relayed).",
     )
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -254,7 +269,10 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--layers needs --model")
     if args.ttl < 3:
         raise ConfigError("--ttl must be at least 3 seconds")
+    from node.nat import NatConfig
+
     config = DaemonConfig(
+        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
         identity=args.identity or default_identity_path(),
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
@@ -271,8 +289,9 @@ def _status(args: argparse.Namespace) -> int:
     from node.discovery import SwarmReader
     from node.status import format_report, report
 
-    with SwarmReader(args.bootstrap) as reader:
-        view = report(reader.everyone())
+    with SwarmReader(args.bootstrap, traversal=True) as reader:
+        snapshot = reader.everyone()
+        view = report(snapshot, reader.reach(snapshot.records))
     print(json.dumps(view, indent=2) if args.json else format_report(view))
     return 0
 

@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from node.errors import ConfigError, PeerError, PeerTimeout, PeerUnavailable, RouteError, peer_error
+from node.errors import (
+    ConfigError,
+    MoemeshError,
+    PeerError,
+    PeerTimeout,
+    PeerUnavailable,
+    RouteError,
+    peer_error,
+)
 from node.routing import Candidate, Hop, best_chain
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
 from protocol.shard_pb2 import (
@@ -39,7 +47,9 @@ from protocol.shard_pb2 import (
 )
 
 if TYPE_CHECKING:
+    from node.discovery import SwarmReader
     from node.text import TextCodec
+    from protocol.mesh_pb2 import PeerRecord, ShardAd
 
 __all__ = ["Client", "ClientConfig", "Hop", "InferenceSession", "PeerInfo", "Sampling", "plan_route", "sample"]
 
@@ -53,6 +63,7 @@ class ClientConfig:
     info_timeout_s: float = 10.0
     prefill_chunk: int = 512  # prompt tokens per step
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
 
 
 @dataclass(frozen=True)
@@ -249,6 +260,10 @@ class Client:
         self.model_id = model_id
         self.config = config or ClientConfig()
         self._channels: dict[str, grpc.Channel] = {}
+        self._reader: SwarmReader | None = None  # kept open: it carries the tunnels to peers behind NAT
+        self._tunnelled: dict[str, str] = {}  # loopback address of a tunnel -> peer id
+        self._channel_paths: dict[str, str] = {}  # tunnel address -> the path when its channel was made
+        self._old_channels: list[grpc.Channel] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
@@ -259,6 +274,13 @@ class Client:
     # -- plumbing ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.Channel:
+        if address in self._tunnelled:
+            path = self.paths()[self._tunnelled[address]]
+            if address in self._channels and path != self._channel_paths[address]:
+                # The path changed (a hole punch): new connections take it; the old channel lives on
+                # for the sessions still using it.
+                self._old_channels.append(self._channels.pop(address))
+            self._channel_paths[address] = path
         if address not in self._channels:
             self._channels[address] = grpc.insecure_channel(
                 address, options=grpc_options(self.config.max_message_bytes)
@@ -266,9 +288,13 @@ class Client:
         return self._channels[address]
 
     def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._old_channels]:
             channel.close()
         self._channels.clear()
+        self._old_channels.clear()
+        if self._reader is not None:
+            self._reader.__exit__(None, None, None)
+            self._reader = None
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Client:
@@ -307,17 +333,59 @@ class Client:
                 log.info("peer unavailable: %s", e)
         return answers
 
-    def _route_from_swarm(self) -> tuple[str, list[Hop]]:
-        from node.discovery import SwarmReader
+    def paths(self) -> dict[str, str]:
+        """How this client reaches each peer behind NAT that it tunnels to: relayed or hole-punched.
+        (Other peers are dialed directly over gRPC.)"""
+        if self._reader is None:
+            return {}
+        return {pid: self._reader.path(pid) for pid in set(self._tunnelled.values())}
 
-        with SwarmReader(self.bootstrap, timeout_s=self.config.info_timeout_s) as reader:
-            model_id, snapshot = reader.model(self.model_id)
-        offers = [
-            (pid, record.grpc_addresses[0], ad)
-            for pid, record in snapshot.records.items()
-            for ad in record.shards
-            if ad.model_id == model_id and record.grpc_addresses
-        ]
+    def _swarm(self) -> SwarmReader:
+        if self._reader is None:
+            from node.discovery import SwarmReader
+
+            # A DHT lookup of a NAT'd peer's record takes ~20 s in py-libp2p 0.8.1 (it cannot be asked
+            # directly): allow for it.
+            reader = SwarmReader(self.bootstrap, timeout_s=max(self.config.info_timeout_s, 30.0), traversal=True)
+            self._reader = reader.__enter__()
+        return self._reader
+
+    def _address_of(self, pid: str, record: PeerRecord) -> str | None:
+        """The peer's direct gRPC address, or a local tunnel to it when it is behind NAT."""
+        from protocol.mesh_pb2 import Reachability
+
+        if record.reachability != Reachability.REACHABILITY_PRIVATE:
+            return record.grpc_addresses[0] if record.grpc_addresses else None
+        if not record.circuit_addresses:
+            log.info("ignoring %s: it is behind NAT and has no relay", pid)
+            return None
+        try:
+            address = self._swarm().tunnel(record)
+        except MoemeshError as e:
+            log.info("ignoring %s: %s", pid, e)
+            return None
+        self._tunnelled[address] = pid
+        return address
+
+    def _wait_for_hole_punch(self, hops: Sequence[Hop]) -> None:
+        from node.nat import RELAYED
+
+        deadline = time.monotonic() + self.config.hole_punch_wait_s
+        tunnelled = {h.peer for h in hops if h.address in self._tunnelled}
+        while tunnelled and time.monotonic() < deadline:
+            if all(path != RELAYED for pid, path in self.paths().items() if pid in tunnelled):
+                return
+            time.sleep(0.5)
+
+    def _route_from_swarm(self) -> tuple[str, list[Hop]]:
+        model_id, snapshot = self._swarm().model(self.model_id)
+        offers: list[tuple[str, str, ShardAd]] = []
+        for pid, record in snapshot.records.items():
+            if not any(ad.model_id == model_id for ad in record.shards):
+                continue
+            address = self._address_of(pid, record)
+            if address is not None:
+                offers.extend((pid, address, ad) for ad in record.shards if ad.model_id == model_id)
         answers = self._measure([address for _, address, _ in offers])
         candidates = []
         num_layers = max((ad.num_layers for _, _, ad in offers), default=0)
@@ -332,7 +400,10 @@ class Client:
             candidates.append(Candidate(pid, address, ad.start, ad.end, block_seconds, rtt))
         if not num_layers:
             raise RouteError(f"no live peer serves model {model_id}")
-        return model_id, best_chain(candidates, num_layers)
+        hops = best_chain(candidates, num_layers)
+        if self.config.hole_punch_wait_s > 0:
+            self._wait_for_hole_punch(hops)
+        return model_id, hops
 
     def route(self) -> tuple[str, list[Hop]]:
         """Find what the peers serve and plan a chain; returns (model id, hops)."""

@@ -90,13 +90,17 @@ class NatLab:
         self._ns(pub, "ip", "link", "add", "br0", "type", "bridge")
         self._ns(pub, "ip", "addr", "add", f"{PUBLIC_IP}/24", "dev", "br0")
         self._ns(pub, "ip", "link", "set", "br0", "up")
-        for i, (router, inside, drop) in enumerate(zip(self.routers, (self.a, self.c), self.drop_unsolicited), 1):
+        sites = zip(self.routers, (self.a, self.c), self.drop_unsolicited, strict=True)
+        for i, (router, inside, drop) in enumerate(sites, 1):
             wan, port, lan, eth = f"{p}w{i}", f"{p}b{i}", f"{p}l{i}", f"{p}e{i}"
             _run("ip", "link", "add", wan, "netns", router.netns, "type", "veth", "peer", "name", port, "netns", pub)
             self._ns(pub, "ip", "link", "set", port, "master", "br0", "up")
             self._ns(router.netns, "ip", "addr", "add", f"{router.ip}/24", "dev", wan)
             self._ns(router.netns, "ip", "link", "set", wan, "up")
-            _run("ip", "link", "add", lan, "netns", router.netns, "type", "veth", "peer", "name", eth, "netns", inside.netns)
+            _run(
+                *("ip", "link", "add", lan, "netns", router.netns, "type", "veth"),
+                *("peer", "name", eth, "netns", inside.netns),
+            )
             gateway = inside.ip.rsplit(".", 1)[0] + ".1"
             self._ns(router.netns, "ip", "addr", "add", f"{gateway}/24", "dev", lan)
             self._ns(router.netns, "ip", "link", "set", lan, "up")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
-__all__ = ["NatLab", "unavailable_reason"]
+__all__ = ["Host", "NatLab", "unavailable_reason"]
 
 PUBLIC_IP = "198.18.0.1"
 

@@ -217,13 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--no-rebalance", action="store_true", help="with --layers auto: keep the first span chosen, never move"
     )
+    daemon.add_argument(
+        "--relay",
+        action="store_true",
+        help="offer circuit relay v2 to peers behind NAT, once AutoNAT finds this daemon publicly reachable"
+        " (limited to 32 reservations, 16 circuits, 1 h and 1 GiB per circuit)",
+    )
+    daemon.add_argument(
+        "--autonat-confirmations",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="peers that must agree before this daemon calls itself public or private (default 3)",
+    )
     _add_server_options(daemon)
 
     status = sub.add_parser(
         "status",
-        help="show the swarm: models, block coverage, peers, routes, load, RTTs",
-        description="Join the DHT as a client through a bootstrap peer and report what it holds, then the"
-        " replicated swarm state (members, load per peer, RTT matrix) as the first --bootstrap daemon holds it.",
+        help="show the swarm: models, block coverage, peers, routes, reachability, load, RTTs",
+        description="Join the DHT as a client through a bootstrap peer and report what it holds: each peer's"
+        " span, its reachability (AutoNAT: public, private) and how this node reached it (direct, hole-punched"
+        " through NAT, or relayed); then the replicated swarm state (members, load per peer, RTT matrix) as the"
+        " first --bootstrap daemon holds it.",
     )
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -326,7 +341,10 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
     if not 3 * args.sync_interval <= args.lease <= 86400:
         raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    from node.nat import NatConfig
+
     config = DaemonConfig(
+        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
         identity=args.identity or default_identity_path(),
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
@@ -348,8 +366,9 @@ def _status(args: argparse.Namespace) -> int:
     from node.discovery import SwarmReader
     from node.status import crdt_report, format_crdt_report, format_report, report
 
-    with SwarmReader(args.bootstrap) as reader:
-        view = report(reader.everyone())
+    with SwarmReader(args.bootstrap, traversal=True) as reader:
+        snapshot = reader.everyone()
+        view = report(snapshot, reader.reach(snapshot.records))
         state = reader.swarm_state()
     view["crdt"] = crdt_report(state, time.time(), args.bootstrap[0]) if state is not None else None
     if args.json:

@@ -25,7 +25,16 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
-from node.errors import ConfigError, PeerError, PeerRefused, PeerTimeout, PeerUnavailable, RouteError, peer_error
+from node.errors import (
+    ConfigError,
+    MoemeshError,
+    PeerError,
+    PeerRefused,
+    PeerTimeout,
+    PeerUnavailable,
+    RouteError,
+    peer_error,
+)
 from node.routing import Candidate, Hop, best_chain
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
 from protocol.shard_pb2 import (
@@ -40,7 +49,9 @@ from protocol.shard_pb2 import (
 )
 
 if TYPE_CHECKING:
+    from node.discovery import SwarmReader
     from node.text import TextCodec
+    from protocol.mesh_pb2 import PeerRecord, ShardAd
 
 __all__ = ["Client", "ClientConfig", "Hop", "InferenceSession", "PeerInfo", "Sampling", "plan_route", "sample"]
 
@@ -59,6 +70,7 @@ class ClientConfig:
     retry_backoff_s: float = 0.25  # wait before the 2nd attempt; doubles each time (at most 5 s)
     recovery_deadline_s: float = 120.0  # time to replace one failed hop
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
+    hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
 
 
 @dataclass(frozen=True)
@@ -416,6 +428,10 @@ class Client:
         self.model_id = model_id
         self.config = config or ClientConfig()
         self._channels: dict[str, grpc.Channel] = {}
+        self._reader: SwarmReader | None = None  # kept open: it carries the tunnels to peers behind NAT
+        self._tunnelled: dict[str, str] = {}  # loopback address of a tunnel -> peer id
+        self._channel_paths: dict[str, str] = {}  # tunnel address -> the path when its channel was made
+        self._old_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()  # sessions of one client may run in several threads
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: tuple[str, int, list[Candidate]] | None = None  # (model id, layers, candidates)
@@ -430,7 +446,14 @@ class Client:
     # -- plumbing ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.Channel:
+        path = self.paths()[self._tunnelled[address]] if address in self._tunnelled else ""
         with self._lock:
+            if address in self._tunnelled:
+                if address in self._channels and path != self._channel_paths[address]:
+                    # The path changed (a hole punch): new connections take it; the old channel lives
+                    # on for the sessions still using it.
+                    self._old_channels.append(self._channels.pop(address))
+                self._channel_paths[address] = path
             if address not in self._channels:
                 self._channels[address] = grpc.insecure_channel(
                     address, options=grpc_options(self.config.max_message_bytes)
@@ -439,10 +462,14 @@ class Client:
 
     def close(self) -> None:
         with self._lock:
-            channels = list(self._channels.values())
+            channels = [*self._channels.values(), *self._old_channels]
             self._channels.clear()
+            self._old_channels.clear()
+            reader, self._reader = self._reader, None
         for channel in channels:
             channel.close()
+        if reader is not None:
+            reader.__exit__(None, None, None)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Client:
@@ -481,17 +508,61 @@ class Client:
                 log.info("peer unavailable: %s", e)
         return answers
 
-    def _candidates_from_swarm(self) -> tuple[str, int, list[Candidate]]:
-        from node.discovery import SwarmReader
+    def paths(self) -> dict[str, str]:
+        """How this client reaches each peer behind NAT that it tunnels to: relayed or hole-punched.
+        (Other peers are dialed directly over gRPC.)"""
+        reader = self._reader
+        if reader is None:
+            return {}
+        return {pid: reader.path(pid) for pid in set(self._tunnelled.values())}
 
-        with SwarmReader(self.bootstrap, timeout_s=self.config.info_timeout_s) as reader:
-            model_id, snapshot = reader.model(self.model_id)
-        offers = [
-            (pid, record.grpc_addresses[0], ad)
-            for pid, record in snapshot.records.items()
-            for ad in record.shards
-            if ad.model_id == model_id and record.grpc_addresses
-        ]
+    def _swarm(self) -> SwarmReader:
+        with self._lock:
+            if self._reader is None:
+                from node.discovery import SwarmReader
+
+                # A DHT lookup of a NAT'd peer's record takes ~20 s in py-libp2p 0.8.1 (it cannot be
+                # asked directly): allow for it.
+                reader = SwarmReader(self.bootstrap, timeout_s=max(self.config.info_timeout_s, 30.0), traversal=True)
+                self._reader = reader.__enter__()
+            return self._reader
+
+    def _address_of(self, pid: str, record: PeerRecord) -> str | None:
+        """The peer's direct gRPC address, or a local tunnel to it when it is behind NAT."""
+        from protocol.mesh_pb2 import Reachability
+
+        if record.reachability != Reachability.REACHABILITY_PRIVATE:
+            return record.grpc_addresses[0] if record.grpc_addresses else None
+        if not record.circuit_addresses:
+            log.info("ignoring %s: it is behind NAT and has no relay", pid)
+            return None
+        try:
+            address = self._swarm().tunnel(record)
+        except MoemeshError as e:
+            log.info("ignoring %s: %s", pid, e)
+            return None
+        self._tunnelled[address] = pid
+        return address
+
+    def _wait_for_hole_punch(self, hops: Sequence[Hop]) -> None:
+        from node.nat import RELAYED
+
+        deadline = time.monotonic() + self.config.hole_punch_wait_s
+        tunnelled = {h.peer for h in hops if h.address in self._tunnelled}
+        while tunnelled and time.monotonic() < deadline:
+            if all(path != RELAYED for pid, path in self.paths().items() if pid in tunnelled):
+                return
+            time.sleep(0.5)
+
+    def _candidates_from_swarm(self) -> tuple[str, int, list[Candidate]]:
+        model_id, snapshot = self._swarm().model(self.model_id)
+        offers: list[tuple[str, str, ShardAd]] = []
+        for pid, record in snapshot.records.items():
+            if not any(ad.model_id == model_id for ad in record.shards):
+                continue
+            address = self._address_of(pid, record)
+            if address is not None:
+                offers.extend((pid, address, ad) for ad in record.shards if ad.model_id == model_id)
         answers = self._measure([address for _, address, _ in offers])
         candidates = []
         num_layers = max((ad.num_layers for _, _, ad in offers), default=0)
@@ -565,7 +636,10 @@ class Client:
             except RouteError as e:
                 detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
                 raise RouteError(f"{e}{detail}", e.missing) from None
-        return model_id, best_chain(self._usable(candidates), num_layers)
+        hops = best_chain(self._usable(candidates), num_layers)
+        if self.config.hole_punch_wait_s > 0:
+            self._wait_for_hole_punch(hops)
+        return model_id, hops
 
     def session(self, max_length: int, route: tuple[str, list[Hop]] | None = None) -> InferenceSession:
         """Open a session on every hop of `route` (default: a route planned now)."""

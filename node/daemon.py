@@ -29,12 +29,13 @@ from multiaddr import Multiaddr
 from crdt import Load, Member
 from node.bridge import TrioThread
 from node.identity import load_or_create_identity
+from node.nat import NatConfig, NatState, reachability_name
 from node.p2p import MeshConfig, MeshNode
 from node.records import ALL_PEERS_KEY, block_key, make_record, sign_record
 from node.runtime import ServerConfig, SpanRunner
 from node.swarm import SwarmAgent, SwarmConfig
 from protocol import software_version
-from protocol.mesh_pb2 import ShardAd
+from protocol.mesh_pb2 import Reachability, ShardAd
 
 __all__ = ["DaemonConfig", "measure_throughput", "run_daemon"]
 
@@ -48,6 +49,7 @@ class DaemonConfig:
     server: ServerConfig | None  # None: a bootstrap-only node (DHT, no model)
     announce_host: str | None = None  # host others dial for gRPC (default: the listen host)
     ttl_s: float = 60.0
+    nat: NatConfig = field(default_factory=NatConfig)
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "moemesh")
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     auto_layers: bool = False  # choose the span from the swarm state (server.start/end are ignored)
@@ -128,7 +130,15 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
     bridge = TrioThread()
     bridge.start()
-    node = MeshNode(key_pair, config.mesh)
+    node = MeshNode(key_pair, config.mesh, config.nat)
+    assert node.nat is not None
+    if grpc_server is not None:
+        from node.tunnel import TunnelServer
+
+        host, port_text = grpc_addresses[0].rsplit(":", 1)
+        listen = config.server.host if config.server is not None else host
+        TunnelServer(node.host, ("127.0.0.1" if listen in ("0.0.0.0", "") else listen, int(port_text)))
+    nat = NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -164,8 +174,16 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
             return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
 
         async def publish(withdrawn: bool = False) -> None:
-            nonlocal seq
+            nonlocal seq, nat
             seq = max(seq + 1, time.time_ns())
+            assert node.nat is not None
+            fresh = await bridge.call(node.nat.state)
+            if (fresh.reachability, fresh.relay) != (nat.reachability, nat.relay):
+                relaying = ", relaying" if fresh.relay else ""
+                say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
+            if fresh.circuit_addresses != nat.circuit_addresses:
+                say(f"reachable through relays at: {', '.join(fresh.circuit_addresses) or 'none'}")
+            nat = fresh
             record = make_record(
                 key_pair,
                 grpc_addresses=grpc_addresses,
@@ -174,6 +192,9 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                 ttl_s=config.ttl_s,
                 seq=seq,
                 withdrawn=withdrawn,
+                reachability=nat.reachability,
+                circuit_addresses=nat.circuit_addresses,
+                relay=nat.relay,
             )
             started = time.monotonic()
             await bridge.call(node.publish, sign_record(record, key_pair), provider_keys(), not withdrawn)
@@ -198,14 +219,19 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
         await publish()
         say(f"advertised {len(provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
+        published_at = time.monotonic()
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=config.ttl_s / 3)
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
             except TimeoutError:
+                fresh = await bridge.call(node.nat.state)
+                if fresh.version == nat.version and time.monotonic() - published_at < config.ttl_s / 3:
+                    continue
                 try:
                     await publish()
                 except Exception as e:  # keep serving; the next round retries
                     log.warning("republishing the record failed: %s", e)
+                published_at = time.monotonic()
         drained = None
         if runner is not None:  # refuse new sessions at once; open ones finish, or move after the grace
             if runner.sessions:

@@ -6,7 +6,10 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
+import trio
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
@@ -14,12 +17,14 @@ from crdt import Replica, SwarmState, decode_frame, encode_frame
 from node.bridge import TrioThread
 from node.errors import ConfigError, RouteError
 from node.identity import ephemeral_identity
+from node.nat import NOT_CONNECTED, NatConfig
 from node.p2p import MeshConfig, MeshNode
 from node.records import ALL_PEERS_KEY, InvalidRecord, block_key, is_live, now_ms, verify_record
 from node.syncwire import fetch_state
-from protocol.mesh_pb2 import PeerRecord
+from node.tunnel import TunnelClient
+from protocol.mesh_pb2 import PeerRecord, Reachability
 
-__all__ = ["SwarmReader", "SwarmSnapshot"]
+__all__ = ["SwarmReader", "SwarmSnapshot", "addresses_to_dial"]
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +40,36 @@ class SwarmSnapshot:
         return {ad.model_id: (ad.model_name, ad.num_layers) for r in self.records.values() for ad in r.shards}
 
 
-class SwarmReader:
-    """A DHT client (ephemeral identity) on its own trio thread; use as a context manager."""
+def addresses_to_dial(record: PeerRecord) -> list[str]:
+    """Where to dial a peer's libp2p host: through its relays when it is behind NAT."""
+    if record.reachability == Reachability.REACHABILITY_PRIVATE:
+        return list(record.circuit_addresses)
+    return list(record.p2p_addresses) + list(record.circuit_addresses)
 
-    def __init__(self, bootstrap: Sequence[str], timeout_s: float = 20.0) -> None:
+
+class SwarmReader:
+    """A DHT client (ephemeral identity) on its own trio thread; use as a context manager.
+
+    With `traversal`, it can also reach peers behind NAT (through relays, upgraded by hole
+    punching when the NATs allow) and tunnel gRPC to them: its host then listens on every
+    interface, because hole punching dials from the listen port.
+    """
+
+    def __init__(self, bootstrap: Sequence[str], timeout_s: float = 20.0, *, traversal: bool = False) -> None:
         if not bootstrap:
             raise ConfigError("give at least one bootstrap multiaddr")
         self._bootstrap = list(bootstrap)
         self._thread = TrioThread("moemesh-dht-client")
-        self._node = MeshNode(
-            ephemeral_identity(), MeshConfig(bootstrap=tuple(bootstrap), server=False, timeout_s=timeout_s)
+        mesh = MeshConfig(
+            listen_host="0.0.0.0" if traversal else "127.0.0.1",
+            bootstrap=tuple(bootstrap),
+            server=False,
+            timeout_s=timeout_s,
         )
+        nat = NatConfig(autonat=False, serve_autonat=False, reserve=False) if traversal else None
+        self._node = MeshNode(ephemeral_identity(), mesh, nat)
+        self._tunnels: dict[str, str] = {}
+        self._tunnel_client = TunnelClient(self._node.host, self._connect) if traversal else None
 
     def __enter__(self) -> SwarmReader:
         self._thread.start()
@@ -70,6 +94,52 @@ class SwarmReader:
             return None
         reader.receive(decode_frame(data))  # its whole document: the answer to our empty state vector
         return reader.state
+
+    # -- reaching peers behind NAT (with `traversal`) ----------------------------------------
+
+    async def _connect(self, peer: ID, addresses: Sequence[str] = ()) -> None:
+        assert self._node.nat is not None
+        await self._node.nat.connect(peer, addresses)
+
+    async def _path(self, peer_id: str) -> str:
+        return self._node.nat.path(ID.from_base58(peer_id)) if self._node.nat is not None else NOT_CONNECTED
+
+    def tunnel(self, record: PeerRecord) -> str:
+        """host:port on loopback whose connections reach the peer's gRPC port over libp2p.
+
+        Dials the peer first (MoemeshError when it cannot be reached)."""
+        if self._tunnel_client is None:
+            raise ConfigError("this reader was made without traversal=True")
+        from node.records import peer_id_of
+
+        pid = peer_id_of(record)
+        if pid not in self._tunnels:
+            self._thread.call_sync(self._connect, ID.from_base58(pid), addresses_to_dial(record))
+            port = self._thread.call_sync(self._thread.start_service, partial(self._tunnel_client.listen, pid))
+            self._tunnels[pid] = f"127.0.0.1:{port}"
+        return self._tunnels[pid]
+
+    def path(self, peer_id: str) -> str:
+        """How our host is connected to the peer: direct, hole-punched, relayed or not connected."""
+        return self._thread.call_sync(self._path, peer_id)
+
+    def reach(self, records: dict[str, PeerRecord], timeout_s: float = 10.0) -> dict[str, str]:
+        """Dial every peer (concurrently, bounded) and say how each is connected."""
+
+        async def all_of_them() -> dict[str, str]:
+            async def one(pid: str, record: PeerRecord) -> None:
+                with trio.move_on_after(timeout_s):
+                    try:
+                        await self._connect(ID.from_base58(pid), addresses_to_dial(record))
+                    except Exception as e:  # shown as "not connected"
+                        log.info("cannot reach %s: %s", pid, e)
+
+            async with trio.open_nursery() as nursery:
+                for pid, record in records.items():
+                    nursery.start_soon(one, pid, record)
+            return {pid: await self._path(pid) for pid in records}
+
+        return self._thread.call_sync(all_of_them)
 
     def _read(self, peer_ids: Sequence[str]) -> SwarmSnapshot:
         raw = self._thread.call_sync(self._node.records, list(peer_ids))

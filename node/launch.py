@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,10 +171,20 @@ class DaemonProcess:
 
 
 def start_daemon(
-    args: Sequence[str], *, timeout: float = 120.0, env: Mapping[str, str] | None = None, verbose: bool = True
+    args: Sequence[str],
+    *,
+    timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
+    verbose: bool = True,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> DaemonProcess:
-    """Start `moemesh daemon ARGS` and wait until it has advertised its record."""
+    """Start `moemesh daemon ARGS` and wait until it has advertised its record.
+
+    `wrap` turns the command line into the one to run (e.g. inside a network namespace).
+    """
     cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", *args]
+    if wrap is not None:
+        cmd = wrap(cmd)
     started = time.monotonic()
     proc, lines, log = _popen(cmd, env)
     daemon = DaemonProcess(proc, log, started=started)

@@ -20,6 +20,7 @@ from libp2p.abc import IHost
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.kad_dht import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -31,7 +32,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from node.errors import ConfigError, MoemeshError
+from node.nat import NatConfig, NatService
 from node.records import NAMESPACE, RecordValidator, peer_key
+from protocol.mesh_pb2 import Reachability
 
 __all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]
 
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 PUSH_TIMEOUT_S = 3.0
 RECORD_PROTOCOL = TProtocol("/moemesh/record/1.0.0")  # "send me your current signed record"
 MAX_RECORD_BYTES = 64 * 1024
+PRUNE_INTERVAL_S = 2.0
+MAX_SERVERS_ASKED = 8
 
 
 class MeshError(MoemeshError):
@@ -88,11 +93,24 @@ class _ServersOnlyDHT(KadDHT):
     async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
         return await super().add_peer(peer_id, skip_server_mode_check=False)
 
+    def prune_clients(self) -> None:
+        """Drop peers that no longer serve the DHT (identify says so): a daemon that found itself
+        behind NAT switches to client mode, and lookups must not wait on its unreachable address."""
+        store = self.host.get_peerstore()
+        for peer in self.routing_table.get_peer_ids():
+            try:
+                protocols = store.get_protocols(peer)
+            except Exception:  # PeerStoreError: nothing known yet
+                continue
+            if protocols and KAD_PROTOCOL not in protocols:
+                log.info("%s left DHT server mode: dropping it from the routing table", peer)
+                self.routing_table.remove_peer(peer)
+
 
 class MeshNode:
     """A libp2p host + DHT; `serve` is started in the trio thread's nursery."""
 
-    def __init__(self, key_pair: KeyPair, config: MeshConfig) -> None:
+    def __init__(self, key_pair: KeyPair, config: MeshConfig, nat: NatConfig | None = None) -> None:
         self.key_pair = key_pair
         self.config = config
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
@@ -104,6 +122,25 @@ class MeshNode:
         self.addresses: list[str] = []
         self.signed_record = b""  # what we answer on RECORD_PROTOCOL
         self.host.set_stream_handler(RECORD_PROTOCOL, self._answer_record)
+        self.nat = NatService(self.host, nat) if nat is not None else None  # started after joining
+        if self.nat is not None:
+            self.nat.on_reachability = self._reachability_changed
+
+    async def _reachability_changed(self, reachability: Reachability) -> None:
+        """Only a reachable node serves the DHT: others would wait on an address they cannot dial."""
+        mode = DHTMode.CLIENT if reachability == Reachability.REACHABILITY_PRIVATE else DHTMode.SERVER
+        if not self.config.server or mode == self.dht.mode:
+            return
+        await self.dht.switch_mode(mode)
+        log.info("the DHT now runs in %s mode", mode.value)
+        push = getattr(self.host, "_push_identify_to_all_peers", None)  # tell peers our protocols changed
+        if push is not None:
+            await push()
+
+    async def _prune_routing_table(self) -> None:
+        while True:
+            await trio.sleep(PRUNE_INTERVAL_S)
+            self.dht.prune_clients()
 
     async def _answer_record(self, stream: Any) -> None:
         try:
@@ -136,8 +173,12 @@ class MeshNode:
             self.addresses = [str(a) for a in self.host.get_addrs()]
             try:
                 await self._join()
-                task_status.started(self.addresses)
-                await trio.sleep_forever()
+                async with trio.open_nursery() as nursery:
+                    if self.nat is not None:
+                        await nursery.start(self.nat.run)
+                    nursery.start_soon(self._prune_routing_table)
+                    task_status.started(self.addresses)
+                    await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     for listener in list(self.host.get_network().listeners.values()):
@@ -227,8 +268,33 @@ class MeshNode:
         key = peer_key(peer_id)
         if peer_id != self.peer_id:
             self.dht.value_store.remove(key.encode())
+            # A peer behind NAT cannot be asked; the DHT servers it pushed its record to can,
+            # one request each (a full lookup takes ~20 s in py-libp2p 0.8.1 when a peer is unreachable).
+            stored = await self._ask_servers(key)
+            if stored is not None:
+                return stored
         value: bytes | None = await self.dht.get_value(key)
         return value
+
+    async def _ask_servers(self, key: str) -> bytes | None:
+        found: list[bytes] = []
+
+        async def one(peer: ID) -> None:
+            with trio.move_on_after(PUSH_TIMEOUT_S):
+                try:
+                    value = await self.dht.value_store._get_from_peer(peer, key.encode())
+                except Exception as e:  # an unreachable server: the others may answer
+                    log.debug("asking %s for %s: %r", peer, key, e)
+                    return
+                if isinstance(value, bytes) and value:
+                    found.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in self.dht.routing_table.get_peer_ids()[:MAX_SERVERS_ASKED]:
+                nursery.start_soon(one, peer)
+        if not found:
+            return None
+        return found[RecordValidator().select(key, found)]
 
     async def records(self, peer_ids: Sequence[str]) -> dict[str, bytes]:
         results: dict[str, bytes] = {}

@@ -18,7 +18,7 @@ from libp2p.records.validator import Validator
 
 from node.errors import MoemeshError
 from protocol import PROTOCOL_VERSION, software_version
-from protocol.mesh_pb2 import PeerRecord, ShardAd, SignedPeerRecord
+from protocol.mesh_pb2 import PeerRecord, Reachability, ShardAd, SignedPeerRecord
 
 __all__ = [
     "ALL_PEERS_KEY",
@@ -71,6 +71,9 @@ def make_record(
     ttl_s: float,
     seq: int,
     withdrawn: bool = False,
+    reachability: Reachability = Reachability.REACHABILITY_UNKNOWN,
+    circuit_addresses: Sequence[str] = (),
+    relay: bool = False,
 ) -> PeerRecord:
     issued = now_ms()
     return PeerRecord(
@@ -85,6 +88,9 @@ def make_record(
         issued_at_ms=issued,
         expires_at_ms=issued + int(ttl_s * 1000),
         withdrawn=withdrawn,
+        reachability=reachability,
+        circuit_addresses=list(circuit_addresses),
+        relay=relay,
     )
 
 

@@ -9,16 +9,28 @@ from typing import Any
 from crdt import SwarmState
 from node.discovery import SwarmSnapshot
 from node.errors import RouteError
+from node.nat import reachability_name
 from node.placement import block_capacity, bottleneck
 from node.records import peer_id_of
 from node.routing import Candidate, best_chain
 from node.swarm import servers_of
+from protocol.mesh_pb2 import PeerRecord
 
 __all__ = ["crdt_report", "format_crdt_report", "format_report", "report"]
 
 
-def report(snapshot: SwarmSnapshot) -> dict[str, Any]:
-    """A JSON-ready view of the swarm."""
+def _reach(record: PeerRecord, path: str | None) -> dict[str, Any]:
+    return {
+        "reachability": reachability_name(record.reachability),
+        "relay": record.relay,
+        "path": path or "not checked",  # how the reporting node is connected to it
+        "circuit_addresses": list(record.circuit_addresses),
+    }
+
+
+def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """A JSON-ready view of the swarm (`paths`: how this node is connected to each peer)."""
+    paths = paths or {}
     models: dict[str, Any] = {}
     for model_id, (name, layers) in sorted(snapshot.models().items()):
         peers = []
@@ -42,6 +54,7 @@ def report(snapshot: SwarmSnapshot) -> dict[str, Any]:
                         "protocol_version": record.protocol_version,
                         "record_age_s": round((snapshot.taken_at_ms - record.issued_at_ms) / 1000, 1),
                         "expires_in_s": round((record.expires_at_ms - snapshot.taken_at_ms) / 1000, 1),
+                        **_reach(record, paths.get(pid)),
                     }
                 )
                 block_seconds = 1.0 / ad.throughput if ad.throughput > 0 else 1.0
@@ -66,7 +79,13 @@ def report(snapshot: SwarmSnapshot) -> dict[str, Any]:
         "bootstrap_only_peers": bare,
         "ignored_records": dict(sorted(snapshot.ignored.items())),
         "peer_ids": sorted({peer_id_of(r) for r in snapshot.records.values()}),
+        "reachability": {pid: _reach(r, paths.get(pid)) for pid, r in sorted(snapshot.records.items())},
     }
+
+
+def _reach_text(p: dict[str, Any]) -> str:
+    relay = ", relay" if p["relay"] else ""
+    return f"[{p['reachability']}{relay}; reached {p['path']}]"
 
 
 def format_report(view: dict[str, Any]) -> str:
@@ -85,10 +104,12 @@ def format_report(view: dict[str, Any]) -> str:
             lines.append(
                 f"  {p['peer_id']}  layers {p['start']}:{p['end']}  {', '.join(p['grpc_addresses'])}"
                 f"  {p['throughput']:.1f} tok/s/block  v{p['version']} (proto {p['protocol_version']})"
-                f"  record age {p['record_age_s']:.0f} s"
+                f"  record age {p['record_age_s']:.0f} s  {_reach_text(p)}"
             )
     if view["bootstrap_only_peers"]:
         lines.append(f"bootstrap-only peers: {len(view['bootstrap_only_peers'])}")
+        for pid in view["bootstrap_only_peers"]:
+            lines.append(f"  {pid}  {_reach_text(view['reachability'][pid])}")
     for pid, why in view["ignored_records"].items():
         lines.append(f"ignored {pid}: {why}")
     return "\n".join(lines)

@@ -11,9 +11,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node.errors import ConfigError, MoemeshError, RouteError
 
@@ -40,44 +40,25 @@ def _peers(text: str) -> list[str]:
     return peers
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+def _number(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, then check it; errors name the value and the rule."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{text} {rule}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
-    return value
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"{text} MB must be positive")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError(f"{text} seconds is not a duration")
-    return value
+_positive = _number(int, "an integer", lambda v: v >= 1, "must be positive")
+_port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "is outside 0..65535")
+_megabytes = _number(float, "a number of megabytes", lambda v: 0 < v < 1e9, "MB must be positive")
+_seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "seconds is not a duration")
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:

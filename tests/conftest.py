@@ -60,6 +60,23 @@ def load_reference(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
+def moemesh_status(bootstrap: str, *, json_output: bool = True) -> Any:
+    """Run `moemesh status --bootstrap ADDR [--json]` and return its view (or its text)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--bootstrap", bootstrap, *(["--json"] if json_output else [])],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout) if json_output else result.stdout
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

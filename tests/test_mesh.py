@@ -3,38 +3,20 @@ the bootstrap address finds a route; stopped and killed daemons leave the view."
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import load_reference
+from conftest import load_reference, moemesh_status
 
 from node.client import Client
 from node.errors import RouteError
 from node.launch import DaemonProcess, start_daemon
 
-ROOT = Path(__file__).resolve().parent.parent
 SHORT_TTL = 5.0  # the daemon we SIGKILL: its record must vanish by itself
 LONG_TTL = 120.0  # everyone else: a disappearance within seconds means a withdrawal, not expiry
-
-
-def _status(bootstrap: str) -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--bootstrap", bootstrap, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    view: dict[str, Any] = json.loads(result.stdout)
-    return view
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -115,7 +97,7 @@ def test_client_with_only_the_bootstrap_address_matches_transformers(
 
 
 def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -> None:
-    view = _status(swarm["boot"].multiaddr)
+    view = moemesh_status(swarm["boot"].multiaddr)
     (model,) = view["models"].values()
     assert model["num_layers"] == 4 and model["full_route"] and model["missing"] == []
     assert model["coverage"] == [2, 2, 3, 2]  # blocks 0-1: a, d; block 2: b, c, d; block 3: b, c
@@ -135,7 +117,7 @@ def test_killed_and_stopped_daemons_leave_the_view(
     expected = _reference_tokens(tiny_models["mixtral"], prompt, 8)
 
     def serving() -> set[str]:
-        return {p["peer_id"] for m in _status(boot)["models"].values() for p in m["peers"]}
+        return {p["peer_id"] for m in moemesh_status(boot)["models"].values() for p in m["peers"]}
 
     swarm["c"].kill()  # SIGKILL: no goodbye; the client must route around it at once
     with Client(bootstrap=[boot]) as client:

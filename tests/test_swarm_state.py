@@ -4,14 +4,12 @@ adding capacity where the swarm is weakest, and a hole refilled by exactly one m
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import moemesh_status
 
 from crdt import Member
 from node.discovery import SwarmReader
@@ -19,7 +17,6 @@ from node.launch import DaemonProcess, start_daemon
 from node.placement import block_capacity, choose_span, mover_rank
 from node.swarm import servers_of
 
-ROOT = Path(__file__).resolve().parent.parent
 LEASE = "5"
 SYNC = ["--lease", LEASE, "--sync-interval", "0.5"]
 CONVERGE_S = 30.0  # generous: two cores shared by eight daemons and other test runs
@@ -157,15 +154,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
 
 def test_status_shows_the_crdt_view(swarm: Views) -> None:
     boot = swarm.daemons["boot"].multiaddr
-    result = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--bootstrap", boot, "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    crdt = json.loads(result.stdout)["crdt"]
+    crdt = moemesh_status(boot)["crdt"]
     live = {n: d for n, d in swarm.daemons.items() if d.process.poll() is None}
     assert {m["peer_id"] for m in crdt["members"]} == {d.peer_id for d in live.values()}
     serving = [m for m in crdt["members"] if m["model_id"]]
@@ -173,11 +162,5 @@ def test_status_shows_the_crdt_view(swarm: Views) -> None:
     assert crdt["rtt_ms"] and all(ms > 0 for row in crdt["rtt_ms"].values() for ms in row.values())
     (model,) = crdt["models"].values()
     assert model["num_layers"] == 4 and model["bottleneck"] > 0
-    text = subprocess.run(
-        [sys.executable, "-m", "node", "status", "--bootstrap", boot],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    text = moemesh_status(boot, json_output=False)
     assert "swarm state (CRDT)" in text and "RTT ms" in text

@@ -8,14 +8,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import moemesh_status
 
 from crdt import Member
+from node.client import Client, Hop, _HopStream
 from node.discovery import SwarmReader
 from node.launch import DaemonProcess, start_daemon
 from node.placement import block_capacity, choose_span, mover_rank
 from node.swarm import servers_of
+from protocol import make_tensor
 
 LEASE = "5"
 SYNC = ["--lease", LEASE, "--sync-interval", "0.5"]
@@ -65,6 +68,30 @@ def swarm(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
             d.terminate()
         for d in daemons.values():
             d.stop()
+
+
+class _HeldSession:
+    """A raw session on one daemon's span (its first layer takes ids or hidden states)."""
+
+    def __init__(self, address: str, model_id: str, start: int, end: int) -> None:
+        self.client = Client([address])
+        self.stream = _HopStream(self.client, Hop(address, start, end, address), model_id, 64)
+        self.first = start == 0
+        self.position = 0
+        self.steps(1)
+
+    def steps(self, n: int) -> None:
+        for _ in range(n):
+            if self.first:
+                tensor = make_tensor("int64", (1, 1), np.array([7], dtype="<i8").tobytes())
+            else:
+                tensor = make_tensor("float32", (1, 1, 64), np.zeros(64, dtype="<f4").tobytes())
+            self.stream.step(tensor, self.position, True)
+            self.position += 1
+
+    def close(self) -> None:
+        self.stream.close()
+        self.client.close()
 
 
 def _start(views: Views, name: str, args: list[str], keys: Path) -> None:
@@ -133,7 +160,16 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     ]
     ranks = {n: mover_rank(left, swarm.daemons[n].peer_id, 4) for n in movers}
     first = [n for n, rank in ranks.items() if rank == 0]  # what every daemon computes from the same view
+    assert len(first) == 1, ranks
+    # A session open on the mover when it decides to move is served until it closes.
+    mover = swarm.daemons[first[0]]
+    held = _HeldSession(mover.grpc_address, model_id, *spans[first[0]])
     swarm.daemons[victim].kill()
+    _wait_for(lambda: any("moving to layers" in line for line in mover.log), float(LEASE) + 2 * CONVERGE_S, "a move")
+    assert any("draining 1 open sessions" in line for line in mover.log), mover.log[-10:]
+    held.steps(3)  # still answered while the mover drains
+    assert not any("moved to layers" in line for line in mover.log)  # it waits for the open session
+    held.close()
 
     def covered_again() -> bool:
         view = swarm.of("boot")

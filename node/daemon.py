@@ -14,6 +14,7 @@ peers, whose clients replay them) before it loads the new span.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -219,11 +220,13 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
         await publish()
         say(f"advertised {len(provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
-        published_at = time.monotonic()
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except TimeoutError:
+
+        async def keep_published() -> None:
+            """Republish every ttl/3, and at once when our reachability or relays change."""
+            assert node.nat is not None
+            published_at = time.monotonic()
+            while True:
+                await asyncio.sleep(1.0)
                 fresh = await bridge.call(node.nat.state)
                 if fresh.version == nat.version and time.monotonic() - published_at < config.ttl_s / 3:
                     continue
@@ -232,6 +235,13 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
                 except Exception as e:  # keep serving; the next round retries
                     log.warning("republishing the record failed: %s", e)
                 published_at = time.monotonic()
+
+        # A DHT put can hang for tens of seconds on peers that died; a signal must not wait for it.
+        republisher = asyncio.create_task(keep_published())
+        await stop.wait()
+        republisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await republisher
         drained = None
         if runner is not None:  # refuse new sessions at once; open ones finish, or move after the grace
             if runner.sessions:

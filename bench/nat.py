@@ -22,6 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from pipeline import SMALL, build  # noqa: E402
 
 from node.launch import DaemonProcess, start_daemon  # noqa: E402
 from node.netlab import Host, NatLab, unavailable_reason  # noqa: E402
@@ -68,25 +72,8 @@ print(json.dumps(out))
 """
 
 
-def build_model(folder: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=256,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        sliding_window=None,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+# Small enough that the path, not the compute, shows in the ratios.
+SHAPE = dict(SMALL, num_hidden_layers=4, num_local_experts=8, vocab_size=256)
 
 
 def main() -> int:
@@ -98,7 +85,7 @@ def main() -> int:
         print(f"bench/nat.py: cannot build the NAT lab: {reason}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp, NatLab() as lab:
-        model = str(build_model(Path(tmp) / "model"))
+        model = str(build(Path(tmp) / "model", SHAPE, torch.float32))
         daemons: list[DaemonProcess] = []
         try:
 

@@ -131,12 +131,17 @@ def plan_route(peers: Sequence[PeerInfo], rtts: dict[str, float] | None = None) 
     """
     if not peers:
         raise RouteError("no peer answered")
-    rtts = rtts or {}
-    candidates = [
-        Candidate(p.address, p.address, p.start, p.end, block_seconds=0.0, rtt_seconds=rtts.get(p.address, 1e-3))
+    return best_chain(_peer_candidates(peers, rtts or {}), peers[0].num_layers)
+
+
+def _peer_candidates(peers: Sequence[PeerInfo], rtts: dict[str, float]) -> list[Candidate]:
+    """Peers given by address: keyed by it; compute time unknown, so round trips decide."""
+    return [
+        Candidate(
+            p.address, p.address, p.start, p.end, block_seconds=0.0, rtt_seconds=max(rtts.get(p.address, 0), 1e-3)
+        )
         for p in peers
     ]
-    return best_chain(candidates, peers[0].num_layers)
 
 
 def sample(logits: np.ndarray, sampling: Sampling, step: int) -> int:
@@ -446,7 +451,8 @@ class Client:
     # -- plumbing ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.Channel:
-        path = self.paths()[self._tunnelled[address]] if address in self._tunnelled else ""
+        reader, pid = self._reader, self._tunnelled.get(address)
+        path = reader.path(pid) if reader is not None and pid is not None else ""
         with self._lock:
             if address in self._tunnelled:
                 if address in self._channels and path != self._channel_paths[address]:
@@ -591,11 +597,8 @@ class Client:
         failures = [address for address in self.peers if address not in answers]
         if not infos:
             raise RouteError("no peer answered" + (f" (tried {', '.join(failures)})" if failures else ""))
-        candidates = [
-            Candidate(address, address, info.start, info.end, 0.0, max(rtt, 1e-3))
-            for address, (info, rtt) in answers.items()
-            if info.model_id == model_id
-        ]
+        rtts = {address: rtt for address, (_, rtt) in answers.items()}
+        candidates = _peer_candidates([i for i in infos if i.model_id == model_id], rtts)
         return model_id, max(i.num_layers for i in infos), candidates
 
     def candidates(self, refresh: bool = False) -> tuple[str, int, list[Candidate]]:
@@ -628,15 +631,14 @@ class Client:
     def route(self) -> tuple[str, list[Hop]]:
         """Find what the peers serve and plan a chain; returns (model id, hops)."""
         model_id, num_layers, candidates = self.candidates(refresh=True)
-        if not self.bootstrap:
+        try:
+            hops = best_chain(self._usable(candidates), num_layers)
+        except RouteError as e:
             usable = {c.address for c in candidates}
             failures = [f"{a} did not answer or serves another model" for a in self.peers if a not in usable]
-            try:
-                return model_id, best_chain(self._usable(candidates), num_layers)
-            except RouteError as e:
-                detail = f"; unreachable: {'; '.join(failures)}" if failures else ""
-                raise RouteError(f"{e}{detail}", e.missing) from None
-        hops = best_chain(self._usable(candidates), num_layers)
+            if not failures:
+                raise
+            raise RouteError(f"{e}; unreachable: {'; '.join(failures)}", e.missing) from None
         if self.config.hole_punch_wait_s > 0:
             self._wait_for_hole_punch(hops)
         return model_id, hops

@@ -114,8 +114,7 @@ class SpanRunner:
         self.draining = False  # refuse new sessions (shutting down)
         self.moving = asyncio.Event()  # open sessions must move to another peer now
         self._decode_s = 0.0  # compute time of the last decode batch
-        self.batches = 0  # statistics: batched forwards run, and the steps they held
-        self.batched_steps = 0
+        self.batched_steps = 0  # statistics: decode steps run batched with other sessions' steps
 
     def _load(self, progress: Callable[[str], None] | None) -> tuple[SpanModel, str, str]:
         """Runs on the compute thread: read only the span's tensors from the checkpoint."""
@@ -378,7 +377,6 @@ class SpanRunner:
                 x, [s.session.cache for _, s, _ in ready], [s.position for _, s, _ in ready], (first, last)
             )
             outs = list(out.split(1))
-            self.batches += 1
             self.batched_steps += len(ready)
         for (i, _, _), out in zip(ready, outs, strict=True):
             outcomes[i] = to_message(out.float() if logits else out)

@@ -96,18 +96,16 @@ class ShardService:
             ),
         ).SerializeToString()
 
-    async def _next_request(self, requests: AsyncIterator[bytes]) -> bytes | None:
+    async def _next_request(self, requests: AsyncIterator[bytes], moving: asyncio.Future[Any]) -> bytes | None:
         """The stream's next request; None at its end. Raises Rejected when the session sat
-        idle too long or the server is shutting down and the session must move."""
+        idle too long or `moving` is done (the server is shutting down: the session must move)."""
         runner = self.runner
         read = asyncio.ensure_future(anext(requests, None))
-        moving = asyncio.ensure_future(runner.moving.wait())
         try:
             done, _ = await asyncio.wait(
                 {read, moving}, timeout=runner.config.idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
-            moving.cancel()
             if not read.done():
                 read.cancel()
         if read in done:
@@ -120,10 +118,11 @@ class ShardService:
 
     async def session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         session: Session | None = None
+        moving = asyncio.ensure_future(self.runner.moving.wait())  # one waiter for the stream's life
         try:
             while True:
                 try:
-                    raw = await self._next_request(requests)
+                    raw = await self._next_request(requests, moving)
                     if raw is None:
                         return
                     req = _parse(SessionRequest, raw)
@@ -162,6 +161,7 @@ class ShardService:
                 except Rejected as e:
                     await _abort(context, e)
         finally:  # also when the client went away (the handler is cancelled): free the cache
+            moving.cancel()
             if session is not None:
                 self.runner.close(session)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,16 @@ def load_reference(folder: Path) -> Any:
     dense = json.loads((folder / "config.json").read_text())["model_type"] == "llama"
     kwargs = {} if dense else {"experts_implementation": "eager"}
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.3) -> float:
+    """Poll `predicate` until it holds; the seconds it took, or AssertionError after `timeout`."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(every)
+    return time.monotonic() - started
 
 
 def moemesh_status(bootstrap: str, *, json_output: bool = True) -> Any:

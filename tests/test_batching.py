@@ -6,13 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for
 
 from node.client import Client, ClientConfig, Hop
 from node.errors import RouteError
@@ -40,14 +39,6 @@ def _alone(client: Client, prompt: list[int]) -> tuple[list[int], float]:
             tokens.append(int(np.argmax(logits)))
             logits = session.step(tokens[-1:])
     return tokens, margin
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.1)
 
 
 def test_sixteen_concurrent_clients_get_exactly_their_tokens_alone(tiny_models: dict[str, Path]) -> None:
@@ -89,7 +80,7 @@ def test_a_client_that_goes_away_frees_its_session(tiny_models: dict[str, Path])
         session.step([1, 2, 3])
         assert _active(server.address) == 1
         client.close()
-        _wait_for(lambda: _active(server.address) == 0, 10, "freeing a cancelled session")
+        wait_for(lambda: _active(server.address) == 0, 10, "freeing a cancelled session", every=0.1)
 
         # a client process killed mid-session
         script = (
@@ -106,14 +97,14 @@ def test_a_client_that_goes_away_frees_its_session(tiny_models: dict[str, Path])
         finally:
             proc.kill()
             proc.wait(10)
-        _wait_for(lambda: _active(server.address) == 0, 10, "freeing a killed client's session")
+        wait_for(lambda: _active(server.address) == 0, 10, "freeing a killed client's session", every=0.1)
 
         # a client that keeps its stream open but sends nothing: closed after --idle-timeout
         with Client([server.address], config=config) as client:
             session = client.session(32)
             session.step([1, 2, 3])
             assert _active(server.address) == 1
-            _wait_for(lambda: _active(server.address) == 0, 10, "closing an idle session")
+            wait_for(lambda: _active(server.address) == 0, 10, "closing an idle session", every=0.1)
             with pytest.raises(RouteError, match="no request for 2 s.* no known peer serves layers 0:4"):
                 session.step([4])  # its only peer: nowhere to move the session
 
@@ -148,7 +139,7 @@ def test_sigterm_lets_open_sessions_finish_and_refuses_new_ones(tiny_models: dic
             generation = client.generate([5, 6, 7], 8, stop_at_eos=False, route=route)
             tokens.append(next(generation))
             server.process.terminate()
-            _wait_for(lambda: client.info(server.address).draining, 10, "draining")
+            wait_for(lambda: client.info(server.address).draining, 10, "draining", every=0.1)
             with pytest.raises(RouteError, match="shutting down: open the session on another peer"):
                 client.session(16, route=route)  # refused, and there is no other peer
             tokens.extend(generation)  # the open session finishes on the draining server

@@ -3,13 +3,12 @@ the bootstrap address finds a route; stopped and killed daemons leave the view."
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_reference, moemesh_status
+from conftest import load_reference, moemesh_status, wait_for
 
 from node.client import Client
 from node.errors import RouteError
@@ -17,15 +16,6 @@ from node.launch import DaemonProcess, start_daemon
 
 SHORT_TTL = 5.0  # the daemon we SIGKILL: its record must vanish by itself
 LONG_TTL = 120.0  # everyone else: a disappearance within seconds means a withdrawal, not expiry
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.5)
-    return time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +114,9 @@ def test_killed_and_stopped_daemons_leave_the_view(
         _, hops = client.route()
         assert swarm["c"].peer_id not in {h.peer for h in hops}
         assert list(client.generate(prompt, 8, stop_at_eos=False)) == expected
-    _wait_for(lambda: swarm["c"].peer_id not in serving(), SHORT_TTL + 10, "the killed daemon's record expiring")
+    wait_for(
+        lambda: swarm["c"].peer_id not in serving(), SHORT_TTL + 10, "the killed daemon's record expiring", every=0.5
+    )
 
     swarm["b"].terminate()  # SIGTERM: the record is withdrawn before the process exits
     swarm["b"].process.wait(30)

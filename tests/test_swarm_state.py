@@ -5,12 +5,12 @@ adding capacity where the swarm is weakest, and a hole refilled by exactly one m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import moemesh_status
+from conftest import moemesh_status, wait_for
 
 from crdt import Member
 from node.client import Client, Hop, _HopStream
@@ -23,15 +23,6 @@ from protocol import make_tensor
 LEASE = "5"
 SYNC = ["--lease", LEASE, "--sync-interval", "0.5"]
 CONVERGE_S = 30.0  # generous: two cores shared by eight daemons and other test runs
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.3)
-    return time.monotonic() - started
 
 
 class Views:
@@ -108,7 +99,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     # Three daemons with --layers auto on an empty swarm cover every layer.
     for name, max_layers in (("a0", "2"), ("a1", "2"), ("a2", "1")):
         _start(swarm, name, [*auto, "--max-layers", max_layers], tmp_path)
-        _wait_for(lambda n=name: swarm.daemons[n].peer_id in swarm.of("boot"), CONVERGE_S, f"{name} in boot's view")
+        wait_for(lambda n=name: swarm.daemons[n].peer_id in swarm.of("boot"), CONVERGE_S, f"{name} in boot's view")
     members = swarm.of("boot")
     (model_id,) = {m.model_id for m in members.values() if m.model_id}
     servers = servers_of(members, model_id, time.time())
@@ -120,7 +111,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     windows = {s: sorted(before[s : s + 2]) for s in range(3)}
     weakest = {s for s, w in windows.items() if w == min(windows.values())}
     _start(swarm, "a3", [*auto, "--max-layers", "2"], tmp_path)
-    _wait_for(lambda: swarm.daemons["a3"].peer_id in swarm.of("boot"), CONVERGE_S, "a3 in boot's view")
+    wait_for(lambda: swarm.daemons["a3"].peer_id in swarm.of("boot"), CONVERGE_S, "a3 in boot's view")
     start, end, _ = swarm.span("a3")
     assert end - start == 2 and start in weakest, (start, before)
     assert (start, end) == choose_span(before, 2)
@@ -132,7 +123,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     names = list(swarm.daemons)
     assert len(names) == 8
     everyone = frozenset(d.peer_id for d in swarm.daemons.values())
-    took = _wait_for(
+    took = wait_for(
         lambda: set(swarm.member_sets(names).values()) == {everyone}, CONVERGE_S, "all eight views agreeing"
     )
     print(f"eight daemons agreed on the member set {took:.1f} s after the last one joined")
@@ -143,7 +134,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     swarm.daemons["b0"].kill()
     killed = swarm.daemons["b0"].peer_id
     alive = [n for n in names if n != "b0"]
-    took = _wait_for(
+    took = wait_for(
         lambda: all(killed not in ms for ms in swarm.member_sets(alive).values()),
         float(LEASE) + CONVERGE_S,
         "the killed daemon's record being reaped everywhere",
@@ -165,7 +156,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     mover = swarm.daemons[first[0]]
     held = _HeldSession(mover.grpc_address, model_id, *spans[first[0]])
     swarm.daemons[victim].kill()
-    _wait_for(lambda: any("moving to layers" in line for line in mover.log), float(LEASE) + 2 * CONVERGE_S, "a move")
+    wait_for(lambda: any("moving to layers" in line for line in mover.log), float(LEASE) + 2 * CONVERGE_S, "a move")
     assert any("draining 1 open sessions" in line for line in mover.log), mover.log[-10:]
     held.steps(3)  # still answered while the mover drains
     assert not any("moved to layers" in line for line in mover.log)  # it waits for the open session
@@ -178,7 +169,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
         capacity = block_capacity(servers_of(view, model_id, time.time()), 4)
         return min(capacity) > 0 and all(view[swarm.daemons[n].peer_id].state == "serving" for n in movers)
 
-    took = _wait_for(covered_again, float(LEASE) + 2 * CONVERGE_S, "a daemon moving to the uncovered block")
+    took = wait_for(covered_again, float(LEASE) + 2 * CONVERGE_S, "a daemon moving to the uncovered block")
     print(f"the hole was refilled {took:.1f} s after the only server of it was killed")
     time.sleep(3)  # long enough for a herd to show: the others' rebalance checks run every 0.5 s
     moved = [n for n in movers if swarm.span(n)[:2] != spans[n]]

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import BENCH, SMALL, build  # noqa: E402
 
-from node.client import Client, Hop  # noqa: E402
-from node.launch import local_swarm  # noqa: E402
+from node.client.client import Client, Hop  # noqa: E402
+from node.testing.launch import local_swarm  # noqa: E402
 
 
 def aggregate_decode(address: str, sessions: int, prompt: list[int], tokens: int) -> float:

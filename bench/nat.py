@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from pipeline import SMALL, build  # noqa: E402
 
-from node.launch import DaemonProcess, start_daemon  # noqa: E402
-from node.netlab import Host, NatLab, unavailable_reason  # noqa: E402
+from node.testing.launch import DaemonProcess, start_daemon  # noqa: E402
+from node.testing.netlab import Host, NatLab, unavailable_reason  # noqa: E402
 
 CLIENT = r"""
 import json, statistics, sys, time
-from node.client import Client, InferenceSession
-from node.routing import Hop
+from node.client.client import Client, InferenceSession
+from node.plan.routing import Hop
 
 boot, direct_peer, natted_peer, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 client = Client(bootstrap=[boot])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from node.errors import ConfigError, MoemeshError, RouteError
 
 if TYPE_CHECKING:
-    from node.runtime import ServerConfig
+    from node.serve.engine import ServerConfig
 
 __all__ = ["main"]
 
@@ -85,7 +85,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    from node.runtime import ServerConfig
+    from node.serve.engine import ServerConfig
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
@@ -244,8 +244,8 @@ GOMP_SPINCOUNT = "10000"
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
-    from node.runtime import SpanRunner
-    from node.server import serve
+    from node.serve.engine import SpanRunner
+    from node.serve.service import serve
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
@@ -264,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from node.client import Client, Sampling
+    from node.client.client import Client, Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ids: list[int] | None = None
@@ -304,9 +304,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     from node.daemon import DaemonConfig, run_daemon
-    from node.identity import default_identity_path
-    from node.p2p import MeshConfig
-    from node.swarm import SwarmConfig
+    from node.mesh.host import MeshConfig
+    from node.mesh.identity import default_identity_path
+    from node.swarm.agent import SwarmConfig
 
     server = None
     if args.model is not None:
@@ -322,7 +322,7 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
     if not 3 * args.sync_interval <= args.lease <= 86400:
         raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
-    from node.nat import NatConfig
+    from node.mesh.nat import NatConfig
 
     config = DaemonConfig(
         nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
@@ -344,8 +344,8 @@ def _daemon(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from node.discovery import SwarmReader
-    from node.status import crdt_report, format_crdt_report, format_report, report
+    from node.mesh.reader import SwarmReader
+    from node.swarm.status import crdt_report, format_crdt_report, format_report, report
 
     with SwarmReader(args.bootstrap, traversal=True) as reader:
         snapshot = reader.everyone()
@@ -361,7 +361,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from node.client import Client
+    from node.client.client import Client
 
     with Client(args.peers) as client:
         for address in args.peers:

@@ -28,13 +28,13 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Load, Member
-from node.bridge import TrioThread
-from node.identity import load_or_create_identity
-from node.nat import NatConfig, NatState, reachability_name
-from node.p2p import MeshConfig, MeshNode
-from node.records import ALL_PEERS_KEY, block_key, make_record, sign_record
-from node.runtime import ServerConfig, SpanRunner
-from node.swarm import SwarmAgent, SwarmConfig
+from node.mesh.bridge import TrioThread
+from node.mesh.host import MeshConfig, MeshNode
+from node.mesh.identity import load_or_create_identity
+from node.mesh.nat import NatConfig, NatState, reachability_name
+from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
+from node.serve.engine import ServerConfig, SpanRunner
+from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
 from protocol.mesh_pb2 import Reachability, ShardAd
 
@@ -105,7 +105,7 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
     async def start_serving(server_config: ServerConfig) -> None:
         nonlocal runner, grpc_server, shards, grpc_addresses
-        from node.server import start_server
+        from node.serve.service import start_server
 
         runner = SpanRunner(server_config, progress=say)
         grpc_server, port = await start_server(runner)
@@ -134,7 +134,7 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
     node = MeshNode(key_pair, config.mesh, config.nat)
     assert node.nat is not None
     if grpc_server is not None:
-        from node.tunnel import TunnelServer
+        from node.mesh.tunnel import TunnelServer
 
         host, port_text = grpc_addresses[0].rsplit(":", 1)
         listen = config.server.host if config.server is not None else host

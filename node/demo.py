@@ -9,9 +9,9 @@ import argparse
 import sys
 import time
 
-from node.client import Client
+from node.client.client import Client
 from node.demo_model import build_demo_model
-from node.launch import local_swarm
+from node.testing.launch import local_swarm
 from shards import Checkpoint, split_evenly
 
 DEFAULT_PROMPT = "What is the capital of France, and what is it famous for?"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from node.launch import local_swarm
+from node.testing.launch import local_swarm
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
+from node.client.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
 from node.errors import ConfigError, RouteError
-from node.launch import local_swarm
-from node.routing import Candidate, best_chain, missing_blocks
+from node.plan.routing import Candidate, best_chain, missing_blocks
+from node.testing.launch import local_swarm
 
 
 def peer(address: str, start: int, end: int, layers: int = 12) -> PeerInfo:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import load_reference, moemesh_status, wait_for
 
-from node.client import Client
+from node.client.client import Client
 from node.errors import RouteError
-from node.launch import DaemonProcess, start_daemon
+from node.testing.launch import DaemonProcess, start_daemon
 
 SHORT_TTL = 5.0  # the daemon we SIGKILL: its record must vanish by itself
 LONG_TTL = 120.0  # everyone else: a disappearance within seconds means a withdrawal, not expiry

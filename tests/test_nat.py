@@ -23,8 +23,8 @@ import pytest
 import torch
 from conftest import load_reference
 
-from node.launch import DaemonProcess, start_daemon
-from node.netlab import NatLab, unavailable_reason
+from node.testing.launch import DaemonProcess, start_daemon
+from node.testing.netlab import NatLab, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 REASON = unavailable_reason()
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no NAT lab: {REASON
 
 CLIENT = """
 import json, sys
-from node.client import Client, ClientConfig
+from node.client.client import Client, ClientConfig
 prompt = [int(i) for i in sys.argv[2].split(",")]
 with Client(bootstrap=[sys.argv[1]], config=ClientConfig(hole_punch_wait_s=float(sys.argv[4]))) as client:
     route = client.route()

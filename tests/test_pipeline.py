@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import FAMILIES, load_reference
 
-from node.client import Client
-from node.launch import ServerProcess, local_swarm
+from node.client.client import Client
+from node.testing.launch import ServerProcess, local_swarm
 
 SPANS = {2: [(0, 2), (2, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
 CHUNKS = [(0, 5), (5, 11), (11, 12), (12, 13), (13, 14)]  # prefill, chunked prefill, decode steps

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from node.placement import Server, block_capacity, bottleneck, choose_span, mover_rank, propose_move
+from node.plan.placement import Server, block_capacity, bottleneck, choose_span, mover_rank, propose_move
 
 
 def test_a_peer_shares_its_throughput_among_its_blocks() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.codec import from_message, to_message
+from node.serve.codec import from_message, to_message
 from protocol import InvalidTensorError, check_tensor, make_tensor
 from protocol.shard_pb2 import DType, Tensor
 

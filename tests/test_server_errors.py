@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from node.launch import ServerProcess, local_swarm
+from node.testing.launch import ServerProcess, local_swarm
 from protocol import make_tensor
 from protocol.shard_pb2 import (
     CloseSession,

@@ -13,11 +13,11 @@ import pytest
 from conftest import moemesh_status, wait_for
 
 from crdt import Member
-from node.client import Client, Hop, _HopStream
-from node.discovery import SwarmReader
-from node.launch import DaemonProcess, start_daemon
-from node.placement import block_capacity, choose_span, mover_rank
-from node.swarm import servers_of
+from node.client.client import Client, Hop, _HopStream
+from node.mesh.reader import SwarmReader
+from node.plan.placement import block_capacity, choose_span, mover_rank
+from node.swarm.agent import servers_of
+from node.testing.launch import DaemonProcess, start_daemon
 from protocol import make_tensor
 
 LEASE = "5"

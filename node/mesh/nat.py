@@ -42,8 +42,8 @@ from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from node.bridge import unwrap
 from node.errors import MoemeshError
+from node.mesh.bridge import unwrap
 from protocol.mesh_pb2 import Reachability
 
 __all__ = [

@@ -32,8 +32,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from node.errors import ConfigError, MoemeshError
-from node.nat import NatConfig, NatService
-from node.records import NAMESPACE, RecordValidator, peer_key
+from node.mesh.nat import NatConfig, NatService
+from node.mesh.records import NAMESPACE, RecordValidator, peer_key
 from protocol.mesh_pb2 import Reachability
 
 __all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]

@@ -7,13 +7,13 @@ from dataclasses import asdict
 from typing import Any
 
 from crdt import SwarmState
-from node.discovery import SwarmSnapshot
 from node.errors import RouteError
-from node.nat import reachability_name
-from node.placement import block_capacity, bottleneck
-from node.records import peer_id_of
-from node.routing import Candidate, best_chain
-from node.swarm import servers_of
+from node.mesh.nat import reachability_name
+from node.mesh.reader import SwarmSnapshot
+from node.mesh.records import peer_id_of
+from node.plan.placement import block_capacity, bottleneck
+from node.plan.routing import Candidate, best_chain
+from node.swarm.agent import servers_of
 from protocol.mesh_pb2 import PeerRecord
 
 __all__ = ["crdt_report", "format_crdt_report", "format_report", "report"]

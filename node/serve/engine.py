@@ -32,8 +32,8 @@ import grpc
 import torch
 
 from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
-from node.codec import from_message, to_message
 from node.errors import Rejected
+from node.serve.codec import from_message, to_message
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, InvalidTensorError
 from protocol.shard_pb2 import Tensor
 from shards import DTYPES, Checkpoint

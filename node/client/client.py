@@ -35,7 +35,7 @@ from node.errors import (
     RouteError,
     peer_error,
 )
-from node.routing import Candidate, Hop, best_chain
+from node.plan.routing import Candidate, Hop, best_chain
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, check_tensor, grpc_options, make_tensor
 from protocol.shard_pb2 import (
     CloseSession,
@@ -49,8 +49,8 @@ from protocol.shard_pb2 import (
 )
 
 if TYPE_CHECKING:
-    from node.discovery import SwarmReader
-    from node.text import TextCodec
+    from node.client.text import TextCodec
+    from node.mesh.reader import SwarmReader
     from protocol.mesh_pb2 import PeerRecord, ShardAd
 
 __all__ = ["Client", "ClientConfig", "Hop", "InferenceSession", "PeerInfo", "Sampling", "plan_route", "sample"]
@@ -444,7 +444,7 @@ class Client:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
-            from node.text import TextCodec
+            from node.client.text import TextCodec
 
             self._text = TextCodec(Path(model_folder).expanduser())
 
@@ -525,7 +525,7 @@ class Client:
     def _swarm(self) -> SwarmReader:
         with self._lock:
             if self._reader is None:
-                from node.discovery import SwarmReader
+                from node.mesh.reader import SwarmReader
 
                 # A DHT lookup of a NAT'd peer's record takes ~20 s in py-libp2p 0.8.1 (it cannot be
                 # asked directly): allow for it.
@@ -551,7 +551,7 @@ class Client:
         return address
 
     def _wait_for_hole_punch(self, hops: Sequence[Hop]) -> None:
-        from node.nat import RELAYED
+        from node.mesh.nat import RELAYED
 
         deadline = time.monotonic() + self.config.hole_punch_wait_s
         tunnelled = {h.peer for h in hops if h.address in self._tunnelled}

@@ -18,7 +18,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from node.errors import Rejected
-from node.runtime import Session, SpanRunner
+from node.serve.engine import Session, SpanRunner
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
 from protocol.shard_pb2 import (
     Capacity,

@@ -28,7 +28,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
-from node.bridge import unwrap
+from node.mesh.bridge import unwrap
 
 __all__ = ["TUNNEL_PROTOCOL", "TunnelClient", "TunnelConfig", "TunnelServer", "splice"]
 

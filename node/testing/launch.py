@@ -57,7 +57,7 @@ def _popen(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, **env} if env else None,
     )
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()

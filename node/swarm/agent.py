@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from crdt import BadUpdateError, Load, Member, Replica, decode_frame, encode_frame
-from node.bridge import TrioThread
-from node.placement import DEFAULT_FACTOR, Server, choose_span, mover_rank, propose_move
-from node.syncwire import SyncWire
+from node.mesh.bridge import TrioThread
+from node.mesh.sync import SyncWire
+from node.plan.placement import DEFAULT_FACTOR, Server, choose_span, mover_rank, propose_move
 
 __all__ = ["SwarmAgent", "SwarmConfig", "servers_of"]
 
@@ -153,7 +153,7 @@ class SwarmAgent:
 
     def choose_span(self, model_id: str, num_layers: int, length: int) -> tuple[int, int]:
         """The weakest window of the swarm's current view (the blocks nobody serves first)."""
-        from node.placement import block_capacity
+        from node.plan.placement import block_capacity
 
         capacity = block_capacity((s for s in self.servers(model_id) if s.peer_id != self.peer_id), num_layers)
         return choose_span(capacity, length)

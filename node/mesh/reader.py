@@ -14,14 +14,14 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Replica, SwarmState, decode_frame, encode_frame
-from node.bridge import TrioThread
 from node.errors import ConfigError, RouteError
-from node.identity import ephemeral_identity
-from node.nat import NOT_CONNECTED, NatConfig
-from node.p2p import MeshConfig, MeshNode
-from node.records import ALL_PEERS_KEY, InvalidRecord, block_key, is_live, now_ms, verify_record
-from node.syncwire import fetch_state
-from node.tunnel import TunnelClient
+from node.mesh.bridge import TrioThread
+from node.mesh.host import MeshConfig, MeshNode
+from node.mesh.identity import ephemeral_identity
+from node.mesh.nat import NOT_CONNECTED, NatConfig
+from node.mesh.records import ALL_PEERS_KEY, InvalidRecord, block_key, is_live, now_ms, verify_record
+from node.mesh.sync import fetch_state
+from node.mesh.tunnel import TunnelClient
 from protocol.mesh_pb2 import PeerRecord, Reachability
 
 __all__ = ["SwarmReader", "SwarmSnapshot", "addresses_to_dial"]
@@ -110,7 +110,7 @@ class SwarmReader:
         Dials the peer first (MoemeshError when it cannot be reached)."""
         if self._tunnel_client is None:
             raise ConfigError("this reader was made without traversal=True")
-        from node.records import peer_id_of
+        from node.mesh.records import peer_id_of
 
         pid = peer_id_of(record)
         if pid not in self._tunnels:

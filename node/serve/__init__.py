@@ -1,0 +1,1 @@
+"""Serving a span: the gRPC edge, the engine, the scheduler and the one lifecycle."""

@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and the demo: launch local processes, build a NAT lab."""

@@ -1,16 +1,18 @@
 """Errors of the replicated swarm state.
 
-CrdtError
+CrdtError                    (a MoemeshError: the root is in protocol/errors.py)
 ├── NotOwnerError     a replica tried to write a key that belongs to another peer
 └── BadUpdateError    bytes from a peer are not a valid update or state vector
 """
 
 from __future__ import annotations
 
+from protocol.errors import MoemeshError
+
 __all__ = ["BadUpdateError", "CrdtError", "NotOwnerError"]
 
 
-class CrdtError(Exception):
+class CrdtError(MoemeshError):
     """Base class of the errors raised by `crdt`."""
 
 

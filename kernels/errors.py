@@ -1,6 +1,6 @@
 """Errors raised by the compute layer.
 
-KernelError
+KernelError                    (a MoemeshError: the root is in protocol/errors.py)
 ├── UnsupportedModelError      the architecture or one of its options has no kernel here
 ├── CacheError                 a session's KV cache cannot take the step
 │   └── CacheFullError         the step would run past the cache's max length
@@ -9,10 +9,12 @@ KernelError
 
 from __future__ import annotations
 
+from protocol.errors import MoemeshError
+
 __all__ = ["CacheError", "CacheFullError", "KernelError", "ShapeError", "UnsupportedModelError"]
 
 
-class KernelError(Exception):
+class KernelError(MoemeshError):
     """Base class of every error raised by `kernels`."""
 
 

@@ -11,8 +11,9 @@ from node.errors import (
     PeerRefused,
     PeerTimeout,
     PeerUnavailable,
-    Rejected,
+    RequestError,
     RouteError,
+    SessionClosed,
 )
 
 __all__ = [
@@ -27,8 +28,9 @@ __all__ = [
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",
-    "Rejected",
+    "RequestError",
     "RouteError",
     "Sampling",
+    "SessionClosed",
     "plan_route",
 ]

@@ -1,47 +1,61 @@
-"""Errors raised by the node: the server, the client SDK and the CLI.
+"""Errors raised by the node: the client SDK, the server, the mesh and the CLI.
+
+Every error type of node/ is defined here. The root, `MoemeshError`, is in protocol/errors.py.
 
 MoemeshError
-├── ConfigError          a bad option or argument (the CLI prints it and exits 2)
-├── Rejected             the server refuses a request; carries the gRPC status to send
-├── RouteError           no chain of the known peers covers every layer (names the gap)
-└── PeerError            talking to a peer failed
-    ├── PeerUnavailable  it cannot be reached, or the connection broke
-    ├── PeerTimeout      it did not answer before the deadline
-    └── PeerRefused      it answered with an error status (code and message kept)
+├── ConfigError            a bad option or argument (the CLI prints it and exits 2)
+├── RouteError             no chain of the known peers covers every layer (names the gap)
+├── SessionClosed          we closed the session: it takes no more steps
+├── RequestError           the server will not serve a request; the gRPC edge (node.serve.service)
+│   │                      maps each kind to the status it answers with
+│   ├── InvalidRequest     malformed input: dtype, shape, bytes, too many tokens     INVALID_ARGUMENT
+│   ├── WrongModel         the request names another model                           NOT_FOUND
+│   ├── OutOfRange         layers outside the span, a session past its max length    OUT_OF_RANGE
+│   ├── Overloaded         no room: sessions, KV cache budget                        RESOURCE_EXHAUSTED
+│   ├── SessionStateError  no session open on the stream, closed, or already open    FAILED_PRECONDITION
+│   ├── Draining           shutting down: open the session (or move it) elsewhere    UNAVAILABLE
+│   └── IdleTimeout        the session sat idle too long and was closed              DEADLINE_EXCEEDED
+├── PeerError              talking to a peer failed
+│   ├── PeerUnavailable    the peer broke it: unreachable, or the connection broke
+│   ├── PeerTimeout        it timed out: no answer before the deadline
+│   └── PeerRefused        it answered with an error status (code and message kept)
+└── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
+    ├── InvalidRecord      a peer record that must not be believed
+    └── FrameError         a peer broke the sync protocol's framing
 """
 
 from __future__ import annotations
 
 import grpc
 
+from protocol.errors import MoemeshError
+
 __all__ = [
     "ConfigError",
+    "Draining",
+    "FrameError",
+    "IdleTimeout",
+    "InvalidRecord",
+    "InvalidRequest",
+    "MeshError",
     "MoemeshError",
+    "OutOfRange",
+    "Overloaded",
     "PeerError",
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",
-    "Rejected",
+    "RequestError",
     "RouteError",
+    "SessionClosed",
+    "SessionStateError",
+    "WrongModel",
     "peer_error",
 ]
 
 
-class MoemeshError(Exception):
-    """Base class of every error moemesh raises on purpose."""
-
-
 class ConfigError(MoemeshError, ValueError):
     """An option or argument is invalid."""
-
-
-class Rejected(MoemeshError):
-    """A request the server will not serve; `code` is the gRPC status it answers with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class RouteError(MoemeshError):
@@ -50,6 +64,42 @@ class RouteError(MoemeshError):
     def __init__(self, message: str, missing: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__(message)
         self.missing = missing
+
+
+class SessionClosed(MoemeshError):
+    """We closed this session ourselves; it takes no more steps."""
+
+
+class RequestError(MoemeshError):
+    """A request the server will not serve. The engine raises these; only the gRPC edge knows status codes."""
+
+
+class InvalidRequest(RequestError, ValueError):
+    """The input is malformed or too large for one step."""
+
+
+class WrongModel(RequestError):
+    """The request is for a model this server does not serve."""
+
+
+class OutOfRange(RequestError):
+    """Layers outside the served span, or a session past its max length."""
+
+
+class Overloaded(RequestError):
+    """No room now (sessions, KV cache budget): another peer may have it."""
+
+
+class SessionStateError(RequestError):
+    """The stream's session is not in a state that allows this request."""
+
+
+class Draining(RequestError):
+    """The server is shutting down or moving: open the session, or move it, elsewhere."""
+
+
+class IdleTimeout(RequestError):
+    """The session sent nothing for too long and was closed."""
 
 
 class PeerError(MoemeshError):
@@ -75,6 +125,18 @@ class PeerRefused(PeerError):
         super().__init__(address, f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+class MeshError(MoemeshError):
+    """The libp2p side failed: no bootstrap peer reachable, a DHT operation failed."""
+
+
+class InvalidRecord(MeshError):
+    """A record that must not be believed."""
+
+
+class FrameError(MeshError):
+    """The peer broke the framing (a frame over the limit, or cut in the middle)."""
 
 
 def peer_error(address: str, error: grpc.RpcError) -> PeerError:

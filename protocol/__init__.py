@@ -4,7 +4,7 @@ versions, errors.
 Imports nothing of moemesh's own; only protobuf and grpc.
 """
 
-from protocol.errors import InvalidTensorError, ProtocolError, VersionMismatchError
+from protocol.errors import InvalidTensorError, MoemeshError, ProtocolError, VersionMismatchError
 from protocol.options import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protocol.tensors import DTYPE_NAMES, ITEMSIZE, TensorMeta, check_tensor, make_tensor
 from protocol.version import PROTOCOL_VERSION, software_version
@@ -15,6 +15,7 @@ __all__ = [
     "ITEMSIZE",
     "PROTOCOL_VERSION",
     "InvalidTensorError",
+    "MoemeshError",
     "ProtocolError",
     "TensorMeta",
     "VersionMismatchError",

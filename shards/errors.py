@@ -1,6 +1,6 @@
 """Errors raised while describing and loading shards.
 
-ShardError
+ShardError                    (a MoemeshError: the root is in protocol/errors.py)
 ├── SpanSpecError            a span such as "0:8" is malformed or outside the model
 ├── CheckpointError          the checkpoint folder is missing, unreadable or inconsistent
 └── UnsupportedModelError    (kernels) the architecture has no kernel here: "not supported: ..."
@@ -9,11 +9,12 @@ ShardError
 from __future__ import annotations
 
 from kernels.errors import UnsupportedModelError
+from protocol.errors import MoemeshError
 
 __all__ = ["CheckpointError", "ShardError", "SpanSpecError", "UnsupportedModelError"]
 
 
-class ShardError(Exception):
+class ShardError(MoemeshError):
     """Base class of the errors raised by `shards` itself."""
 
 

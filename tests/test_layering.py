@@ -21,14 +21,17 @@ ALLOWED = {
 }
 
 
+ROOT_ERRORS = "protocol.errors"  # the error root: the one module of ours every package may import
+
+
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & OURS
+            found |= {a.name for a in node.names if a.name != ROOT_ERRORS}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != ROOT_ERRORS:
+            found.add(node.module)
+    return {name.split(".")[0] for name in found} & OURS
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -64,3 +67,25 @@ def test_all_lists_exactly_the_public_names(package: str) -> None:
         and name not in {"annotations", "MOEMESH_KERNELS"}
     }
     assert set(module.__all__) == public
+
+
+def test_every_error_is_defined_in_an_errors_module_under_one_root() -> None:
+    from protocol.errors import MoemeshError
+
+    misplaced = []
+    for package in sorted(OURS):
+        for path in (ROOT / package).rglob("*.py"):
+            if path.name == "errors.py" or "_pb2" in path.name:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases
+                ):
+                    misplaced.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert not misplaced, f"error types outside errors.py: {misplaced}"
+    for package in sorted(OURS):
+        errors = importlib.import_module(f"{package}.errors")
+        for name in errors.__all__:
+            value = getattr(errors, name)
+            if isinstance(value, type) and issubclass(value, BaseException):
+                assert issubclass(value, MoemeshError), f"{package}.errors.{name} is not a MoemeshError"

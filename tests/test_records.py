@@ -14,10 +14,10 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
+from node.errors import InvalidRecord
 from node.mesh.host import noise_only_host
 from node.mesh.reader import SwarmReader
 from node.mesh.records import (
-    InvalidRecord,
     RecordValidator,
     is_live,
     make_record,

@@ -33,6 +33,7 @@ from node.errors import (
     PeerTimeout,
     PeerUnavailable,
     RouteError,
+    SessionClosed,
     peer_error,
 )
 from node.plan.routing import Candidate, Hop, best_chain
@@ -310,7 +311,7 @@ class InferenceSession:
         The result is ``[V]`` when `last_only`, else ``[T, V]``.
         """
         if self._closed:
-            raise ConfigError("the session is closed")
+            raise SessionClosed("the session is closed")
         position = self.position if position is None else position
         for history in self._history:  # a step at an earlier position rolls every cache back
             while history and history[-1].position >= position:

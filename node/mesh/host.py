@@ -31,12 +31,12 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from node.errors import ConfigError, MoemeshError
+from node.errors import ConfigError, MeshError
 from node.mesh.nat import NatConfig, NatService
 from node.mesh.records import NAMESPACE, RecordValidator, peer_key
 from protocol.mesh_pb2 import Reachability
 
-__all__ = ["MeshConfig", "MeshError", "MeshNode", "noise_only_host"]
+__all__ = ["MeshConfig", "MeshNode", "noise_only_host"]
 
 log = logging.getLogger(__name__)
 PUSH_TIMEOUT_S = 3.0
@@ -44,10 +44,6 @@ RECORD_PROTOCOL = TProtocol("/moemesh/record/1.0.0")  # "send me your current si
 MAX_RECORD_BYTES = 64 * 1024
 PRUNE_INTERVAL_S = 2.0
 MAX_SERVERS_ASKED = 8
-
-
-class MeshError(MoemeshError):
-    """The libp2p side failed: no bootstrap peer reachable, a DHT operation failed."""
 
 
 @dataclass(frozen=True)

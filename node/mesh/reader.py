@@ -14,12 +14,12 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Replica, SwarmState, decode_frame, encode_frame
-from node.errors import ConfigError, RouteError
+from node.errors import ConfigError, InvalidRecord, RouteError
 from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import ephemeral_identity
 from node.mesh.nat import NOT_CONNECTED, NatConfig
-from node.mesh.records import ALL_PEERS_KEY, InvalidRecord, block_key, is_live, now_ms, verify_record
+from node.mesh.records import ALL_PEERS_KEY, block_key, is_live, now_ms, verify_record
 from node.mesh.sync import fetch_state
 from node.mesh.tunnel import TunnelClient
 from protocol.mesh_pb2 import PeerRecord, Reachability

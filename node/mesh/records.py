@@ -16,14 +16,13 @@ from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
-from node.errors import MoemeshError
+from node.errors import InvalidRecord
 from protocol import PROTOCOL_VERSION, software_version
 from protocol.mesh_pb2 import PeerRecord, Reachability, ShardAd, SignedPeerRecord
 
 __all__ = [
     "ALL_PEERS_KEY",
     "NAMESPACE",
-    "InvalidRecord",
     "RecordValidator",
     "block_key",
     "is_live",
@@ -38,10 +37,6 @@ __all__ = [
 NAMESPACE = "moemesh"
 DOMAIN = b"moemesh-peer-record:"
 ALL_PEERS_KEY = "moemesh:peers"  # provider key every daemon announces (for `moemesh status`)
-
-
-class InvalidRecord(MoemeshError):
-    """A record that must not be believed."""
 
 
 def now_ms() -> int:

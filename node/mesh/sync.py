@@ -22,7 +22,9 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from multiaddr import Multiaddr
 
-__all__ = ["SYNC_PROTOCOL", "FrameError", "SyncWire", "fetch_state"]
+from node.errors import FrameError
+
+__all__ = ["SYNC_PROTOCOL", "SyncWire", "fetch_state"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,6 @@ TIMEOUT_S = 10.0
 ADDRESS_TTL_S = 600
 
 Responder = Callable[[bytes], Awaitable[bytes | None]]
-
-
-class FrameError(Exception):
-    """The peer broke the framing (a frame over the limit, or cut in the middle)."""
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes | None:

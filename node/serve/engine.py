@@ -1,7 +1,7 @@
 """The span runner: one loaded span, its sessions and their KV caches, compute off the event loop.
 
 A request is checked here (model id, layers, lengths, memory budget) and turned into a
-`Rejected` with the gRPC status to answer; compute runs on one dedicated executor thread
+domain error (`node.errors.RequestError`; the gRPC edge picks the status); compute runs on one dedicated executor thread
 so the asyncio loop (heartbeats, other streams) never waits on a long prefill.
 
 Session steps go through one scheduler (continuous batching): whenever the compute thread
@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import torch
 
 from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
-from node.errors import Rejected
+from node.errors import Draining, InvalidRequest, OutOfRange, Overloaded, RequestError, SessionStateError, WrongModel
 from node.serve.codec import from_message, to_message
 from protocol import DEFAULT_MAX_MESSAGE_BYTES, InvalidTensorError
 from protocol.shard_pb2 import Tensor
@@ -163,14 +162,12 @@ class SpanRunner:
     def local_layers(self, model_id: str, start: int, end: int) -> tuple[int, int]:
         """Translate global layers [start, end) into the span's local ones, or reject."""
         if model_id and model_id != self.model_id:
-            raise Rejected(
-                grpc.StatusCode.NOT_FOUND,
+            raise WrongModel(
                 f"this server serves model {self.model_id} ({self.model_name}), not {model_id}",
             )
         s, e = self.span.start, self.span.end
         if not s <= start < end <= e:
-            raise Rejected(
-                grpc.StatusCode.OUT_OF_RANGE,
+            raise OutOfRange(
                 f"layers [{start}, {end}) are outside the served span [{s}, {e})",
             )
         return start - s, end - s
@@ -180,12 +177,11 @@ class SpanRunner:
             x = from_message(msg)
             self.span.check_input(x, first)
         except (InvalidTensorError, ShapeError) as e:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise InvalidRequest(str(e)) from None
         if x.shape[0] != 1:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"batch size {x.shape[0]} is not supported (use 1)")
+            raise InvalidRequest(f"batch size {x.shape[0]} is not supported (use 1)")
         if x.shape[1] > self.config.max_tokens_per_step:
-            raise Rejected(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidRequest(
                 f"{x.shape[1]} tokens in one step exceed the server's limit {self.config.max_tokens_per_step};"
                 " split the prefill into chunks",
             )
@@ -203,7 +199,7 @@ class SpanRunner:
         def compute() -> Tensor:
             x = self.decode_input(msg, first)
             if x.shape[1] > self.max_length:
-                raise Rejected(grpc.StatusCode.OUT_OF_RANGE, f"{x.shape[1]} tokens exceed max length {self.max_length}")
+                raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
             cache = self.span.new_cache(x.shape[1], layers=(first, last))
             out = self.span(x, cache, 0, last_only=last_only, layers=(first, last))
             return to_message(out.float() if self.emits_logits(last) else out)
@@ -215,22 +211,18 @@ class SpanRunner:
     async def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
         first, last = self.local_layers(model_id, start, end)
         if self.draining:
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down: open the session on another peer")
+            raise Draining("server is shutting down: open the session on another peer")
         length = max_length or min(self.config.default_length, self.max_length)
         if length > self.max_length:
-            raise Rejected(
-                grpc.StatusCode.OUT_OF_RANGE, f"max_length {length} exceeds this server's limit {self.max_length}"
-            )
+            raise OutOfRange(f"max_length {length} exceeds this server's limit {self.max_length}")
         if len(self.sessions) >= self.config.max_sessions:
-            raise Rejected(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Overloaded(
                 f"server is full: {len(self.sessions)} sessions open (limit {self.config.max_sessions})",
             )
         cfg = self.span.cfg
         need = KVCache.bytes_for(last - first, cfg.num_kv_heads, cfg.head_dim, length, self.span.dtype)
         if self._kv_bytes + need > self.config.kv_budget_bytes:
-            raise Rejected(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Overloaded(
                 f"KV cache budget exhausted: {need} bytes needed, {self.config.kv_budget_bytes - self._kv_bytes} free",
             )
         self._kv_bytes += need  # reserved before the await, so concurrent opens cannot overbook
@@ -352,16 +344,16 @@ class SpanRunner:
         for i, s in enumerate(steps):
             try:
                 if s.session.closed:
-                    raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"session {s.session.id} is closed")
+                    raise SessionStateError(f"session {s.session.id} is closed")
                 x = self.decode_input(s.msg, s.session.first)
                 try:
                     s.session.cache.check_step(s.position, x.shape[1])
                 except CacheFullError as e:
-                    raise Rejected(grpc.StatusCode.OUT_OF_RANGE, str(e)) from None
+                    raise OutOfRange(str(e)) from None
                 except CacheError as e:
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+                    raise InvalidRequest(str(e)) from None
                 ready.append((i, s, x))
-            except Rejected as e:
+            except RequestError as e:
                 outcomes[i] = e
         if not ready:
             return outcomes

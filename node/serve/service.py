@@ -17,7 +17,16 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError, Message
 
-from node.errors import Rejected
+from node.errors import (
+    Draining,
+    IdleTimeout,
+    InvalidRequest,
+    OutOfRange,
+    Overloaded,
+    RequestError,
+    SessionStateError,
+    WrongModel,
+)
 from node.serve.engine import Session, SpanRunner
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
 from protocol.shard_pb2 import (
@@ -45,11 +54,30 @@ def _parse(kind: type[M], raw: bytes) -> M:
     try:
         return kind.FromString(raw)
     except DecodeError:
-        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {kind.__name__} message") from None
+        raise InvalidRequest(f"request is not a valid {kind.__name__} message") from None
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Rejected) -> NoReturn:
-    await context.abort(error.code, error.message)
+# The one place where our domain errors become gRPC statuses.
+STATUS_OF: dict[type[RequestError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    WrongModel: grpc.StatusCode.NOT_FOUND,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    SessionStateError: grpc.StatusCode.FAILED_PRECONDITION,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+    IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(error: RequestError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:
+    await context.abort(status_of(error), str(error))
     raise AssertionError("unreachable: context.abort raises")
 
 
@@ -63,9 +91,9 @@ class ShardService:
         try:
             req = _parse(ForwardRequest, raw)
             if not req.HasField("input"):
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "ForwardRequest has no input tensor")
+                raise InvalidRequest("ForwardRequest has no input tensor")
             out = await self.runner.forward(req.model_id, req.start, req.end, req.input, req.last_only)
-        except Rejected as e:
+        except RequestError as e:
             await _abort(context, e)
         return ForwardResponse(output=out).SerializeToString()
 
@@ -97,7 +125,7 @@ class ShardService:
         ).SerializeToString()
 
     async def _next_request(self, requests: AsyncIterator[bytes], moving: asyncio.Future[Any]) -> bytes | None:
-        """The stream's next request; None at its end. Raises Rejected when the session sat
+        """The stream's next request; None at its end. Raises IdleTimeout or Draining when the session sat
         idle too long or `moving` is done (the server is shutting down: the session must move)."""
         runner = self.runner
         read = asyncio.ensure_future(anext(requests, None))
@@ -111,10 +139,8 @@ class ShardService:
         if read in done:
             return read.result()
         if moving in done:
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, "server is shutting down: move this session to another peer")
-        raise Rejected(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"no request for {runner.config.idle_timeout_s:g} s: session closed"
-        )
+            raise Draining("server is shutting down: move this session to another peer")
+        raise IdleTimeout(f"no request for {runner.config.idle_timeout_s:g} s: session closed")
 
     async def session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         session: Session | None = None
@@ -129,36 +155,30 @@ class ShardService:
                     kind = req.WhichOneof("kind")
                     if kind == "open":
                         if session is not None:
-                            raise Rejected(
-                                grpc.StatusCode.FAILED_PRECONDITION, "a session is already open on this stream"
-                            )
+                            raise SessionStateError("a session is already open on this stream")
                         o = req.open
                         session = await self.runner.open(o.model_id, o.start, o.end, o.max_length)
                         opened = SessionOpened(session_id=session.id, max_length=session.cache.max_length)
                         yield SessionResponse(opened=opened).SerializeToString()
                     elif kind == "step":
                         if session is None:
-                            raise Rejected(
-                                grpc.StatusCode.FAILED_PRECONDITION, "unknown session: send open before steps"
-                            )
+                            raise SessionStateError("unknown session: send open before steps")
                         if session.closed:
-                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is closed")
+                            raise SessionStateError(f"session {session.id} is closed")
                         s = req.step
                         if not s.HasField("input"):
-                            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step has no input tensor")
+                            raise InvalidRequest("step has no input tensor")
                         out = await self.runner.step(session, s.position, s.input, s.last_only)
                         result = StepResult(step_id=s.step_id, output=out, length=session.cache.length)
                         yield SessionResponse(result=result).SerializeToString()
                     elif kind == "close":
                         if session is None or session.closed:
-                            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, "no open session to close")
+                            raise SessionStateError("no open session to close")
                         self.runner.close(session)
                         yield SessionResponse(closed=SessionClosed()).SerializeToString()
                     else:
-                        raise Rejected(
-                            grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest (no open, step or close)"
-                        )
-                except Rejected as e:
+                        raise InvalidRequest("empty SessionRequest (no open, step or close)")
+                except RequestError as e:
                     await _abort(context, e)
         finally:  # also when the client went away (the handler is cancelled): free the cache
             moving.cancel()

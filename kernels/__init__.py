@@ -8,11 +8,21 @@ from kernels.attention import attention_reference, attention_sdpa
 from kernels.cache import KVCache
 from kernels.config import ModelConfig
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
-from kernels.moe import experts_forward, experts_grouped, experts_reference, route
+from kernels.moe import (
+    Dispatch,
+    combine,
+    dispatch,
+    experts_forward,
+    experts_grouped,
+    experts_reference,
+    route,
+    run_experts,
+)
 from kernels.span import SpanModel
 
 __all__ = [
     "CacheError",
+    "Dispatch",
     "CacheFullError",
     "KVCache",
     "KernelError",
@@ -22,10 +32,13 @@ __all__ = [
     "UnsupportedModelError",
     "attention_reference",
     "attention_sdpa",
+    "combine",
+    "dispatch",
     "experts_forward",
     "experts_grouped",
     "experts_reference",
     "route",
+    "run_experts",
 ]
 
 MOEMESH_KERNELS = True  # marker: tests assert `import kernels` resolves to this package

@@ -3,20 +3,33 @@
 Expert weights are stored fused, as transformers 5 holds them in memory:
 ``gate_up [E, 2I, H]`` (gate rows first, then up rows) and ``down [E, H, I]``.
 
-`experts_reference` is the plain one-hot formulation; `experts_grouped` is the fast path
-(one pass over the experts that were hit, no [E, k, T] mask). Both accumulate each token's
+`experts_reference` is the plain one-hot formulation; `experts_grouped` is the fast path in
+three explicit steps: `dispatch` (which rows go to which expert), `run_experts` (each hit
+expert over its rows) and `combine` (weighted sums per token), so a dispatch to another
+peer's experts can slot in between. Both accumulate each token's
 expert outputs in ascending expert order, so they agree bit for bit, and with
 transformers' eager experts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Activation", "experts_forward", "experts_grouped", "experts_reference", "route"]
+__all__ = [
+    "Activation",
+    "Dispatch",
+    "combine",
+    "dispatch",
+    "experts_forward",
+    "experts_grouped",
+    "experts_reference",
+    "route",
+    "run_experts",
+]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,6 +84,51 @@ def experts_reference(
     return out
 
 
+@dataclass(frozen=True)
+class Dispatch:
+    """Which token rows go to which expert: the plan that dispatch makes and combine follows.
+
+    `experts` are the experts hit, ascending; for each, `tokens[i]` and `slots[i]` list its
+    (token, top-k slot) pairs in (slot, token) order, as the reference visits them. A remote
+    dispatch (experts on another peer) sends `x[tokens[i]]` there and combines what comes back.
+    """
+
+    experts: tuple[int, ...]
+    tokens: tuple[torch.Tensor, ...]  # [n_i] token rows of expert i
+    slots: tuple[torch.Tensor, ...]  # [n_i] the top-k slot each row chose it in
+
+
+def dispatch(ids: torch.Tensor) -> Dispatch:  # ids [T, k]
+    """Group the (token, slot) pairs by expert, experts ascending (the reference's order)."""
+    ids_t = ids.t()  # [k, T]: torch.where on it yields (slot, token) order like the reference
+    experts = tuple(sorted(set(ids.flatten().tolist())))
+    pairs = [torch.where(ids_t == e) for e in experts]
+    return Dispatch(experts, tuple(t for _, t in pairs), tuple(s for s, _ in pairs))
+
+
+def run_experts(
+    x: torch.Tensor,  # [T, H]
+    plan: Dispatch,
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    down: torch.Tensor,  # [E, H, I]
+    act: Activation,
+) -> list[torch.Tensor]:
+    """Each hit expert over its token rows: one [n_i, H] output per expert of the plan."""
+    return [_expert(x[t], gate_up[e], down[e], act) for e, t in zip(plan.experts, plan.tokens, strict=True)]
+
+
+def combine(
+    outputs: Sequence[torch.Tensor],  # [n_i, H] per expert of the plan
+    plan: Dispatch,
+    weights: torch.Tensor,  # [T, k]
+    out: torch.Tensor,  # [T, H] zeros: the sum lands here
+) -> torch.Tensor:
+    """Weight each expert's rows and add them up per token, experts ascending (the reference's sums)."""
+    for y, token, slot in zip(outputs, plan.tokens, plan.slots, strict=True):
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+    return out
+
+
 def experts_grouped(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
@@ -79,15 +137,9 @@ def experts_grouped(
     down: torch.Tensor,  # [E, H, I]
     act: Activation,
 ) -> torch.Tensor:
-    """Visit only the experts that were hit, in ascending order (same sums as the reference)."""
-    out = torch.zeros_like(x)  # [T, H]
-    ids_t = ids.t()  # [k, T]: torch.where on it yields (slot, token) order like the reference
-    for expert in sorted(set(ids.flatten().tolist())):
-        slot, token = torch.where(ids_t == expert)
-        y = _expert(x[token], gate_up[expert], down[expert], act)  # [n, H]
-        y = y * weights[token, slot, None]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
+    """dispatch -> experts -> combine, visiting only the experts that were hit (same sums as the reference)."""
+    plan = dispatch(ids)
+    return combine(run_experts(x, plan, gate_up, down, act), plan, weights, torch.zeros_like(x))
 
 
 def experts_forward(

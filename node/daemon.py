@@ -1,44 +1,51 @@
-"""`moemesh daemon`: serve a span over gRPC and advertise it in the libp2p DHT.
+"""`moemesh daemon`: serve a span over gRPC, advertise it in the libp2p DHT, keep the swarm state.
 
-The asyncio loop owns the gRPC server and the announcer; the libp2p host and DHT run on
-the trio thread behind `node.bridge`. The record is republished every ttl/3, withdrawn
-(a signed tombstone with a higher seq) on SIGTERM/SIGINT before the server stops.
+One `Daemon` owns everything a volunteer's node runs. Its state is explicit: `Serving` is
+what it serves now (engine, gRPC server, advertised shard), `Advert` what it last told the
+DHT. All of its asyncio tasks live in one `asyncio.TaskGroup`, the root of the node:
 
-Beside the DHT, the daemon keeps a replica of the swarm state (`node.swarm`): its member
-record, load and RTTs, synced with every other daemon. With `auto_layers` it picks its span
-from that view (`node.placement`) and later moves it when the swarm is badly unbalanced:
-it drains its open sessions first (they finish within the grace period, or move to other
-peers, whose clients replay them) before it loads the new span.
+    run()
+    ├── the swarm agent's rounds (renew the lease, anti-entropy, reap, rebalance)
+    │   └── pushes of local changes, a move (drain, load the new span, advertise it)
+    ├── the republisher: a new record every ttl/3 counted from the last one's issue time
+    │   └── the slow Kademlia put of that record, one at a time
+    └── (main) wait for a stop signal, then drain, withdraw, leave
+
+The libp2p host and DHT run on the trio thread behind `node.mesh.bridge`. Loading a span
+runs on the engine's compute thread and never blocks this loop: lease renewals and sync
+answers go on while a large model loads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Load, Member
-from node.mesh.bridge import TrioThread
+from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import load_or_create_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
-from node.serve.engine import ServerConfig, SpanRunner
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
 from protocol.mesh_pb2 import Reachability, ShardAd
 
-__all__ = ["DaemonConfig", "measure_throughput", "run_daemon"]
+if TYPE_CHECKING:
+    import grpc
+
+    from node.serve.engine import ServerConfig, SpanRunner
+
+__all__ = ["Daemon", "DaemonConfig", "Serving"]
 
 log = logging.getLogger(__name__)
 
@@ -57,260 +64,335 @@ class DaemonConfig:
     max_layers: int = 0  # with auto_layers: layers this daemon holds (0: the whole model)
 
 
-def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> float:
-    """Decode tokens/s through one block, measured once per (model, device, dtype) and cached."""
-    span = runner.span
-    key = f"{runner.model_id}|{span.device}|{span.dtype}"
-    cache_file = cache_dir / "throughput.json"
-    try:
-        cached: dict[str, float] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
+@dataclass(frozen=True)
+class Serving:
+    """What the daemon serves now: one engine behind one gRPC server, advertised as one shard."""
 
-    def measure() -> float:
-        import torch
-
-        cache = span.new_cache(steps + 2)
-        x = (
-            torch.zeros(1, 1, dtype=torch.int64)
-            if span.is_first
-            else torch.zeros(1, 1, span.cfg.hidden_size, dtype=span.dtype)
-        )
-        span(x, cache, 0)  # warm-up
-        started = time.perf_counter()
-        for i in range(steps):
-            span(x, cache, 1 + i, last_only=True)
-        per_token = (time.perf_counter() - started) / steps
-        return len(span.layers) / per_token
-
-    value = runner.call(measure)
-    cached[key] = value
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # several daemons may start at once
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(cache_file)
-    return value
+    engine: SpanRunner
+    server: grpc.aio.Server
+    grpc_address: str  # what others dial (announce host : bound port)
+    local_port: int  # where our own tunnel endpoint pipes to
+    shard: ShardAd
 
 
-async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
-    key_pair, created = load_or_create_identity(config.identity)
-    if created:
-        say(f"created identity {config.identity}")
-    runner: SpanRunner | None = None
-    grpc_server = None
-    shards: list[ShardAd] = []
-    grpc_addresses: list[str] = []
+@dataclass
+class Advert:
+    """What the daemon last told the DHT."""
 
-    async def start_serving(server_config: ServerConfig) -> None:
-        nonlocal runner, grpc_server, shards, grpc_addresses
-        from node.serve.service import start_server
+    seq: int = 0
+    issued_at: float = 0.0  # monotonic: the record's expiry counts from here
+    nat: NatState = field(default_factory=lambda: NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False))
 
-        runner = SpanRunner(server_config, progress=say)
-        grpc_server, port = await start_server(runner)
-        grpc_addresses = [f"{config.announce_host or server_config.host}:{port}"]
-        throughput = measure_throughput(runner, config.cache_dir)
-        shards = [
-            ShardAd(
-                model_id=runner.model_id,
-                model_name=runner.model_name,
-                start=runner.span.start,
-                end=runner.span.end,
-                num_layers=runner.span.cfg.num_layers,
-                throughput=throughput,
-            )
-        ]
-        say(
-            f"serving {runner.model_name} ({runner.model_id}) layers {runner.span.start}:{runner.span.end}"
-            f" on {grpc_addresses[0]}, {throughput:.1f} tokens/s per block"
-        )
 
-    if config.server is not None and not config.auto_layers:
-        await start_serving(config.server)
+class Daemon:
+    """A volunteer's node. `run()` until `stop()` (or SIGINT/SIGTERM through the lifecycle)."""
 
-    bridge = TrioThread()
-    bridge.start()
-    node = MeshNode(key_pair, config.mesh, config.nat)
-    assert node.nat is not None
-    if grpc_server is not None:
-        from node.mesh.tunnel import TunnelServer
+    def __init__(self, config: DaemonConfig, say: Callable[[str], None], events: Callable[..., None] | None = None):
+        self.config = config
+        self.say = say
+        self.event = events or (lambda kind, **fields: None)  # machine-readable events (launch helpers read them)
+        self.serving: Serving | None = None
+        self.advert = Advert()
+        self.addresses: list[str] = []
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # a second signal: cut the grace period short
+        self._announcing: asyncio.Task[None] | None = None
+        self._bridge = TrioThread()
+        self._node: MeshNode | None = None
+        self._agent: SwarmAgent | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._key_pair: Any = None
 
-        host, port_text = grpc_addresses[0].rsplit(":", 1)
-        listen = config.server.host if config.server is not None else host
-        TunnelServer(node.host, ("127.0.0.1" if listen in ("0.0.0.0", "") else listen, int(port_text)))
-    nat = NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    # -- control --------------------------------------------------------------------------
 
-    def on_signal() -> None:  # the first stops gracefully; a second one cuts the grace period short
-        if stop.is_set() and runner is not None:
-            runner.moving.set()
-        stop.set()
+    def stop(self) -> None:
+        """Stop gracefully; a second call cuts the grace period short (open sessions move now)."""
+        if self._stop.is_set():
+            self._hurry.set()
+            if self.serving is not None:
+                self.serving.engine.moving.set()
+        self._stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        addresses = await bridge.call(bridge.start_service, node.serve)
-        say(f"peer {node.peer_id} listening on {', '.join(addresses)}")
-        if not config.mesh.bootstrap:
-            say(f"new swarm: others join with --bootstrap {addresses[0]}")
-        agent = SwarmAgent(
-            bridge,
+    @property
+    def peer_id(self) -> str:
+        return self._node.peer_id if self._node is not None else ""
+
+    # -- the root -------------------------------------------------------------------------
+
+    async def run(self, handle_signals: bool = True) -> None:
+        """Serve until `stop()`; with `handle_signals`, SIGINT/SIGTERM call it (a second one hurries)."""
+        config = self.config
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.stop)
+        key_pair, created = load_or_create_identity(config.identity)
+        if created:
+            self.say(f"created identity {config.identity}")
+        try:
+            if config.server is not None and not config.auto_layers:
+                await self._start_serving(config.server)
+            self._bridge.start()
+            self._node = node = MeshNode(key_pair, config.mesh, config.nat)
+            self._key_pair = key_pair
+            if config.server is not None:  # a NAT'd peer is reached through it, whichever span it serves later
+                from node.mesh.tunnel import TunnelServer
+
+                TunnelServer(node.host, self._tunnel_target)
+            self.addresses = await self._bridge.call(self._bridge.start_service, node.serve)
+            self.say(f"peer {node.peer_id} listening on {', '.join(self.addresses)}")
+            if not config.mesh.bootstrap:
+                self.say(f"new swarm: others join with --bootstrap {self.addresses[0]}")
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
+                    await self._serve_in(tasks)
+            except BaseExceptionGroup as group:  # one failure is the daemon's error, not a group of one
+                raise unwrap(group) from None
+        finally:
+            self._tasks = None
+            serving, self.serving = self.serving, None
+            if serving is not None:
+                await serving.server.stop(grace=1.0)
+                serving.engine.shutdown()
+            self._bridge.stop()
+
+    async def _serve_in(self, tasks: asyncio.TaskGroup) -> None:
+        config, node = self.config, self._node
+        assert node is not None
+        self._agent = agent = SwarmAgent(
+            self._bridge,
             node.host,
-            Member(node.peer_id, p2p_addresses=tuple(addresses), version=software_version()),
+            Member(node.peer_id, p2p_addresses=tuple(self.addresses), version=software_version()),
             config.swarm,
             bootstrap=[(info_from_p2p_addr(Multiaddr(b)).peer_id.to_base58(), b) for b in config.mesh.bootstrap],
-            load=lambda: _load_of(runner),
-            on_move=lambda start, end: move(start, end),
+            load=self._load,
+            on_move=self.move,
         )
-        await agent.start()
+        await agent.start(tasks)
+        rounds = tasks.create_task(agent.run(), name="moemesh-swarm-rounds")
         if config.server is not None and config.auto_layers:
-            span = await _auto_span(config, agent, say)
-            await start_serving(replace(config.server, start=span[0], end=span[1]))
-        agent.update_member(**_serving_fields(runner, grpc_addresses, shards, config))
-        seq = time.time_ns()
+            start, end = await self._auto_span(agent)
+            await self._start_serving(replace(config.server, start=start, end=end))
+        agent.update_member(**self._serving_fields())
+        await self._publish()
+        self.say(f"advertised {len(self._provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
+        self.event("ready", **self._ready_fields())
+        republisher = tasks.create_task(self._keep_published(), name="moemesh-republish")
+        await self._stop.wait()
+        republisher.cancel()  # a DHT put can hang for tens of seconds on peers that died: never wait for it
+        if self._announcing is not None:
+            self._announcing.cancel()
+        rounds.cancel()
+        await self._shutdown(agent)
 
-        def provider_keys() -> list[str]:
-            return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
-
-        async def publish(withdrawn: bool = False) -> None:
-            nonlocal seq, nat
-            seq = max(seq + 1, time.time_ns())
-            assert node.nat is not None
-            fresh = await bridge.call(node.nat.state)
-            if (fresh.reachability, fresh.relay) != (nat.reachability, nat.relay):
-                relaying = ", relaying" if fresh.relay else ""
-                say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
-            if fresh.circuit_addresses != nat.circuit_addresses:
-                say(f"reachable through relays at: {', '.join(fresh.circuit_addresses) or 'none'}")
-            nat = fresh
-            record = make_record(
-                key_pair,
-                grpc_addresses=grpc_addresses,
-                p2p_addresses=addresses,
-                shards=shards,
-                ttl_s=config.ttl_s,
-                seq=seq,
-                withdrawn=withdrawn,
-                reachability=nat.reachability,
-                circuit_addresses=nat.circuit_addresses,
-                relay=nat.relay,
-            )
-            started = time.monotonic()
-            await bridge.call(node.publish, sign_record(record, key_pair), provider_keys(), not withdrawn)
-            log.info("published %s record in %.2f s", "a withdrawn" if withdrawn else "our", time.monotonic() - started)
-
-        async def move(start: int, end: int) -> None:
-            """Drain the open sessions (bounded), load layers [start, end), advertise them."""
-            nonlocal shards
-            assert config.server is not None and runner is not None and grpc_server is not None
-            say(f"moving to layers {start}:{end}: draining {len(runner.sessions)} open sessions")
-            agent.update_member(start=start, end=end, state="loading")  # others see the new span at once
-            shards = []
-            await publish()  # clients stop routing new sessions to the old span
-            old_server, old_runner = grpc_server, runner
-            await old_runner.drain()  # refuses new sessions; open ones finish within the grace, or move
-            await old_server.stop(grace=1.0)
-            old_runner.shutdown()
-            await start_serving(replace(config.server, start=start, end=end))
-            agent.update_member(**_serving_fields(runner, grpc_addresses, shards, config))
-            await publish()
-            say(f"moved to layers {start}:{end}")
-
-        await publish()
-        say(f"advertised {len(provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
-
-        async def keep_published() -> None:
-            """Republish every ttl/3, and at once when our reachability or relays change."""
-            assert node.nat is not None
-            published_at = time.monotonic()
-            while True:
-                await asyncio.sleep(1.0)
-                fresh = await bridge.call(node.nat.state)
-                if fresh.version == nat.version and time.monotonic() - published_at < config.ttl_s / 3:
-                    continue
-                try:
-                    await publish()
-                except Exception as e:  # keep serving; the next round retries
-                    log.warning("republishing the record failed: %s", e)
-                published_at = time.monotonic()
-
-        # A DHT put can hang for tens of seconds on peers that died; a signal must not wait for it.
-        republisher = asyncio.create_task(keep_published())
-        await stop.wait()
-        republisher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await republisher
+    async def _shutdown(self, agent: SwarmAgent) -> None:
+        """Refuse new sessions at once and withdraw; open sessions finish, or move after the grace."""
         drained = None
-        if runner is not None:  # refuse new sessions at once; open ones finish, or move after the grace
-            if runner.sessions:
-                say(f"draining {len(runner.sessions)} open sessions (grace {runner.config.grace_s:g} s)")
-            drained = asyncio.create_task(runner.drain())
-        say("stopping: withdrawing the record")
+        serving = self.serving
+        if serving is not None and self._tasks is not None:
+            engine = serving.engine
+            if engine.sessions:
+                self.say(f"draining {len(engine.sessions)} open sessions (grace {engine.config.grace_s:g} s)")
+            drained = self._tasks.create_task(engine.drain(), name="moemesh-drain")
+        self.say("stopping: withdrawing the record")
+        self.event("stopping")
         try:
             await asyncio.wait_for(agent.stop(leave=True), timeout=10)
-        except Exception as e:  # our member record then expires by its lease
+        except (TimeoutError, OSError, RuntimeError) as e:  # our member record then expires by its lease
             log.warning("leaving the swarm state failed: %r", e)
         try:
-            await asyncio.wait_for(publish(withdrawn=True), timeout=30)
-        except Exception as e:  # the record then expires by its ttl
-            log.warning("withdrawing the record failed (it expires in %g s): %r", config.ttl_s, e)
+            await asyncio.wait_for(self._publish(withdrawn=True), timeout=30)
+        except (TimeoutError, OSError, RuntimeError) as e:  # the record then expires by its ttl
+            log.warning("withdrawing the record failed (it expires in %g s): %r", self.config.ttl_s, e)
         if drained is not None:
             await drained
-    finally:
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
-        if runner is not None:
-            runner.shutdown()
-        bridge.stop()
 
+    # -- serving --------------------------------------------------------------------------
 
-def _serving_fields(
-    runner: SpanRunner | None, grpc_addresses: list[str], shards: list[ShardAd], config: DaemonConfig
-) -> dict[str, object]:
-    """Our member record's fields about what we serve."""
-    if runner is None or not shards:
-        return {"state": ""}
-    ad = shards[0]
-    return {
-        "addresses": tuple(grpc_addresses),
-        "model_id": ad.model_id,
-        "start": ad.start,
-        "end": ad.end,
-        "num_layers": ad.num_layers,
-        "max_layers": (config.max_layers or ad.num_layers) if config.auto_layers else ad.end - ad.start,
-        "throughput": ad.throughput,
-        "capacity_bytes": runner.config.kv_budget_bytes,
-        "state": "serving",
-    }
+    async def _start_serving(self, server_config: ServerConfig) -> None:
+        from node.serve.engine import SpanRunner
+        from node.serve.service import start_server
+        from node.serve.throughput import measure_throughput
 
+        loop = asyncio.get_running_loop()
+        # The engine loads on its own compute thread; waiting for it here must not block this loop.
+        engine = await loop.run_in_executor(None, lambda: SpanRunner(server_config, progress=self.say))
+        try:
+            server, port = await start_server(engine)
+        except BaseException:
+            engine.shutdown()
+            raise
+        address = f"{self.config.announce_host or server_config.host}:{port}"
+        throughput = await loop.run_in_executor(None, measure_throughput, engine, self.config.cache_dir)
+        span = engine.span
+        shard = ShardAd(
+            model_id=engine.model_id,
+            model_name=engine.model_name,
+            start=span.start,
+            end=span.end,
+            num_layers=span.cfg.num_layers,
+            throughput=throughput,
+        )
+        self.serving = Serving(engine, server, address, port, shard)
+        self.say(
+            f"serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
+            f" on {address}, {throughput:.1f} tokens/s per block"
+        )
 
-def _load_of(runner: SpanRunner | None) -> Load:
-    if runner is None:
-        return Load()
-    from kernels import KVCache
+    def _tunnel_target(self) -> tuple[str, int] | None:
+        """Where tunnelled gRPC connections go now (the port changes when a move starts a new server)."""
+        serving, server = self.serving, self.config.server
+        if serving is None or server is None:
+            return None
+        host = server.host
+        return ("127.0.0.1" if host in ("0.0.0.0", "", "::") else host, serving.local_port)
 
-    span = runner.span
-    cfg = span.cfg
-    per_token = KVCache.bytes_for(len(span.layers), cfg.num_kv_heads, cfg.head_dim, 1, span.dtype)
-    free = max(0, runner.kv_free_bytes) // max(1, per_token)
-    return Load(active_sessions=len(runner.sessions), free_kv_tokens=int(free), queue_length=runner.queued)
+    async def move(self, start: int, end: int) -> None:
+        """Drain the open sessions (bounded), load layers [start, end), advertise them."""
+        old, agent, server = self.serving, self._agent, self.config.server
+        assert old is not None and agent is not None and server is not None
+        self.say(f"moving to layers {start}:{end}: draining {len(old.engine.sessions)} open sessions")
+        agent.update_member(start=start, end=end, state="loading")  # others see the new span at once
+        self.serving = replace(old, shard=ShardAd())  # no shard advertised while we move
+        await self._publish()  # clients stop routing new sessions to the old span
+        await old.engine.drain()  # refuses new sessions; open ones finish within the grace, or move
+        self.serving = None
+        await old.server.stop(grace=1.0)
+        old.engine.shutdown()
+        await self._start_serving(replace(server, start=start, end=end))
+        agent.update_member(**self._serving_fields())
+        await self._publish()
+        self.say(f"moved to layers {start}:{end}")
+        self.event("moved", **self._ready_fields())
 
+    def _load(self) -> Load:
+        serving = self.serving
+        if serving is None:
+            return Load()
+        from kernels import KVCache
 
-async def _auto_span(config: DaemonConfig, agent: SwarmAgent, say: Callable[[str], None]) -> tuple[int, int]:
-    """Pick the weakest window of the swarm's view and claim it (state "loading") before loading it."""
-    from shards import Checkpoint
+        engine = serving.engine
+        span, cfg = engine.span, engine.span.cfg
+        per_token = KVCache.bytes_for(len(span.layers), cfg.num_kv_heads, cfg.head_dim, 1, span.dtype)
+        free = max(0, engine.kv_free_bytes) // max(1, per_token)
+        return Load(active_sessions=len(engine.sessions), free_kv_tokens=int(free), queue_length=engine.queued)
 
-    assert config.server is not None
-    checkpoint = Checkpoint(config.server.model)
-    num_layers = checkpoint.config.num_layers
-    model_id = checkpoint.model_id()
-    length = min(config.max_layers or num_layers, num_layers)
-    start, end = agent.choose_span(model_id, num_layers, length)
-    served = len(agent.servers(model_id))
-    say(f"placement: layers {start}:{end} of {num_layers} (the weakest window; {served} peers serve this model)")
-    agent.update_member(
-        model_id=model_id, start=start, end=end, num_layers=num_layers, max_layers=length, state="loading"
-    )
-    return start, end
+    def _serving_fields(self) -> dict[str, Any]:
+        """Our member record's fields about what we serve."""
+        serving = self.serving
+        if serving is None or not serving.shard.model_id:
+            return {"state": ""}
+        ad = serving.shard
+        return {
+            "addresses": (serving.grpc_address,),
+            "model_id": ad.model_id,
+            "start": ad.start,
+            "end": ad.end,
+            "num_layers": ad.num_layers,
+            "max_layers": (self.config.max_layers or ad.num_layers) if self.config.auto_layers else ad.end - ad.start,
+            "throughput": ad.throughput,
+            "capacity_bytes": serving.engine.config.kv_budget_bytes,
+            "state": "serving",
+        }
+
+    def _ready_fields(self) -> dict[str, Any]:
+        serving = self.serving
+        shard = serving.shard if serving is not None else None
+        return {
+            "peer_id": self.peer_id,
+            "multiaddrs": list(self.addresses),
+            "grpc_address": serving.grpc_address if serving is not None else None,
+            "model_id": shard.model_id if shard is not None else None,
+            "layers": [shard.start, shard.end] if shard is not None else None,
+        }
+
+    async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
+        """Pick the weakest window of the swarm's view and claim it (state "loading") before loading it."""
+        from shards import Checkpoint
+
+        server = self.config.server
+        assert server is not None
+        checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
+        num_layers = checkpoint.config.num_layers
+        model_id = checkpoint.model_id()
+        length = min(self.config.max_layers or num_layers, num_layers)
+        start, end = agent.choose_span(model_id, num_layers, length)
+        served = len(agent.servers(model_id))
+        self.say(
+            f"placement: layers {start}:{end} of {num_layers} (the weakest window; {served} peers serve this model)"
+        )
+        agent.update_member(
+            model_id=model_id, start=start, end=end, num_layers=num_layers, max_layers=length, state="loading"
+        )
+        return start, end
+
+    # -- the DHT record -------------------------------------------------------------------
+
+    def _provider_keys(self) -> list[str]:
+        serving = self.serving
+        shards = [serving.shard] if serving is not None and serving.shard.model_id else []
+        return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
+
+    async def _publish(self, withdrawn: bool = False) -> None:
+        """Issue a new signed record and push it to the DHT servers we know (bounded: a few seconds).
+
+        The full Kademlia put and provider announcements follow in a task of their own, one at
+        a time: with a black-holed peer they take tens of seconds, and the next record must
+        not wait for them (its expiry counts from its issue time)."""
+        node, advert = self._node, self.advert
+        assert node is not None and node.nat is not None
+        advert.seq = max(advert.seq + 1, time.time_ns())
+        fresh = await self._bridge.call(node.nat.state)
+        if (fresh.reachability, fresh.relay) != (advert.nat.reachability, advert.nat.relay):
+            relaying = ", relaying" if fresh.relay else ""
+            self.say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
+        if fresh.circuit_addresses != advert.nat.circuit_addresses:
+            self.say(f"reachable through relays at: {', '.join(fresh.circuit_addresses) or 'none'}")
+        advert.nat = fresh
+        serving = self.serving
+        record = make_record(
+            self._key_pair,
+            grpc_addresses=[serving.grpc_address] if serving is not None else [],
+            p2p_addresses=self.addresses,
+            shards=[serving.shard] if serving is not None and serving.shard.model_id else [],
+            ttl_s=self.config.ttl_s,
+            seq=advert.seq,
+            withdrawn=withdrawn,
+            reachability=fresh.reachability,
+            circuit_addresses=fresh.circuit_addresses,
+            relay=fresh.relay,
+        )
+        advert.issued_at = time.monotonic()
+        signed, keys = sign_record(record, self._key_pair), self._provider_keys()
+        started = time.monotonic()
+        await self._bridge.call(node.publish, signed, keys, False)
+        log.info("pushed %s record in %.2f s", "a withdrawn" if withdrawn else "our", time.monotonic() - started)
+        if not withdrawn and self._tasks is not None and (self._announcing is None or self._announcing.done()):
+            self._announcing = self._tasks.create_task(self._announce(signed, keys), name="moemesh-announce")
+
+    async def _announce(self, signed: bytes, keys: list[str]) -> None:
+        assert self._node is not None
+        started = time.monotonic()
+        try:
+            await self._bridge.call(self._node.publish, signed, keys, True)
+        except (OSError, RuntimeError) as e:  # the next record's announcement retries
+            log.warning("announcing our record in the DHT failed: %s", e)
+            return
+        log.info("announced our record in the DHT in %.2f s", time.monotonic() - started)
+
+    async def _keep_published(self) -> None:
+        """A new record every ttl/3 after the last one was issued, and at once when our
+        reachability or relays change, so a record never expires while its daemon lives."""
+        node = self._node
+        assert node is not None and node.nat is not None
+        while True:
+            due = self.advert.issued_at + self.config.ttl_s / 3
+            await asyncio.sleep(max(0.0, min(1.0, due - time.monotonic())))
+            fresh = await self._bridge.call(node.nat.state)
+            if fresh.version == self.advert.nat.version and time.monotonic() < due:
+                continue
+            try:
+                await self._publish()
+            except (OSError, RuntimeError) as e:  # keep serving; the next round retries
+                log.warning("republishing the record failed: %s", e)

@@ -17,6 +17,8 @@ from node.client.client import Client, ClientConfig, Hop
 from node.errors import RouteError
 from node.testing.launch import local_swarm, start_server_process
 
+pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 16
 TOKENS = 12

@@ -16,6 +16,8 @@ import pytest
 from node.client.client import Client, ClientConfig, Hop, Sampling
 from node.testing.launch import DaemonProcess, local_swarm, start_daemon
 
+pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
+
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
 TOKENS = 64
 DISTURB_AT = 24  # tokens produced before the peer fails

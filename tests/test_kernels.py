@@ -47,10 +47,12 @@ def test_dispatch_plan_covers_each_choice_once_and_combines_remote_outputs_exact
     weights, ids = route(x, torch.randn(8, 32, generator=g), 2, normalize=True, weights_in_model_dtype=False)
     plan = dispatch(ids)
     assert list(plan.experts) == sorted(set(ids.flatten().tolist()))
-    pairs = sorted((int(t), int(s)) for ts, ss in zip(plan.tokens, plan.slots, strict=True) for t, s in zip(ts, ss))
+    pairs = sorted(
+        (int(t), int(s)) for ts, ss in zip(plan.tokens, plan.slots, strict=True) for t, s in zip(ts, ss, strict=True)
+    )
     assert pairs == sorted((t, s) for t in range(9) for s in range(2))
     for e, ts, ss in zip(plan.experts, plan.tokens, plan.slots, strict=True):
-        assert all(int(ids[t, s]) == e for t, s in zip(ts, ss))
+        assert all(int(ids[t, s]) == e for t, s in zip(ts, ss, strict=True))
     # experts run "elsewhere": only the rows each expert needs travel, the weights stay there
     remote = [
         run_experts(x[ts], plan.__class__((e,), (torch.arange(len(ts)),), (ss,)), gate_up, down, F.silu)[0]

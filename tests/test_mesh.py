@@ -14,6 +14,8 @@ from node.client.client import Client
 from node.errors import RouteError
 from node.testing.launch import DaemonProcess, start_daemon
 
+pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
+
 SHORT_TTL = 5.0  # the daemon we SIGKILL: its record must vanish by itself
 LONG_TTL = 120.0  # everyone else: a disappearance within seconds means a withdrawal, not expiry
 

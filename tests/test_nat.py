@@ -28,7 +28,7 @@ from node.testing.netlab import NatLab, unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"no NAT lab: {REASON}")
+pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no NAT lab: {REASON}"), pytest.mark.slow]
 
 CLIENT = """
 import json, sys

@@ -20,6 +20,8 @@ from node.swarm.agent import servers_of
 from node.testing.launch import DaemonProcess, start_daemon
 from protocol import make_tensor
 
+pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
+
 LEASE = "5"
 SYNC = ["--lease", LEASE, "--sync-interval", "0.5"]
 CONVERGE_S = 30.0  # generous: two cores shared by eight daemons and other test runs

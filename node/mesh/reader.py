@@ -141,7 +141,8 @@ class SwarmReader:
 
         return self._thread.call_sync(all_of_them)
 
-    def _read(self, peer_ids: Sequence[str]) -> SwarmSnapshot:
+    def read(self, peer_ids: Sequence[str]) -> SwarmSnapshot:
+        """The verified live records of `peer_ids` (asked of each peer, else the DHT); the rest ignored, with why."""
         raw = self._thread.call_sync(self._node.records, list(peer_ids))
         at = now_ms()
         records: dict[str, PeerRecord] = {}
@@ -166,12 +167,12 @@ class SwarmReader:
 
     def everyone(self, attempts: int = 3) -> SwarmSnapshot:
         """Every daemon that announced itself (asks again, briefly, while the answer is empty)."""
-        snapshot = self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
+        snapshot = self.read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
         for attempt in range(1, attempts):
             if snapshot.records:
                 break
             time.sleep(0.5 * attempt)
-            snapshot = self._read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
+            snapshot = self.read(self._thread.call_sync(self._node.providers, ALL_PEERS_KEY))
         return snapshot
 
     def model(self, model_id: str | None) -> tuple[str, SwarmSnapshot]:
@@ -195,13 +196,13 @@ class SwarmReader:
             model_id = next(iter(models))
         layers = {ad.num_layers for r in everyone.records.values() for ad in r.shards if ad.model_id == model_id}
         if not layers:
-            first = self._read(self._thread.call_sync(self._node.providers, block_key(model_id, 0)))
+            first = self.read(self._thread.call_sync(self._node.providers, block_key(model_id, 0)))
             layers = {ad.num_layers for r in first.records.values() for ad in r.shards if ad.model_id == model_id}
         if not layers:
             raise RouteError(f"no peer serves model {model_id}")
         keys = [block_key(model_id, block) for block in range(max(layers))]
         providers = set(self._thread.call_sync(self._node.providers_of_all, keys))
-        extra = self._read(sorted(providers - set(everyone.records) - set(everyone.ignored)))
+        extra = self.read(sorted(providers - set(everyone.records) - set(everyone.ignored)))
         records = {**everyone.records, **extra.records}
         serving = {pid: r for pid, r in records.items() if any(ad.model_id == model_id for ad in r.shards)}
         return model_id, SwarmSnapshot(serving, {**everyone.ignored, **extra.ignored}, everyone.taken_at_ms)

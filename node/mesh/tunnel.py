@@ -86,9 +86,11 @@ async def splice(stream: INetStream, tcp: trio.SocketStream, what: str) -> None:
 class TunnelServer:
     """Serving side: each tunnel stream is piped to our own gRPC port."""
 
-    def __init__(self, host: IHost, target: tuple[str, int], config: TunnelConfig | None = None) -> None:
+    def __init__(
+        self, host: IHost, target: Callable[[], tuple[str, int] | None], config: TunnelConfig | None = None
+    ) -> None:
         self.host = host
-        self.target = target
+        self.target = target  # read per connection: the gRPC port changes when the daemon moves its span
         self.config = config or TunnelConfig()
         self.active = 0
         host.set_stream_handler(TUNNEL_PROTOCOL, self._handle)
@@ -99,13 +101,18 @@ class TunnelServer:
             log.warning("refusing a tunnel from %s: %d tunnels open already", peer, self.active)
             await stream.reset()
             return
+        target = self.target()
+        if target is None:
+            log.info("refusing a tunnel from %s: no gRPC server runs now (loading a span)", peer)
+            await stream.reset()
+            return
         self.active += 1
         try:
             try:
                 with trio.fail_after(self.config.connect_timeout_s):
-                    tcp = await trio.open_tcp_stream(*self.target)
+                    tcp = await trio.open_tcp_stream(*target)
             except (OSError, trio.TooSlowError) as e:
-                log.warning("tunnel from %s: our gRPC port %s:%d does not answer: %r", peer, *self.target, e)
+                log.warning("tunnel from %s: our gRPC port %s:%d does not answer: %r", peer, *target, e)
                 await stream.reset()
                 return
             await splice(stream, tcp, f"from {peer}")

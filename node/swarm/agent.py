@@ -76,8 +76,7 @@ class SwarmAgent:
         self._rtts: dict[str, float] = {}  # peer -> ms, smoothed
         self._rtts_written: dict[str, float] = {}
         self._renewed_at = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None  # the daemon's: pushes and moves run in it
         self._imbalanced_for = 0
         self._cooldown = 0
         self._moving = False
@@ -91,7 +90,10 @@ class SwarmAgent:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        """Install the sync protocol and exchange with the bootstrap peers; then `run()` the rounds.
+        Pushes of local changes and moves run as tasks of `tasks` (the daemon's root group)."""
+        self._tasks = tasks
         loop = asyncio.get_running_loop()
 
         async def respond(data: bytes) -> bytes | None:
@@ -101,17 +103,10 @@ class SwarmAgent:
         await self.bridge.call(self.wire.install)
         self._write_member()
         await asyncio.gather(*(self._exchange(pid, [addr]) for pid, addr in self.bootstrap))
-        self._task = asyncio.create_task(self._run())
 
     async def stop(self, leave: bool = True) -> None:
-        """Stop syncing; with `leave`, remove our records and tell the peers first (a clean exit)."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """After the rounds were cancelled: with `leave`, remove our records and tell the peers (a clean exit)."""
+        self._tasks = None  # no more background pushes: the group is winding down
         if leave:
             self.replica.leave()
             await self._flush()
@@ -187,9 +182,16 @@ class SwarmAgent:
             self._rtts[peer_id] = ms if old is None else min(ms, 0.5 * old + 0.5 * ms)
 
     def _schedule_flush(self) -> None:
-        task = asyncio.create_task(self._flush())
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        """Push local changes soon, in a task of the daemon's group (before start or while stopping,
+        the next round or the leaving flush carries them)."""
+        if self._tasks is not None:
+            self._tasks.create_task(self._flush_quietly())
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except (OSError, RuntimeError) as e:  # a task of the root group must not take the daemon down
+            log.warning("pushing our swarm-state changes failed: %r", e)
 
     async def _flush(self) -> None:
         """Push our local changes (merged) to up to `fanout` peers."""
@@ -199,7 +201,8 @@ class SwarmAgent:
         frame = encode_frame(self.replica.push(update))
         await asyncio.gather(*(self._exchange(pid, addrs, frame) for pid, addrs in self._targets(self.config.fanout)))
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The rounds, every `sync_interval` (jittered), until cancelled."""
         interval = self.config.sync_interval_s
         while True:
             await asyncio.sleep(interval * random.uniform(0.75, 1.25))  # no lockstep between daemons
@@ -256,10 +259,10 @@ class SwarmAgent:
             move.bottleneck_before,
             move.bottleneck_after,
         )
+        if self._tasks is None:
+            return
         self._moving = True  # the move runs beside the rounds: leases must be renewed while it drains
-        task = asyncio.create_task(self._move(move.start, move.end))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        self._tasks.create_task(self._move(move.start, move.end), name="moemesh-move")
 
     async def _move(self, start: int, end: int) -> None:
         assert self._on_move is not None

@@ -1,11 +1,14 @@
-"""Start and stop local `moemesh serve` processes (used by the demo, the tests and the benchmarks)."""
+"""Start and stop local `moemesh serve` and `moemesh daemon` processes (the demo, the tests, the benchmarks).
+
+Readiness is read from the machine-readable events the commands print with `--json-events`
+(one JSON object per line), never from the human log lines."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
-import re
 import subprocess
 import sys
 import threading
@@ -13,10 +16,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ServerProcess", "local_swarm", "start_server_process"]
+__all__ = ["DaemonProcess", "ServerProcess", "event_of", "local_swarm", "start_daemon", "start_server_process"]
 
-_READY = re.compile(r"^moemesh: serving .* on (\S+):(\d+)$")
+
+
+def event_of(line: str, kind: str) -> dict[str, Any] | None:
+    """The fields of a `--json-events` line of `kind` ("ready", "moved", ...), else None."""
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and event.get("event") == kind else None
 
 
 def _stop(process: subprocess.Popen[str], timeout: float) -> None:
@@ -80,6 +94,7 @@ def _spawn(
         f"{layers[0]}:{layers[1]}",
         "--port",
         "0",
+        "--json-events",
         *extra_args,
     ]
     proc, lines, log = _popen(cmd, env)
@@ -100,9 +115,8 @@ def _lines(lines: queue.SimpleQueue[str | None], log: list[str], deadline: float
 
 def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], deadline: float) -> None:
     for line in _lines(lines, server.log, deadline, f"server for layers {server.layers}"):
-        match = _READY.match(line)
-        if match:
-            server.address = f"{match.group(1)}:{match.group(2)}"
+        if (ready := event_of(line, "ready")) is not None:
+            server.address = ready["grpc_address"]
             return
 
 
@@ -142,11 +156,6 @@ def local_swarm(
             server.stop()
 
 
-_PEER = re.compile(r"^moemesh: peer (\S+) listening on (\S+?)(?:,|$)")
-_SERVING = re.compile(r"^moemesh: serving .* on (\S+:\d+),")
-_ADVERTISED = re.compile(r"^moemesh: advertised ")
-
-
 @dataclass
 class DaemonProcess:
     process: subprocess.Popen[str]
@@ -182,7 +191,7 @@ def start_daemon(
 
     `wrap` turns the command line into the one to run (e.g. inside a network namespace).
     """
-    cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", *args]
+    cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", "--json-events", *args]
     if wrap is not None:
         cmd = wrap(cmd)
     started = time.monotonic()
@@ -191,11 +200,9 @@ def start_daemon(
     deadline = started + timeout
     try:
         for line in _lines(lines, log, deadline, f"daemon {' '.join(args)}"):
-            if m := _PEER.match(line):
-                daemon.peer_id, daemon.multiaddr = m.group(1), m.group(2)
-            elif m := _SERVING.match(line):
-                daemon.grpc_address = m.group(1)
-            elif _ADVERTISED.match(line):
+            if (ready := event_of(line, "ready")) is not None:
+                daemon.peer_id, daemon.multiaddr = ready["peer_id"], ready["multiaddrs"][0]
+                daemon.grpc_address = ready["grpc_address"] or ""
                 daemon.advertised_after_s = time.monotonic() - started
                 return daemon
         raise AssertionError("unreachable: _lines ends only by raising")

@@ -1,26 +1,16 @@
-"""`moemesh`: serve a span of a model, generate through a chain of peers, inspect peers.
+"""The command line's parser: every subcommand, its options, and the checks argparse can do.
 
-Imports no torch at import time; `serve` loads it when it runs.
+Imports nothing heavy: arguments are parsed before torch or libp2p is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import os
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from node.errors import ConfigError, MoemeshError, RouteError
-
-if TYPE_CHECKING:
-    from node.serve.engine import ServerConfig
-
-__all__ = ["main"]
+__all__ = ["build_parser"]
 
 EXAMPLES = """\
 examples:
@@ -82,31 +72,10 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idle-timeout", type=_seconds, default=300.0, help="close a session after this many idle seconds (300)"
     )
-
-
-def _server_config(args: argparse.Namespace) -> ServerConfig:
-    from node.serve.engine import ServerConfig
-    from shards import Checkpoint, parse_layers
-
-    if not args.layers:
-        raise ConfigError("--model needs --layers START:END")
-    layers = Checkpoint(args.model).config.num_layers
-    start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: chosen later
-    return ServerConfig(
-        model=args.model,
-        start=start,
-        end=end,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        max_sessions=args.max_sessions,
-        max_length=args.max_length,
-        kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
-        max_message_bytes=args.max_message_mb * 1024**2,
-        torch_threads=args.threads,
-        max_batch=args.max_batch,
-        grace_s=args.grace,
-        idle_timeout_s=max(args.idle_timeout, 0.1),
+    parser.add_argument(
+        "--json-events",
+        action="store_true",
+        help="also print machine-readable events on stdout, one JSON object per line (ready, moved, stopping)",
     )
 
 
@@ -236,184 +205,3 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# libgomp's idle workers spin ~300k iterations before sleeping. A serving peer is idle
-# between steps most of the time, and its spinning threads steal the cores that the next
-# peer of a pipeline (or the volunteer's own programs) need; 10k keeps back-to-back ops fast.
-GOMP_SPINCOUNT = "10000"
-
-
-def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
-    from node.serve.engine import SpanRunner
-    from node.serve.service import serve
-
-    if args.layers == "auto":
-        raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
-    runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
-    span = runner.span
-
-    def ready(port: int) -> None:
-        print(
-            f"moemesh: serving {runner.model_name} ({runner.model_id}) layers {span.start}:{span.end}"
-            f" of {span.cfg.num_layers} on {args.host}:{port}",
-            flush=True,
-        )
-
-    asyncio.run(serve(runner, ready))
-    return 0
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from node.client.client import Client, Sampling
-
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    ids: list[int] | None = None
-    if args.ids:
-        try:
-            ids = [int(i) for i in args.ids.split(",")]
-        except ValueError:
-            raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
-    elif not args.prompt:
-        raise ConfigError("give a prompt, or --ids")
-    with Client(
-        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
-    ) as client:
-        chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
-        deadline = time.monotonic() + args.wait
-        while True:
-            try:
-                route = client.route()  # planned once, used by the generation below
-                break
-            except RouteError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(1.0)
-        if ids is not None:
-            for token in client.generate(ids, args.max_new_tokens, sampling=sampling, route=route):
-                print(token, end=" ", flush=True)
-        else:
-            pieces = client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat, route=route)
-            for piece in pieces:
-                print(piece, end="", flush=True)
-        print()
-        for note in client.recoveries:
-            print(f"moemesh: recovered: {note}", file=sys.stderr)
-    return 0
-
-
-def _daemon(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
-    from node.daemon import DaemonConfig, run_daemon
-    from node.mesh.host import MeshConfig
-    from node.mesh.identity import default_identity_path
-    from node.swarm.agent import SwarmConfig
-
-    server = None
-    if args.model is not None:
-        server = _server_config(args)
-    elif args.layers:
-        raise ConfigError("--layers needs --model")
-    if args.ttl < 3:
-        raise ConfigError("--ttl must be at least 3 seconds")
-    auto = args.layers == "auto"
-    if args.max_layers is not None and not auto:
-        raise ConfigError("--max-layers goes with --layers auto")
-    if not 0.05 <= args.sync_interval <= 3600:
-        raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
-    if not 3 * args.sync_interval <= args.lease <= 86400:
-        raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
-    from node.mesh.nat import NatConfig
-
-    config = DaemonConfig(
-        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
-        identity=args.identity or default_identity_path(),
-        mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
-        server=server,
-        announce_host=args.announce_host,
-        ttl_s=args.ttl,
-        swarm=SwarmConfig(
-            lease_s=args.lease, sync_interval_s=args.sync_interval, rebalance=auto and not args.no_rebalance
-        ),
-        auto_layers=auto,
-        max_layers=args.max_layers or 0,
-    )
-    asyncio.run(run_daemon(config, lambda m: print(f"moemesh: {m}", flush=True)))
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    import json
-
-    from node.mesh.reader import SwarmReader
-    from node.swarm.status import crdt_report, format_crdt_report, format_report, report
-
-    with SwarmReader(args.bootstrap, traversal=True) as reader:
-        snapshot = reader.everyone()
-        view = report(snapshot, reader.reach(snapshot.records))
-        state = reader.swarm_state()
-    view["crdt"] = crdt_report(state, time.time(), args.bootstrap[0]) if state is not None else None
-    if args.json:
-        print(json.dumps(view, indent=2))
-    else:
-        print(format_report(view))
-        print(format_crdt_report(view["crdt"]) if state is not None else "the daemon did not share its swarm state")
-    return 0
-
-
-def _info(args: argparse.Namespace) -> int:
-    from node.client.client import Client
-
-    with Client(args.peers) as client:
-        for address in args.peers:
-            i = client.info(address)
-            print(
-                f"{address}: {i.model_name} ({i.model_id}) layers {i.start}:{i.end} of {i.num_layers},"
-                f" max length {i.max_length}, version {i.version}"
-            )
-    return 0
-
-
-def _build_demo(args: argparse.Namespace) -> int:
-    from node.demo_model import build_demo_model
-
-    print(build_demo_model(args.out))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("daemon", "status") or getattr(args, "bootstrap", None):
-        import libp2p  # noqa: F401  (importing it resets its logger, so configure after)
-    p2p_log = logging.getLogger("libp2p")  # has no handler and does not propagate: stderr by default
-    if args.verbose >= 2:
-        p2p_log.propagate = True
-    else:  # routine events of a P2P network (a peer gone, a client without the DHT protocol)
-        p2p_log.addHandler(logging.NullHandler())
-    commands = {
-        "serve": _serve,
-        "daemon": _daemon,
-        "status": _status,
-        "generate": _generate,
-        "info": _info,
-        "build-demo-model": _build_demo,
-    }
-    try:
-        return commands[args.command](args)
-    except KeyboardInterrupt:
-        return 130
-    except (MoemeshError, ValueError, OSError) as e:  # our errors and bad input: a line, no traceback
-        print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from shards import ShardError, UnsupportedModelError
-
-        if isinstance(e, (ShardError, UnsupportedModelError)):
-            print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The subcommands: each takes the parsed arguments and returns the exit code.
+
+Heavy imports (torch, libp2p, the server) happen inside each command, after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from node.errors import ConfigError, RouteError
+
+if TYPE_CHECKING:
+    from node.serve.engine import ServerConfig
+
+__all__ = ["COMMANDS"]
+
+
+def _need_torch(command: str) -> None:
+    """Serving needs the `serve` extra; the SDK and the CLI's other commands do not."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{command} needs torch: pip install 'moemesh[serve]'") from None
+
+
+def _say(message: str) -> None:
+    print(f"moemesh: {message}", flush=True)
+
+
+def _events(enabled: bool) -> Any:
+    """With --json-events: one JSON object per line on stdout for each event (ready, moved, stopping)."""
+
+    def emit(kind: str, **fields: Any) -> None:
+        if enabled:
+            print(json.dumps({"event": kind, **fields}), flush=True)
+
+    return emit
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    from node.serve.engine import ServerConfig
+    from shards import Checkpoint, parse_layers
+
+    if not args.layers:
+        raise ConfigError("--model needs --layers START:END")
+    layers = Checkpoint(args.model).config.num_layers
+    start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: chosen later
+    return ServerConfig(
+        model=args.model,
+        start=start,
+        end=end,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_sessions=args.max_sessions,
+        max_length=args.max_length,
+        kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
+        max_message_bytes=args.max_message_mb * 1024**2,
+        torch_threads=args.threads,
+        max_batch=args.max_batch,
+        grace_s=args.grace,
+        idle_timeout_s=max(args.idle_timeout, 0.1),
+    )
+
+
+# libgomp's idle workers spin ~300k iterations before sleeping. A serving peer is idle
+# between steps most of the time, and its spinning threads steal the cores that the next
+# peer of a pipeline (or the volunteer's own programs) need; 10k keeps back-to-back ops fast.
+GOMP_SPINCOUNT = "10000"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
+    _need_torch("moemesh serve")
+    from node.serve.engine import SpanRunner
+    from node.serve.service import serve
+
+    if args.layers == "auto":
+        raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
+    runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
+    span = runner.span
+    event = _events(args.json_events)
+
+    def ready(port: int) -> None:
+        _say(
+            f"serving {runner.model_name} ({runner.model_id}) layers {span.start}:{span.end}"
+            f" of {span.cfg.num_layers} on {args.host}:{port}"
+        )
+        event("ready", grpc_address=f"{args.host}:{port}", model_id=runner.model_id, layers=[span.start, span.end])
+
+    asyncio.run(serve(runner, ready))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from node.client.client import Client, Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    ids: list[int] | None = None
+    if args.ids:
+        try:
+            ids = [int(i) for i in args.ids.split(",")]
+        except ValueError:
+            raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    elif not args.prompt:
+        raise ConfigError("give a prompt, or --ids")
+    with Client(
+        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
+    ) as client:
+        chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
+        deadline = time.monotonic() + args.wait
+        while True:
+            try:
+                route = client.route()  # planned once, used by the generation below
+                break
+            except RouteError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+        if ids is not None:
+            for token in client.generate(ids, args.max_new_tokens, sampling=sampling, route=route):
+                print(token, end=" ", flush=True)
+        else:
+            pieces = client.generate_text(args.prompt, args.max_new_tokens, sampling=sampling, chat=chat, route=route)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+        print()
+        for note in client.recoveries:
+            print(f"moemesh: recovered: {note}", file=sys.stderr)
+    return 0
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    from node.daemon import Daemon, DaemonConfig
+    from node.mesh.host import MeshConfig
+    from node.mesh.identity import default_identity_path
+    from node.swarm.agent import SwarmConfig
+
+    server = None
+    if args.model is not None:
+        _need_torch("moemesh daemon --model")
+        server = _server_config(args)
+    elif args.layers:
+        raise ConfigError("--layers needs --model")
+    if args.ttl < 3:
+        raise ConfigError("--ttl must be at least 3 seconds")
+    auto = args.layers == "auto"
+    if args.max_layers is not None and not auto:
+        raise ConfigError("--max-layers goes with --layers auto")
+    if not 0.05 <= args.sync_interval <= 3600:
+        raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
+    if not 3 * args.sync_interval <= args.lease <= 86400:
+        raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    from node.mesh.nat import NatConfig
+
+    config = DaemonConfig(
+        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
+        identity=args.identity or default_identity_path(),
+        mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
+        server=server,
+        announce_host=args.announce_host,
+        ttl_s=args.ttl,
+        swarm=SwarmConfig(
+            lease_s=args.lease, sync_interval_s=args.sync_interval, rebalance=auto and not args.no_rebalance
+        ),
+        auto_layers=auto,
+        max_layers=args.max_layers or 0,
+    )
+    asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from node.mesh.reader import SwarmReader
+    from node.swarm.status import crdt_report, format_crdt_report, format_report, report
+
+    with SwarmReader(args.bootstrap, traversal=True) as reader:
+        snapshot = reader.everyone()
+        view = report(snapshot, reader.reach(snapshot.records))
+        state = reader.swarm_state()
+    view["crdt"] = crdt_report(state, time.time(), args.bootstrap[0]) if state is not None else None
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print(format_report(view))
+        print(format_crdt_report(view["crdt"]) if state is not None else "the daemon did not share its swarm state")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from node.client.client import Client
+
+    with Client(args.peers) as client:
+        for address in args.peers:
+            i = client.info(address)
+            print(
+                f"{address}: {i.model_name} ({i.model_id}) layers {i.start}:{i.end} of {i.num_layers},"
+                f" max length {i.max_length}, version {i.version}"
+            )
+    return 0
+
+
+def _build_demo(args: argparse.Namespace) -> int:
+    from node.demo_model import build_demo_model
+
+    print(build_demo_model(args.out))
+    return 0
+
+
+
+
+COMMANDS = {
+    "serve": _serve,
+    "daemon": _daemon,
+    "status": _status,
+    "generate": _generate,
+    "info": _info,
+    "build-demo-model": _build_demo,
+}

@@ -376,6 +376,9 @@ class Daemon:
         started = time.monotonic()
         try:
             await self._bridge.call(self._node.publish, signed, keys, True)
+        except ValueError:  # the DHT refuses an older record: a newer one was issued meanwhile, announced next
+            log.info("a newer record was issued while announcing this one: it is announced next")
+            return
         except (OSError, RuntimeError) as e:  # the next record's announcement retries
             log.warning("announcing our record in the DHT failed: %s", e)
             return

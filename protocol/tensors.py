@@ -24,6 +24,7 @@ DTYPE_NAMES: dict[int, str] = {
 }
 _BY_NAME: dict[str, Any] = {name: code for code, name in DTYPE_NAMES.items()}
 MAX_DIMS = 4
+MAX_DIM_SIZE = 2**31 - 1  # no real tensor is longer on one axis; bounds what a hostile shape can make torch do
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,14 @@ def make_tensor(dtype: str, shape: Sequence[int], data: bytes) -> Tensor:
 
 
 def check_tensor(tensor: Tensor, *, what: str = "tensor") -> TensorMeta:
-    """Validate dtype, rank and byte length; return the decoded metadata."""
+    """Validate dtype, rank, each dimension and the byte length; return the decoded metadata."""
     if tensor.dtype not in ITEMSIZE:
         raise InvalidTensorError(f"{what}: dtype {tensor.dtype} is not one of {', '.join(_BY_NAME)}")
     shape = tuple(int(d) for d in tensor.shape)
     if not 1 <= len(shape) <= MAX_DIMS:
         raise InvalidTensorError(f"{what}: rank {len(shape)} is outside 1..{MAX_DIMS}")
+    if any(not 0 <= d <= MAX_DIM_SIZE for d in shape):
+        raise InvalidTensorError(f"{what}: shape {list(shape)} has a dimension outside 0..{MAX_DIM_SIZE}")
     meta = TensorMeta(DTYPE_NAMES[tensor.dtype], shape)
     expected = meta.numel * ITEMSIZE[tensor.dtype]
     if len(tensor.data) != expected:

@@ -41,6 +41,8 @@ def test_invalid_tensors_are_refused() -> None:
         check_tensor(Tensor(dtype=DType.FLOAT32, shape=[], data=b""))
     with pytest.raises(InvalidTensorError, match="rank"):
         check_tensor(Tensor(dtype=DType.FLOAT32, shape=[1] * 5, data=b"\0" * 4))
+    with pytest.raises(InvalidTensorError, match="dimension outside"):  # no bytes, and torch.empty would overflow
+        check_tensor(Tensor(dtype=DType.FLOAT32, shape=[1, 1, 0, 2**63 - 1], data=b""))
     with pytest.raises(InvalidTensorError, match="cannot travel"):
         make_tensor("float64", [1], b"\0" * 8)
     assert check_tensor(make_tensor("int64", [1, 2], b"\0" * 16)).shape == (1, 2)

@@ -90,3 +90,16 @@ def test_placement_and_sync_flag_errors(tiny_models: dict[str, Path], tmp_path: 
     _fails_cleanly(moemesh("daemon", "--model", model, "--layers", "0:2", "--max-layers", "2", *key), "--layers auto")
     _fails_cleanly(moemesh("daemon", "--layers", "auto", "--lease", "1", "--model", model, *key), "3 sync intervals")
     _fails_cleanly(moemesh("daemon", "--sync-interval", "0", *key), "--sync-interval")
+
+
+def test_version_and_logging_flags_on_every_subcommand() -> None:
+
+    root = Path(__file__).resolve().parent.parent
+    version = subprocess.run([sys.executable, "-m", "node", "--version"], cwd=root, capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("moemesh ") and "protocol" in version.stdout
+    from node.cli.parser import build_parser
+
+    parser = build_parser()
+    for command in (["info", "x:1"], ["status", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"], ["build-demo-model"]):
+        args = parser.parse_args([command[0], "-vv", "-q", *command[1:]])
+        assert (args.verbose, args.quiet) == (2, 1)

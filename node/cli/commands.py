@@ -137,17 +137,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
-    from node.daemon import Daemon, DaemonConfig
-    from node.mesh.host import MeshConfig
-    from node.mesh.identity import default_identity_path
-    from node.swarm.agent import SwarmConfig
-
-    server = None
-    if args.model is not None:
-        _need_torch("moemesh daemon --model")
-        server = _server_config(args)
-    elif args.layers:
+    # The cheap checks first: a bad argument is refused before torch or libp2p is imported.
+    if args.model is None and args.layers:
         raise ConfigError("--layers needs --model")
     if args.ttl < 3:
         raise ConfigError("--ttl must be at least 3 seconds")
@@ -158,7 +149,16 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
     if not 3 * args.sync_interval <= args.lease <= 86400:
         raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    server = None
+    if args.model is not None:
+        _need_torch("moemesh daemon --model")
+        server = _server_config(args)
+    from node.daemon import Daemon, DaemonConfig
+    from node.mesh.host import MeshConfig
+    from node.mesh.identity import default_identity_path
     from node.mesh.nat import NatConfig
+    from node.swarm.agent import SwarmConfig
 
     config = DaemonConfig(
         nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),

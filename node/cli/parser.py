@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
     daemon.add_argument("--p2p-port", type=_port, default=0, help="libp2p TCP port (default: any free one)")
     daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
-    daemon.add_argument("--identity", type=Path, help="key file (default ~/.config/moemesh/identity.key; created)")
+    daemon.add_argument(
+        "--identity",
+        type=Path,
+        help="key file, created if missing; a running daemon holds it locked"
+        " (default: the first free of ~/.config/moemesh/identity.key, identity-2.key, ...)",
+    )
     daemon.add_argument("--ttl", type=float, default=60.0, help="record lifetime in seconds (default 60)")
     daemon.add_argument(
         "--lease",

@@ -1,7 +1,13 @@
-"""A daemon's persistent Ed25519 identity: a key file created on first start."""
+"""A daemon's persistent Ed25519 identity: a key file created on first start, held under a lock.
+
+Two daemons sharing one key would be one peer id to the swarm (each overwriting the other's
+records), so a running daemon holds an exclusive lock on its key file: a second daemon given
+the same `--identity` is refused, and one started without `--identity` takes the first free
+default key (identity.key, identity-2.key, ...)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -11,7 +17,15 @@ from libp2p.crypto.serialization import deserialize_private_key
 
 from node.errors import ConfigError
 
-__all__ = ["default_identity_path", "ephemeral_identity", "load_or_create_identity"]
+__all__ = [
+    "HeldIdentity",
+    "claim_identity",
+    "default_identity_path",
+    "ephemeral_identity",
+    "load_or_create_identity",
+]
+
+MAX_DEFAULT_IDENTITIES = 64
 
 
 def default_identity_path() -> Path:
@@ -41,3 +55,68 @@ def load_or_create_identity(path: Path) -> tuple[KeyPair, bool]:
         f.write(key_pair.private_key.serialize())
     tmp.rename(path)
     return key_pair, True
+
+
+class HeldIdentity:
+    """A key pair whose key file this process holds locked until `release()`."""
+
+    def __init__(self, key_pair: KeyPair, path: Path, created: bool, lock_fd: int) -> None:
+        self.key_pair = key_pair
+        self.path = path
+        self.created = created
+        self._lock_fd: int | None = lock_fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing drops the flock
+            self._lock_fd = None
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive lock on `path`'s lock file (its fd), or None when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.with_name(path.name + ".lock").read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def claim_identity(path: Path | None) -> HeldIdentity:
+    """Load (or create) and lock the identity at `path`; with None, the first free default one."""
+    if path is not None:
+        fd = _lock(path)
+        if fd is None:
+            raise ConfigError(
+                f"{path} is in use by another daemon on this machine (pid {_holder(path)}):"
+                " give each daemon its own --identity"
+            )
+        candidates = [path]
+    else:
+        first = default_identity_path()
+        candidates = [first] + [first.with_name(f"identity-{n}.key") for n in range(2, MAX_DEFAULT_IDENTITIES + 1)]
+        fd = None
+        for path in candidates:
+            fd = _lock(path)
+            if fd is not None:
+                break
+        if fd is None:
+            raise ConfigError(f"all {MAX_DEFAULT_IDENTITIES} default identities are in use: pass --identity")
+    assert path is not None
+    try:
+        key_pair, created = load_or_create_identity(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HeldIdentity(key_pair, path, created, fd)

@@ -31,6 +31,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Load, Member
+from node.mesh.addresses import WILDCARDS, advertised, local_ipv4_addresses
 from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
@@ -142,7 +143,8 @@ class Daemon:
                 from node.mesh.tunnel import TunnelServer
 
                 TunnelServer(node.host, self._tunnel_target)
-            self.addresses = await self._bridge.call(self._bridge.start_service, node.serve)
+            listening = await self._bridge.call(self._bridge.start_service, node.serve)
+            self.addresses = advertised(listening, config.announce_host)  # never /ip4/0.0.0.0
             self.say(f"peer {node.peer_id} listening on {', '.join(self.addresses)}")
             if not config.mesh.bootstrap:
                 self.say(f"new swarm: others join with --bootstrap {self.addresses[0]}")
@@ -227,7 +229,8 @@ class Daemon:
         except BaseException:
             engine.shutdown()
             raise
-        address = f"{self.config.announce_host or server_config.host}:{port}"
+        host = self.config.announce_host or server_config.host
+        address = f"{local_ipv4_addresses()[0] if host in WILDCARDS else host}:{port}"
         throughput = await loop.run_in_executor(None, measure_throughput, engine, self.config.cache_dir)
         span = engine.span
         shard = ShardAd(
@@ -250,7 +253,7 @@ class Daemon:
         if serving is None or server is None:
             return None
         host = server.host
-        return ("127.0.0.1" if host in ("0.0.0.0", "", "::") else host, serving.local_port)
+        return ("127.0.0.1" if host in WILDCARDS else host, serving.local_port)
 
     async def move(self, start: int, end: int) -> None:
         """Drain the open sessions (bounded), load layers [start, end), advertise them."""

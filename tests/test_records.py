@@ -123,3 +123,17 @@ def test_swarm_reader_needs_a_bootstrap_address() -> None:
         SwarmReader([])
     with pytest.raises(ConfigError, match="not a multiaddr"):
         SwarmReader(["127.0.0.1:4001"])
+
+
+def test_a_wildcard_listen_address_is_advertised_as_real_addresses() -> None:
+    from node.mesh.addresses import advertised, local_ipv4_addresses
+
+    listening = ["/ip4/0.0.0.0/tcp/4001/p2p/12D3X", "/ip4/10.9.8.7/tcp/4001/p2p/12D3X"]
+    assert advertised(listening, None, local=["192.0.2.5", "127.0.0.1"]) == [
+        "/ip4/192.0.2.5/tcp/4001/p2p/12D3X",
+        "/ip4/127.0.0.1/tcp/4001/p2p/12D3X",
+        "/ip4/10.9.8.7/tcp/4001/p2p/12D3X",
+    ]
+    assert advertised(listening, "peer.example", local=["192.0.2.5"])[0] == "/dns4/peer.example/tcp/4001/p2p/12D3X"
+    mine = local_ipv4_addresses()
+    assert "127.0.0.1" in mine and mine[-1] == "127.0.0.1" and "0.0.0.0" not in mine

@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--host", default="127.0.0.1", help="listen address for gRPC and libp2p (default 127.0.0.1)")
     daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
     daemon.add_argument("--p2p-port", type=_port, default=0, help="libp2p TCP port (default: any free one)")
-    daemon.add_argument("--announce-host", help="host others use to reach the gRPC port (default: --host)")
+    daemon.add_argument(
+        "--announce-host",
+        help="host others dial for gRPC and libp2p (default: --host; with 0.0.0.0, every address of this machine)",
+    )
     daemon.add_argument(
         "--identity",
         type=Path,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.client.client import Client, ClientConfig, Hop, Sampling
+from node.client import Client, ClientConfig, Hop, Sampling
 from node.testing.launch import DaemonProcess, local_swarm, start_daemon
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]

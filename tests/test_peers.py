@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -76,10 +77,9 @@ def test_members_become_views_of_live_serving_spans_and_place_alike() -> None:
     now = 1000.0
     live = now + 30
 
-    def member(pid: str, start: int, end: int, state: str = "serving", **kw: object) -> Member:
-        fields: dict[str, object] = dict(model_id="m", num_layers=4, throughput=10.0, lease_until=live, state=state)
-        fields.update(kw)
-        return Member(pid, ("127.0.0.1:1",), start=start, end=end, **fields)  # type: ignore[arg-type]
+    def member(pid: str, start: int, end: int, state: str = "serving", **changes: object) -> Member:
+        m = Member(pid, ("127.0.0.1:1",), "m", start, end, throughput=10.0, lease_until=live, num_layers=4, state=state)
+        return replace(m, **changes)  # type: ignore[arg-type]
 
     members = {
         m.peer_id: m

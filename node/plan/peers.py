@@ -73,7 +73,7 @@ class PeerView:
         return 1.0 / self.throughput if self.throughput > 0 else UNKNOWN_BLOCK_SECONDS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PeerInfo(PeerView):
     """A peer as its own Info answer tells it: its span, and its limits and load right now."""
 

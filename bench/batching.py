@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import BENCH, SMALL, build  # noqa: E402
 
-from node.client.client import Client, Hop  # noqa: E402
+from node.client import Client, Hop  # noqa: E402
 from node.testing.launch import local_swarm  # noqa: E402
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import build  # noqa: E402
 
-from node.client.client import Client  # noqa: E402
+from node.client import Client  # noqa: E402
 from node.testing.launch import DaemonProcess, start_daemon  # noqa: E402
 
 TINY = dict(

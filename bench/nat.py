@@ -32,7 +32,7 @@ from node.testing.netlab import Host, NatLab, unavailable_reason  # noqa: E402
 
 CLIENT = r"""
 import json, statistics, sys, time
-from node.client.client import Client, InferenceSession
+from node.client import Client, InferenceSession
 from node.plan.routing import Hop
 
 boot, direct_peer, natted_peer, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.client.client import Client  # noqa: E402
+from node.client import Client  # noqa: E402
 from node.testing.launch import local_swarm  # noqa: E402
 from shards import split_evenly  # noqa: E402
 

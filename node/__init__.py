@@ -3,7 +3,7 @@
 Importing `node` or `node.client` does not import torch (the SDK only relays bytes).
 """
 
-from node.client.client import Client, ClientConfig, Hop, InferenceSession, PeerInfo, Sampling, plan_route
+from node.client import Client, ClientConfig, Hop, InferenceSession, PeerInfo, PeerView, Sampling, plan_route
 from node.errors import (
     ConfigError,
     MoemeshError,
@@ -25,6 +25,7 @@ __all__ = [
     "MoemeshError",
     "PeerError",
     "PeerInfo",
+    "PeerView",
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",

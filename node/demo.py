@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from node.client.client import Client
+from node.client import Client
 from node.demo_model import build_demo_model
 from node.testing.launch import local_swarm
 from shards import Checkpoint, split_evenly

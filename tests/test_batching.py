@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import wait_for
 
-from node.client.client import Client, ClientConfig, Hop
+from node.client import Client, ClientConfig, Hop
 from node.errors import RouteError
 from node.testing.launch import local_swarm, start_server_process
 
@@ -87,7 +87,7 @@ def test_a_client_that_goes_away_frees_its_session(tiny_models: dict[str, Path])
         # a client process killed mid-session
         script = (
             "import sys, time\n"
-            "from node.client.client import Client\n"
+            "from node.client import Client\n"
             f"s = Client([{server.address!r}]).session(32)\n"
             "s.step([1, 2, 3]); print('open', flush=True); time.sleep(60)\n"
         )

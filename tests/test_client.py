@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.client.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
+from node.client import Client, Hop, PeerInfo, Sampling, plan_route, sample
 from node.errors import ConfigError, RouteError
-from node.plan.routing import Candidate, best_chain, missing_blocks
+from node.plan.peers import PeerView
+from node.plan.routing import best_chain, missing_blocks
 from node.testing.launch import local_swarm
 
 
 def peer(address: str, start: int, end: int, layers: int = 12) -> PeerInfo:
-    return PeerInfo(address, "m", "model", start, end, layers, 100, 1024, "0")
+    return PeerInfo(address, start, end, address=address, model_id="m", num_layers=layers, model_name="model")
 
 
 def test_route_needs_the_fewest_hops_and_uses_sub_spans() -> None:
@@ -24,11 +25,14 @@ def test_route_needs_the_fewest_hops_and_uses_sub_spans() -> None:
 
 
 def test_best_chain_weighs_round_trips_against_compute() -> None:
-    fast_far = Candidate("far", "far:1", 0, 8, block_seconds=0.001, rtt_seconds=0.050)
-    slow_near = Candidate("near", "near:1", 0, 8, block_seconds=0.010, rtt_seconds=0.001)
+    fast_far = PeerView("far", 0, 8, throughput=1000.0, address="far:1", rtt_s=0.050)  # 1 ms per block
+    slow_near = PeerView("near", 0, 8, throughput=100.0, address="near:1", rtt_s=0.001)  # 10 ms per block
     assert [h.peer for h in best_chain([fast_far, slow_near], 8)] == ["far"]  # 0.058 s < 0.081 s
     assert [h.peer for h in best_chain([fast_far, slow_near], 2)] == ["near"]  # 0.021 s < 0.052 s
-    split = [Candidate("a", "a:1", 0, 8, 0.010, 0.001), Candidate("b", "b:1", 4, 8, 0.001, 0.001)]
+    split = [
+        PeerView("a", 0, 8, 100.0, address="a:1", rtt_s=0.001),
+        PeerView("b", 4, 8, 1000.0, address="b:1", rtt_s=0.001),
+    ]
     assert [(h.peer, h.start, h.end) for h in best_chain(split, 8)] == [("a", 0, 4), ("b", 4, 8)]
     assert missing_blocks(split[1:], 8) == [(0, 4)]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.client.client import Client, ClientConfig, Hop, Sampling
+from node.client import Client, ClientConfig, Hop, Sampling
 from node.testing.launch import DaemonProcess, local_swarm, start_daemon
 
 pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_reference, moemesh_status, wait_for
 
-from node.client.client import Client
+from node.client import Client
 from node.errors import RouteError
 from node.testing.launch import DaemonProcess, start_daemon
 

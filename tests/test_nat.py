@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no NAT lab: {REASO
 
 CLIENT = """
 import json, sys
-from node.client.client import Client, ClientConfig
+from node.client import Client, ClientConfig
 prompt = [int(i) for i in sys.argv[2].split(",")]
 with Client(bootstrap=[sys.argv[1]], config=ClientConfig(hole_punch_wait_s=float(sys.argv[4]))) as client:
     route = client.route()

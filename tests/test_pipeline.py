@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import FAMILIES, load_reference
 
-from node.client.client import Client
+from node.client import Client
 from node.testing.launch import ServerProcess, local_swarm
 
 SPANS = {2: [(0, 2), (2, 4)], 3: [(0, 1), (1, 3), (3, 4)]}

@@ -13,10 +13,11 @@ import pytest
 from conftest import moemesh_status, wait_for
 
 from crdt import Member
-from node.client.client import Client, Hop, _HopStream
+from node.client import Client, Hop
+from node.client.stream import HopStream
 from node.mesh.reader import SwarmReader
+from node.plan.peers import peers_from_members
 from node.plan.placement import block_capacity, choose_span, mover_rank
-from node.swarm.agent import servers_of
 from node.testing.launch import DaemonProcess, start_daemon
 from protocol import make_tensor
 
@@ -68,7 +69,8 @@ class _HeldSession:
 
     def __init__(self, address: str, model_id: str, start: int, end: int) -> None:
         self.client = Client([address])
-        self.stream = _HopStream(self.client, Hop(address, start, end, address), model_id, 64)
+        hop = Hop(address, start, end, address)
+        self.stream = HopStream(self.client.channel(address), hop, model_id, 64, self.client.config)
         self.first = start == 0
         self.position = 0
         self.steps(1)
@@ -104,7 +106,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
         wait_for(lambda n=name: swarm.daemons[n].peer_id in swarm.of("boot"), CONVERGE_S, f"{name} in boot's view")
     members = swarm.of("boot")
     (model_id,) = {m.model_id for m in members.values() if m.model_id}
-    servers = servers_of(members, model_id, time.time())
+    servers = peers_from_members(members, model_id, time.time())
     assert len(servers) == 3
     before = block_capacity(servers, 4)
     assert min(before) > 0, f"three auto daemons left a block uncovered: {before}"
@@ -149,7 +151,9 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
     victim = last[0]
     movers = [n for n in spans if n != victim]
     left = [
-        s for s in servers_of(swarm.of("boot"), model_id, time.time()) if s.peer_id != swarm.daemons[victim].peer_id
+        s
+        for s in peers_from_members(swarm.of("boot"), model_id, time.time())
+        if s.peer_id != swarm.daemons[victim].peer_id
     ]
     ranks = {n: mover_rank(left, swarm.daemons[n].peer_id, 4) for n in movers}
     first = [n for n, rank in ranks.items() if rank == 0]  # what every daemon computes from the same view
@@ -168,7 +172,7 @@ def test_eight_daemons_share_the_state_place_themselves_and_reap(
         view = swarm.of("boot")
         if swarm.daemons[victim].peer_id in view:
             return False
-        capacity = block_capacity(servers_of(view, model_id, time.time()), 4)
+        capacity = block_capacity(peers_from_members(view, model_id, time.time()), 4)
         return min(capacity) > 0 and all(view[swarm.daemons[n].peer_id].state == "serving" for n in movers)
 
     took = wait_for(covered_again, float(LEASE) + 2 * CONVERGE_S, "a daemon moving to the uncovered block")

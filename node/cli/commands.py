@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from node.client.client import Client, Sampling
+    from node.client import Client, Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ids: list[int] | None = None
@@ -194,7 +194,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from node.client.client import Client
+    from node.client import Client
 
     with Client(args.peers) as client:
         for address in args.peers:

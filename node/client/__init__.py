@@ -1,6 +1,29 @@
-"""The client SDK: find a chain of peers, open a session along it, stream tokens (no torch)."""
+"""The client SDK: find a chain of peers, open a session along it, stream tokens (no torch).
 
-from node.client.client import Client, ClientConfig, InferenceSession, PeerInfo, Sampling, plan_route, sample
+client.py    Client: discovery, channels, routes, generation; plan_route
+session.py   InferenceSession and its failover, behind the narrow SessionHost
+stream.py    the Info call and one InferenceSession stream per hop
+sampling.py  Sampling and sample
+config.py    ClientConfig
+text.py      the tokenizer and chat template (imported only with a model folder)
+"""
+
+from node.client.client import Client, plan_route
+from node.client.config import ClientConfig
+from node.client.sampling import Sampling, sample
+from node.client.session import InferenceSession, SessionHost
+from node.plan.peers import PeerInfo, PeerView
 from node.plan.routing import Hop
 
-__all__ = ["Client", "ClientConfig", "Hop", "InferenceSession", "PeerInfo", "Sampling", "plan_route", "sample"]
+__all__ = [
+    "Client",
+    "ClientConfig",
+    "Hop",
+    "InferenceSession",
+    "PeerInfo",
+    "PeerView",
+    "Sampling",
+    "SessionHost",
+    "plan_route",
+    "sample",
+]

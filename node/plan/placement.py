@@ -1,4 +1,5 @@
-"""Where a daemon should serve: pure functions of the swarm's CRDT view (no central scheduler).
+"""Where a daemon should serve: pure functions of the swarm's CRDT view, read as `PeerView`s
+(no central scheduler).
 
 Each block of the model can carry, in tokens/s, the sum over the peers serving it of
 their throughput shared among their blocks (a peer measuring `t` tokens/s through one
@@ -19,26 +20,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["Move", "Server", "block_capacity", "bottleneck", "choose_span", "mover_rank", "propose_move"]
+from node.plan.peers import PeerView
+
+__all__ = ["DEFAULT_FACTOR", "Move", "block_capacity", "bottleneck", "choose_span", "mover_rank", "propose_move"]
 
 DEFAULT_FACTOR = 1.25
-
-
-@dataclass(frozen=True)
-class Server:
-    """One peer's contribution: layers [start, end) at `throughput` tokens/s through one block."""
-
-    peer_id: str
-    start: int
-    end: int
-    throughput: float
-    max_layers: int = 0  # how many layers it can hold (0: its current span length)
-
-    @property
-    def length(self) -> int:
-        return self.max_layers or (self.end - self.start)
 
 
 @dataclass(frozen=True)
@@ -55,9 +43,10 @@ class Move:
         return self.bottleneck_after / self.bottleneck_before
 
 
-def block_capacity(servers: Iterable[Server], num_layers: int) -> list[float]:
+def block_capacity(peers: Iterable[PeerView], num_layers: int) -> list[float]:
+    """Tokens/s each block can carry: every peer's throughput shared among the blocks it serves."""
     capacity = [0.0] * num_layers
-    for s in servers:
+    for s in peers:
         span = s.end - s.start
         if span <= 0:
             continue
@@ -82,18 +71,18 @@ def choose_span(capacity: Sequence[float], length: int) -> tuple[int, int]:
 
 
 def propose_move(
-    servers: Sequence[Server], peer_id: str, num_layers: int, factor: float = DEFAULT_FACTOR
+    peers: Sequence[PeerView], peer_id: str, num_layers: int, factor: float = DEFAULT_FACTOR
 ) -> Move | None:
     """Where `peer_id` should move, if moving raises the swarm's bottleneck by more than `factor`."""
-    mine = next((s for s in servers if s.peer_id == peer_id), None)
+    mine = next((s for s in peers if s.peer_id == peer_id), None)
     if mine is None or mine.throughput <= 0:
         return None
-    others = [s for s in servers if s.peer_id != peer_id]
-    before = bottleneck(block_capacity(servers, num_layers))
-    start, end = choose_span(block_capacity(others, num_layers), mine.length)
+    others = [s for s in peers if s.peer_id != peer_id]
+    before = bottleneck(block_capacity(peers, num_layers))
+    start, end = choose_span(block_capacity(others, num_layers), mine.can_hold)
     if (start, end) == (mine.start, mine.end):
         return None
-    moved = Server(peer_id, start, end, mine.throughput, mine.max_layers)
+    moved = replace(mine, start=start, end=end)
     after = bottleneck(block_capacity([*others, moved], num_layers))
     if after <= 0 or (before > 0 and after <= before * factor):
         return None
@@ -104,15 +93,15 @@ def _tiebreak(peer_id: str) -> bytes:
     return hashlib.sha256(peer_id.encode()).digest()
 
 
-def mover_rank(servers: Sequence[Server], peer_id: str, num_layers: int, factor: float = DEFAULT_FACTOR) -> int | None:
+def mover_rank(peers: Sequence[PeerView], peer_id: str, num_layers: int, factor: float = DEFAULT_FACTOR) -> int | None:
     """`peer_id`'s place among the peers that would gain by moving (0 moves first), or None if it would not.
 
     Ordered by gain (largest first), then by a hash of the peer id, so every peer with the
     same view computes the same order.
     """
     movers = []
-    for s in servers:
-        move = propose_move(servers, s.peer_id, num_layers, factor)
+    for s in peers:
+        move = propose_move(peers, s.peer_id, num_layers, factor)
         if move is not None:
             movers.append((-move.gain, _tiebreak(s.peer_id), s.peer_id))
     order = [pid for *_, pid in sorted(movers)]

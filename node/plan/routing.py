@@ -1,8 +1,9 @@
 """Routing maths: the chain of peers that runs every layer with the least expected latency.
 
-A pure function over what the client knows (no I/O, no torch). The chain is a shortest path
-over positions 0..L: from position s, a peer serving s can run blocks [s, e) for any e up
-to its span's end, at a cost of one network round trip plus (e - s) blocks at its measured
+A pure function over what the client knows (no I/O, no torch), read from `PeerView`s. The
+chain is a shortest path over positions 0..L: from position s, a peer serving s can run
+blocks [s, e) for any e up to its span's end, at a cost of one network round trip (at least
+`MIN_RTT_S`, so that with nothing measured the fewest hops win) plus (e - s) blocks at its
 per-block time. Dijkstra picks the cheapest way to reach L.
 """
 
@@ -13,20 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from node.errors import RouteError
+from node.plan.peers import PeerView
 
-__all__ = ["Candidate", "Hop", "best_chain", "missing_blocks"]
+__all__ = ["MIN_RTT_S", "Hop", "best_chain", "missing_blocks"]
 
-
-@dataclass(frozen=True)
-class Candidate:
-    """A peer able to run blocks [start, end) of the model."""
-
-    peer: str  # a stable key: the libp2p peer id, or the address
-    address: str  # where its gRPC service answers (host:port)
-    start: int
-    end: int
-    block_seconds: float  # expected compute time of one block for one token
-    rtt_seconds: float  # expected network round trip to it
+MIN_RTT_S = 1e-3  # the least a hop costs: an unmeasured round trip is not free
 
 
 @dataclass(frozen=True)
@@ -39,11 +31,11 @@ class Hop:
     peer: str = ""
 
 
-def missing_blocks(candidates: Sequence[Candidate], num_layers: int, start: int = 0) -> list[tuple[int, int]]:
-    """Maximal runs of blocks in [start, num_layers) that no candidate serves."""
+def missing_blocks(peers: Sequence[PeerView], num_layers: int, start: int = 0) -> list[tuple[int, int]]:
+    """Maximal runs of blocks in [start, num_layers) that no peer serves."""
     covered = [b < start for b in range(num_layers)]
-    for c in candidates:
-        for b in range(max(c.start, start), min(c.end, num_layers)):
+    for p in peers:
+        for b in range(max(p.start, start), min(p.end, num_layers)):
             covered[b] = True
     gaps: list[tuple[int, int]] = []
     for b, ok in enumerate(covered):
@@ -56,16 +48,16 @@ def missing_blocks(candidates: Sequence[Candidate], num_layers: int, start: int 
     return gaps
 
 
-def best_chain(candidates: Sequence[Candidate], num_layers: int, start: int = 0, end: int | None = None) -> list[Hop]:
+def best_chain(peers: Sequence[PeerView], num_layers: int, start: int = 0, end: int | None = None) -> list[Hop]:
     """The cheapest chain of hops covering blocks [start, end) (default: the whole model of
     `num_layers` blocks), or RouteError naming the gaps."""
     end = num_layers if end is None else end
-    gaps = missing_blocks(candidates, end, start)
+    gaps = missing_blocks(peers, end, start)
     if gaps:
         names = ", ".join(f"{a}:{b}" for a, b in gaps)
         raise RouteError(f"no known peer serves layers {names} of {num_layers}", tuple(gaps))
     best: dict[int, float] = {start: 0.0}
-    came_from: dict[int, tuple[int, Candidate]] = {}
+    came_from: dict[int, tuple[int, PeerView]] = {}
     queue: list[tuple[float, int]] = [(0.0, start)]
     while queue:
         cost, s = heapq.heappop(queue)
@@ -73,19 +65,20 @@ def best_chain(candidates: Sequence[Candidate], num_layers: int, start: int = 0,
             break
         if cost > best.get(s, float("inf")):
             continue
-        for c in candidates:
-            if not c.start <= s < c.end:
+        for p in peers:
+            if not p.start <= s < p.end:
                 continue
-            for e in range(s + 1, min(c.end, end) + 1):
-                new = cost + c.rtt_seconds + (e - s) * c.block_seconds
+            hop_s, block_s = max(p.rtt_s, MIN_RTT_S), p.block_seconds
+            for e in range(s + 1, min(p.end, end) + 1):
+                new = cost + hop_s + (e - s) * block_s
                 if new < best.get(e, float("inf")):
                     best[e] = new
-                    came_from[e] = (s, c)
+                    came_from[e] = (s, p)
                     heapq.heappush(queue, (new, e))
     hops: list[Hop] = []
     e = end
     while e != start:
-        s, c = came_from[e]
-        hops.append(Hop(c.address, s, e, c.peer))
+        s, p = came_from[e]
+        hops.append(Hop(p.address, s, e, p.peer_id))
         e = s
     return hops[::-1]

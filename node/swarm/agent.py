@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 from crdt import BadUpdateError, Load, Member, Replica, decode_frame, encode_frame
 from node.mesh.bridge import TrioThread
 from node.mesh.sync import SyncWire
-from node.plan.placement import DEFAULT_FACTOR, Server, choose_span, mover_rank, propose_move
+from node.plan.peers import PeerView, peers_from_members
+from node.plan.placement import DEFAULT_FACTOR, choose_span, mover_rank, propose_move
 
-__all__ = ["SwarmAgent", "SwarmConfig", "servers_of"]
+__all__ = ["SwarmAgent", "SwarmConfig"]
 
 log = logging.getLogger(__name__)
-
-SERVING_STATES = ("serving", "loading")
 
 
 @dataclass(frozen=True)
@@ -43,15 +42,6 @@ class SwarmConfig:
     rebalance: bool = False
     rebalance_factor: float = DEFAULT_FACTOR
     rebalance_checks: int = 3  # consecutive intervals an imbalance must last before the first mover moves
-
-
-def servers_of(members: dict[str, Member], model_id: str, now: float) -> list[Server]:
-    """The members serving (or loading) spans of `model_id`, with live leases."""
-    return [
-        Server(m.peer_id, m.start, m.end, m.throughput, m.max_layers)
-        for m in members.values()
-        if m.model_id == model_id and m.state in SERVING_STATES and m.lease_until >= now and m.end > m.start
-    ]
 
 
 class SwarmAgent:
@@ -143,8 +133,8 @@ class SwarmAgent:
     def members(self) -> dict[str, Member]:
         return self.replica.state.members()
 
-    def servers(self, model_id: str | None = None) -> list[Server]:
-        return servers_of(self.members(), model_id or self.member.model_id, time.time())
+    def servers(self, model_id: str | None = None) -> list[PeerView]:
+        return peers_from_members(self.members(), model_id or self.member.model_id, time.time())
 
     def choose_span(self, model_id: str, num_layers: int, length: int) -> tuple[int, int]:
         """The weakest window of the swarm's current view (the blocks nobody serves first)."""

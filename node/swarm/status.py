@@ -11,9 +11,9 @@ from node.errors import RouteError
 from node.mesh.nat import reachability_name
 from node.mesh.reader import SwarmSnapshot
 from node.mesh.records import peer_id_of
+from node.plan.peers import PeerView, peers_from_members, peers_from_record
 from node.plan.placement import block_capacity, bottleneck
-from node.plan.routing import Candidate, best_chain
-from node.swarm.agent import servers_of
+from node.plan.routing import best_chain
 from protocol.mesh_pb2 import PeerRecord
 
 __all__ = ["crdt_report", "format_crdt_report", "format_report", "report"]
@@ -35,21 +35,19 @@ def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict
     for model_id, (name, layers) in sorted(snapshot.models().items()):
         peers = []
         coverage = [0] * layers
-        candidates = []
+        views: list[PeerView] = []
         for pid, record in sorted(snapshot.records.items()):
-            for ad in record.shards:
-                if ad.model_id != model_id:
-                    continue
-                for b in range(ad.start, min(ad.end, layers)):
+            for view in peers_from_record(pid, record, model_id):
+                for b in range(view.start, min(view.end, layers)):
                     coverage[b] += 1
                 peers.append(
                     {
                         "peer_id": pid,
-                        "start": ad.start,
-                        "end": ad.end,
+                        "start": view.start,
+                        "end": view.end,
                         "grpc_addresses": list(record.grpc_addresses),
                         "p2p_addresses": list(record.p2p_addresses),
-                        "throughput": round(ad.throughput, 3),
+                        "throughput": round(view.throughput, 3),
                         "version": record.software_version,
                         "protocol_version": record.protocol_version,
                         "record_age_s": round((snapshot.taken_at_ms - record.issued_at_ms) / 1000, 1),
@@ -57,10 +55,9 @@ def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict
                         **_reach(record, paths.get(pid)),
                     }
                 )
-                block_seconds = 1.0 / ad.throughput if ad.throughput > 0 else 1.0
-                candidates.append(Candidate(pid, "", ad.start, ad.end, block_seconds, 0.0))
+                views.append(view)
         try:
-            route = [{"peer_id": h.peer, "start": h.start, "end": h.end} for h in best_chain(candidates, layers)]
+            route = [{"peer_id": h.peer, "start": h.start, "end": h.end} for h in best_chain(views, layers)]
             missing: list[list[int]] = []
         except RouteError as e:
             route, missing = [], [list(gap) for gap in e.missing]
@@ -121,7 +118,7 @@ def crdt_report(state: SwarmState, now: float, source: str = "") -> dict[str, An
     models: dict[str, Any] = {}
     for model_id in sorted({m.model_id for m in members.values() if m.model_id}):
         num_layers = max(m.num_layers for m in members.values() if m.model_id == model_id)
-        capacity = block_capacity(servers_of(members, model_id, now), num_layers)
+        capacity = block_capacity(peers_from_members(members, model_id, now), num_layers)
         models[model_id] = {
             "num_layers": num_layers,
             "capacity": [round(c, 3) for c in capacity],  # tokens/s each block can carry

@@ -1,0 +1,23 @@
+"""The client's one config object: timeouts, chunking, message limits and the failover budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+__all__ = ["ClientConfig"]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    step_timeout_s: float = 120.0  # one prefill chunk through one hop
+    decode_timeout_s: float = 30.0  # one token through one hop: longer means the peer hangs
+    info_timeout_s: float = 10.0  # Info, and opening a session
+    prefill_chunk: int = 512  # prompt tokens per step
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_retries: int = 5  # attempts to replace one failed hop
+    retry_backoff_s: float = 0.25  # wait before the 2nd attempt; doubles each time (at most 5 s)
+    recovery_deadline_s: float = 120.0  # time to replace one failed hop
+    avoid_s: float = 60.0  # a peer that failed is left out of routes this long
+    hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from node.errors import ConfigError, MoemeshError, RouteError
 
 if TYPE_CHECKING:
-    from node.serve.engine import ServerConfig
+    from node.serve.config import ServerConfig
+    from node.serve.engine import Engine
 
 __all__ = ["main"]
 
@@ -85,7 +86,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    from node.serve.engine import ServerConfig
+    from node.serve.config import ServerConfig
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
@@ -244,22 +245,21 @@ GOMP_SPINCOUNT = "10000"
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
-    from node.serve.engine import SpanRunner
-    from node.serve.service import serve
+    from node.serve.lifecycle import serve
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
-    runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
-    span = runner.span
+    config = _server_config(args)
 
-    def ready(port: int) -> None:
+    def ready(engine: Engine, port: int) -> None:
+        span = engine.span
         print(
-            f"moemesh: serving {runner.model_name} ({runner.model_id}) layers {span.start}:{span.end}"
+            f"moemesh: serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
             f" of {span.cfg.num_layers} on {args.host}:{port}",
             flush=True,
         )
 
-    asyncio.run(serve(runner, ready))
+    asyncio.run(serve(config, ready, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)))
     return 0
 
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,12 +30,15 @@ from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import load_or_create_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
-from node.serve.engine import ServerConfig, SpanRunner
+from node.serve.config import ServerConfig
+from node.serve.engine import Engine
+from node.serve.lifecycle import Lifecycle
+from node.serve.throughput import measure_throughput
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
 from protocol.mesh_pb2 import Reachability, ShardAd
 
-__all__ = ["DaemonConfig", "measure_throughput", "run_daemon"]
+__all__ = ["DaemonConfig", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -57,48 +57,11 @@ class DaemonConfig:
     max_layers: int = 0  # with auto_layers: layers this daemon holds (0: the whole model)
 
 
-def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> float:
-    """Decode tokens/s through one block, measured once per (model, device, dtype) and cached."""
-    span = runner.span
-    key = f"{runner.model_id}|{span.device}|{span.dtype}"
-    cache_file = cache_dir / "throughput.json"
-    try:
-        cached: dict[str, float] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
-
-    def measure() -> float:
-        import torch
-
-        cache = span.new_cache(steps + 2)
-        x = (
-            torch.zeros(1, 1, dtype=torch.int64)
-            if span.is_first
-            else torch.zeros(1, 1, span.cfg.hidden_size, dtype=span.dtype)
-        )
-        span(x, cache, 0)  # warm-up
-        started = time.perf_counter()
-        for i in range(steps):
-            span(x, cache, 1 + i, last_only=True)
-        per_token = (time.perf_counter() - started) / steps
-        return len(span.layers) / per_token
-
-    value = runner.call(measure)
-    cached[key] = value
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # several daemons may start at once
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(cache_file)
-    return value
-
-
 async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
     key_pair, created = load_or_create_identity(config.identity)
     if created:
         say(f"created identity {config.identity}")
-    runner: SpanRunner | None = None
+    runner: Engine | None = None
     grpc_server = None
     shards: list[ShardAd] = []
     grpc_addresses: list[str] = []
@@ -107,10 +70,10 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         nonlocal runner, grpc_server, shards, grpc_addresses
         from node.serve.service import start_server
 
-        runner = SpanRunner(server_config, progress=say)
+        runner = await Engine.load(server_config, progress=say)  # the loop goes on while it loads
         grpc_server, port = await start_server(runner)
         grpc_addresses = [f"{config.announce_host or server_config.host}:{port}"]
-        throughput = measure_throughput(runner, config.cache_dir)
+        throughput = await measure_throughput(runner, config.cache_dir)
         shards = [
             ShardAd(
                 model_id=runner.model_id,
@@ -140,16 +103,8 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         listen = config.server.host if config.server is not None else host
         TunnelServer(node.host, ("127.0.0.1" if listen in ("0.0.0.0", "") else listen, int(port_text)))
     nat = NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:  # the first stops gracefully; a second one cuts the grace period short
-        if stop.is_set() and runner is not None:
-            runner.moving.set()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    lifecycle = Lifecycle()  # SIGINT/SIGTERM: stop gracefully; a second one: open sessions move now
+    lifecycle.install()
     try:
         addresses = await bridge.call(bridge.start_service, node.serve)
         say(f"peer {node.peer_id} listening on {', '.join(addresses)}")
@@ -210,9 +165,9 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
             shards = []
             await publish()  # clients stop routing new sessions to the old span
             old_server, old_runner = grpc_server, runner
-            await old_runner.drain()  # refuses new sessions; open ones finish within the grace, or move
+            await lifecycle.drain(old_runner)  # refuses new sessions; open ones finish within the grace, or move
             await old_server.stop(grace=1.0)
-            old_runner.shutdown()
+            await old_runner.aclose()
             await start_serving(replace(config.server, start=start, end=end))
             agent.update_member(**_serving_fields(runner, grpc_addresses, shards, config))
             await publish()
@@ -238,7 +193,7 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
         # A DHT put can hang for tens of seconds on peers that died; a signal must not wait for it.
         republisher = asyncio.create_task(keep_published())
-        await stop.wait()
+        await lifecycle.stop_requested()
         republisher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await republisher
@@ -246,7 +201,7 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         if runner is not None:  # refuse new sessions at once; open ones finish, or move after the grace
             if runner.sessions:
                 say(f"draining {len(runner.sessions)} open sessions (grace {runner.config.grace_s:g} s)")
-            drained = asyncio.create_task(runner.drain())
+            drained = asyncio.create_task(lifecycle.drain(runner))
         say("stopping: withdrawing the record")
         try:
             await asyncio.wait_for(agent.stop(leave=True), timeout=10)
@@ -262,12 +217,13 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
         if runner is not None:
-            runner.shutdown()
+            await runner.aclose()
+        lifecycle.uninstall()
         bridge.stop()
 
 
 def _serving_fields(
-    runner: SpanRunner | None, grpc_addresses: list[str], shards: list[ShardAd], config: DaemonConfig
+    runner: Engine | None, grpc_addresses: list[str], shards: list[ShardAd], config: DaemonConfig
 ) -> dict[str, object]:
     """Our member record's fields about what we serve."""
     if runner is None or not shards:
@@ -286,7 +242,7 @@ def _serving_fields(
     }
 
 
-def _load_of(runner: SpanRunner | None) -> Load:
+def _load_of(runner: Engine | None) -> Load:
     if runner is None:
         return Load()
     from kernels import KVCache

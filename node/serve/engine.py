@@ -19,7 +19,6 @@ speed when the weights were loaded on the main thread and used on another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -77,8 +76,8 @@ def _load_span(config: ServerConfig, progress: Progress | None) -> tuple[SpanMod
 class Engine:
     """Owns the span, the sessions, the KV budget, the compute thread and the scheduler.
 
-    Make one with `await Engine.load(config)` (inside a loop: the loop keeps running while the
-    span loads) or `Engine.load_sync(config)` (outside one; call `start()` in the loop later).
+    Make one with `await Engine.load(config)`: the loop keeps running while the span loads, and
+    the engine comes back with its scheduler started on that loop; `await aclose()` ends it.
     """
 
     def __init__(
@@ -110,18 +109,6 @@ class Engine:
         engine.start()
         return engine
 
-    @classmethod
-    def load_sync(cls, config: ServerConfig, progress: Progress | None = None) -> Engine:
-        """Load the span (on the compute thread) from code outside an event loop; blocks until
-        loaded. The scheduler is not started: call `start()` from the loop that serves."""
-        executor = _compute_thread()
-        try:
-            loaded = executor.submit(_load_span, config, progress).result()
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(config, executor, *loaded)
-
     # -- lifetime ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -137,8 +124,7 @@ class Engine:
         try:
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait([task])  # its end, without swallowing a cancellation of our own
         finally:
             self.shutdown()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,6 +36,7 @@ from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
+from node.serve.lifecycle import Lifecycle
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
 from protocol.mesh_pb2 import Reachability, ShardAd
@@ -44,7 +44,8 @@ from protocol.mesh_pb2 import Reachability, ShardAd
 if TYPE_CHECKING:
     import grpc
 
-    from node.serve.engine import ServerConfig, SpanRunner
+    from node.serve.config import ServerConfig
+    from node.serve.engine import Engine
 
 __all__ = ["Daemon", "DaemonConfig", "Serving"]
 
@@ -69,7 +70,7 @@ class DaemonConfig:
 class Serving:
     """What the daemon serves now: one engine behind one gRPC server, advertised as one shard."""
 
-    engine: SpanRunner
+    engine: Engine
     server: grpc.aio.Server
     grpc_address: str  # what others dial (announce host : bound port)
     local_port: int  # where our own tunnel endpoint pipes to
@@ -95,8 +96,7 @@ class Daemon:
         self.serving: Serving | None = None
         self.advert = Advert()
         self.addresses: list[str] = []
-        self._stop = asyncio.Event()
-        self._hurry = asyncio.Event()  # a second signal: cut the grace period short
+        self.lifecycle = Lifecycle()  # signals, drain and grace: the same as `moemesh serve`
         self._announcing: asyncio.Task[None] | None = None
         self._bridge = TrioThread()
         self._node: MeshNode | None = None
@@ -108,11 +108,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop gracefully; a second call cuts the grace period short (open sessions move now)."""
-        if self._stop.is_set():
-            self._hurry.set()
-            if self.serving is not None:
-                self.serving.engine.moving.set()
-        self._stop.set()
+        self.lifecycle.on_signal()
 
     @property
     def peer_id(self) -> str:
@@ -124,9 +120,7 @@ class Daemon:
         """Serve until `stop()`; with `handle_signals`, SIGINT/SIGTERM call it (a second one hurries)."""
         config = self.config
         if handle_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self.stop)
+            self.lifecycle.install()
         identity = claim_identity(config.identity)  # held (locked) while we run
         key_pair = identity.key_pair
         if identity.created:
@@ -159,9 +153,11 @@ class Daemon:
             serving, self.serving = self.serving, None
             if serving is not None:
                 await serving.server.stop(grace=1.0)
-                serving.engine.shutdown()
+                await serving.engine.aclose()
             self._bridge.stop()
             identity.release()
+            if handle_signals:
+                self.lifecycle.uninstall()
 
     async def _serve_in(self, tasks: asyncio.TaskGroup) -> None:
         config, node = self.config, self._node
@@ -185,7 +181,7 @@ class Daemon:
         self.say(f"advertised {len(self._provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
         self.event("ready", **self._ready_fields())
         republisher = tasks.create_task(self._keep_published(), name="moemesh-republish")
-        await self._stop.wait()
+        await self.lifecycle.stop_requested()
         republisher.cancel()  # a DHT put can hang for tens of seconds on peers that died: never wait for it
         if self._announcing is not None:
             self._announcing.cancel()
@@ -200,7 +196,7 @@ class Daemon:
             engine = serving.engine
             if engine.sessions:
                 self.say(f"draining {len(engine.sessions)} open sessions (grace {engine.config.grace_s:g} s)")
-            drained = self._tasks.create_task(engine.drain(), name="moemesh-drain")
+            drained = self._tasks.create_task(self.lifecycle.drain(engine), name="moemesh-drain")
         self.say("stopping: withdrawing the record")
         self.event("stopping")
         try:
@@ -217,21 +213,19 @@ class Daemon:
     # -- serving --------------------------------------------------------------------------
 
     async def _start_serving(self, server_config: ServerConfig) -> None:
-        from node.serve.engine import SpanRunner
+        from node.serve.engine import Engine
         from node.serve.service import start_server
         from node.serve.throughput import measure_throughput
 
-        loop = asyncio.get_running_loop()
-        # The engine loads on its own compute thread; waiting for it here must not block this loop.
-        engine = await loop.run_in_executor(None, lambda: SpanRunner(server_config, progress=self.say))
+        engine = await Engine.load(server_config, progress=self.say)  # on its compute thread: the loop goes on
         try:
             server, port = await start_server(engine)
         except BaseException:
-            engine.shutdown()
+            await engine.aclose()
             raise
         host = self.config.announce_host or server_config.host
         address = f"{local_ipv4_addresses()[0] if host in WILDCARDS else host}:{port}"
-        throughput = await loop.run_in_executor(None, measure_throughput, engine, self.config.cache_dir)
+        throughput = await measure_throughput(engine, self.config.cache_dir)
         span = engine.span
         shard = ShardAd(
             model_id=engine.model_id,
@@ -263,10 +257,10 @@ class Daemon:
         agent.update_member(start=start, end=end, state="loading")  # others see the new span at once
         self.serving = replace(old, shard=ShardAd())  # no shard advertised while we move
         await self._publish()  # clients stop routing new sessions to the old span
-        await old.engine.drain()  # refuses new sessions; open ones finish within the grace, or move
+        await self.lifecycle.drain(old.engine)  # refuses new sessions; open ones finish within the grace, or move
         self.serving = None
         await old.server.stop(grace=1.0)
-        old.engine.shutdown()
+        await old.engine.aclose()
         await self._start_serving(replace(server, start=start, end=end))
         agent.update_member(**self._serving_fields())
         await self._publish()

@@ -18,7 +18,7 @@ from node.daemon import DaemonConfig
 from node.mesh.host import MeshConfig
 from node.mesh.nat import NatConfig
 from node.mesh.reader import SwarmReader
-from node.serve.engine import ServerConfig
+from node.serve.config import ServerConfig
 from node.swarm.agent import SwarmConfig
 from node.testing.inprocess import DaemonThread
 from node.testing.launch import DaemonProcess, start_daemon

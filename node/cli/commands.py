@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from node.errors import ConfigError, RouteError
 
 if TYPE_CHECKING:
-    from node.serve.engine import ServerConfig
+    from node.serve.config import ServerConfig
+    from node.serve.engine import Engine
 
 __all__ = ["COMMANDS"]
 
@@ -44,7 +45,7 @@ def _events(enabled: bool) -> Any:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    from node.serve.engine import ServerConfig
+    from node.serve.config import ServerConfig
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
@@ -78,23 +79,22 @@ GOMP_SPINCOUNT = "10000"
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
     _need_torch("moemesh serve")
-    from node.serve.engine import SpanRunner
-    from node.serve.service import serve
+    from node.serve.lifecycle import serve
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
-    runner = SpanRunner(_server_config(args), progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True))
-    span = runner.span
+    config = _server_config(args)
     event = _events(args.json_events)
 
-    def ready(port: int) -> None:
+    def ready(engine: Engine, port: int) -> None:
+        span = engine.span
         _say(
-            f"serving {runner.model_name} ({runner.model_id}) layers {span.start}:{span.end}"
+            f"serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
             f" of {span.cfg.num_layers} on {args.host}:{port}"
         )
-        event("ready", grpc_address=f"{args.host}:{port}", model_id=runner.model_id, layers=[span.start, span.end])
+        event("ready", grpc_address=f"{args.host}:{port}", model_id=engine.model_id, layers=[span.start, span.end])
 
-    asyncio.run(serve(runner, ready))
+    asyncio.run(serve(config, ready, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)))
     return 0
 
 

@@ -1,13 +1,14 @@
-"""The span runner: one loaded span, its sessions and their KV caches, compute off the event loop.
+"""The engine: one loaded span, its sessions and their KV caches, compute on one thread.
 
-A request is checked here (model id, layers, lengths, memory budget) and turned into a
-domain error (`node.errors.RequestError`; the gRPC edge picks the status); compute runs on one dedicated executor thread
-so the asyncio loop (heartbeats, other streams) never waits on a long prefill.
+A request is checked here (model id, layers, lengths, memory budget) and refused with a
+domain error (`node.errors.RequestError`; only the gRPC edge picks the status). Compute runs
+on one dedicated executor thread, so the asyncio loop (heartbeats, other streams, lease
+renewals) never waits on a long prefill, nor on loading the span: `await Engine.load(...)`
+reads the checkpoint on that thread while the loop goes on.
 
-Session steps go through one scheduler (continuous batching): whenever the compute thread
-is free it takes every queued one-token decode step over the same layers, from any number
-of sessions, and runs them as one batched forward; sessions join and leave between steps.
-Decode is memory-bound, so B sessions cost little more than one. Prefill chunks run alone.
+Session steps go through the scheduler (`node.serve.scheduler`, continuous batching); the
+engine executes each batch it schedules (`Engine.execute`, on the compute thread) and owns
+the scheduler's task: `start()` starts it on the running loop, `aclose()` stops it.
 
 Every torch operation of the server (loading included) runs on that one compute thread.
 With OpenMP, each thread that enters a parallel region gets its own worker team; two
@@ -24,8 +25,7 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -33,37 +33,17 @@ import torch
 from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
 from node.errors import Draining, InvalidRequest, OutOfRange, Overloaded, RequestError, SessionStateError, WrongModel
 from node.serve.codec import from_message, to_message
-from protocol import DEFAULT_MAX_MESSAGE_BYTES, InvalidTensorError
+from node.serve.config import ServerConfig
+from node.serve.scheduler import Batch, BatchResult, Scheduler
+from protocol import InvalidTensorError
 from protocol.shard_pb2 import Tensor
 from shards import DTYPES, Checkpoint
 
-__all__ = ["ServerConfig", "Session", "SpanRunner"]
+__all__ = ["Engine", "Session"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What `moemesh serve` was asked for."""
-
-    model: Path
-    start: int
-    end: int
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (printed at start)
-    dtype: str | None = None  # None: as stored in the checkpoint
-    max_sessions: int = 64
-    max_length: int = 8192  # longest session accepted (capped by the model's positions)
-    default_length: int = 2048  # when a session does not say
-    max_tokens_per_step: int = 8192  # longest chunk one step or Forward may carry
-    kv_budget_bytes: int = 4 * 1024**3  # KV caches of all sessions together
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    torch_threads: int | None = None
-    max_batch: int = 16  # decode steps of this many sessions run as one forward
-    batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
-    idle_timeout_s: float = 300.0  # a session with no request for this long is closed
-    grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -77,72 +57,90 @@ class Session:
     last_done: float = 0.0  # when its last step finished (monotonic)
 
 
-@dataclass
-class _Step:
-    """A session step waiting for the compute thread."""
-
-    session: Session
-    position: int
-    msg: Tensor
-    last_only: bool
-    future: asyncio.Future[Tensor] = field(repr=False)
-
-    @property
-    def batchable(self) -> bool:  # one new token: [1, 1] ids or [1, 1, H] hidden states
-        return len(self.msg.shape) >= 2 and self.msg.shape[0] == 1 and self.msg.shape[1] == 1
+def _compute_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
 
 
-class SpanRunner:
-    """Owns the span, the sessions and the compute thread."""
+def _load_span(config: ServerConfig, progress: Progress | None) -> tuple[SpanModel, str, str]:
+    """Runs on the compute thread: read only the span's tensors from the checkpoint."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    checkpoint = Checkpoint(config.model)
+    if progress:
+        layers = checkpoint.config.num_layers
+        progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
+    span = checkpoint.load_span(config.start, config.end, DTYPES[config.dtype] if config.dtype else None)
+    return span, checkpoint.model_id(), checkpoint.name
 
-    def __init__(self, config: ServerConfig, progress: Callable[[str], None] | None = None) -> None:
+
+class Engine:
+    """Owns the span, the sessions, the KV budget, the compute thread and the scheduler.
+
+    Make one with `await Engine.load(config)`: the loop keeps running while the span loads, and
+    the engine comes back with its scheduler started on that loop; `await aclose()` ends it.
+    """
+
+    def __init__(
+        self, config: ServerConfig, executor: ThreadPoolExecutor, span: SpanModel, model_id: str, name: str
+    ) -> None:
         self.config = config
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
-        try:
-            self.span, self.model_id, self.model_name = self._executor.submit(self._load, progress).result()
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            raise
-        self.max_length = min(config.max_length, self.span.cfg.max_position_embeddings)
+        self.span, self.model_id, self.model_name = span, model_id, name
+        self._executor = executor  # the compute thread
+        self.max_length = min(config.max_length, span.cfg.max_position_embeddings)
         self.sessions: dict[str, Session] = {}
         self._kv_bytes = 0
         self._ids = itertools.count()
-        self._queue: list[_Step] = []
-        self._wake: asyncio.Event | None = None
-        self._scheduler: asyncio.Task[None] | None = None
         self.draining = False  # refuse new sessions (shutting down)
         self.moving = asyncio.Event()  # open sessions must move to another peer now
-        self._decode_s = 0.0  # compute time of the last decode batch
-        self.batched_steps = 0  # statistics: decode steps run batched with other sessions' steps
+        self.scheduler = Scheduler(config, self.sessions, self._execute_on_compute_thread)
+        self._scheduler_task: asyncio.Task[None] | None = None
 
-    def _load(self, progress: Callable[[str], None] | None) -> tuple[SpanModel, str, str]:
-        """Runs on the compute thread: read only the span's tensors from the checkpoint."""
-        config = self.config
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
-        checkpoint = Checkpoint(config.model)
-        if progress:
-            layers = checkpoint.config.num_layers
-            progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
-        span = checkpoint.load_span(config.start, config.end, DTYPES[config.dtype] if config.dtype else None)
-        return span, checkpoint.model_id(), checkpoint.name
+    @classmethod
+    async def load(cls, config: ServerConfig, progress: Progress | None = None) -> Engine:
+        """Load the span on the compute thread without blocking the running loop; the scheduler
+        is started. `progress` is called (on the compute thread) with what is being loaded."""
+        executor = _compute_thread()
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(executor, _load_span, config, progress)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        engine = cls(config, executor, *loaded)
+        engine.start()
+        return engine
 
-    def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn` on the compute thread and wait (for callers outside the event loop)."""
-        return self._executor.submit(fn, *args).result()
+    # -- lifetime ---------------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def start(self) -> None:
+        """Start the scheduler's task on the running loop (idempotent). The engine owns the
+        task: `aclose()` (or `shutdown()`) stops it."""
+        if self._scheduler_task is None:
+            loop = asyncio.get_running_loop()
+            self._scheduler_task = loop.create_task(self.scheduler.run(), name="moemesh-scheduler")
+
+    async def aclose(self) -> None:
+        """Stop the scheduler (waiting for it), fail the steps still queued, stop the compute thread."""
+        task, self._scheduler_task = self._scheduler_task, None
+        try:
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])  # its end, without swallowing a cancellation of our own
+        finally:
+            self.shutdown()
 
     def shutdown(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.cancel()
+        """Stop now, without waiting for the scheduler's task (for sync callers; prefer `aclose`)."""
+        if self._scheduler_task is not None:
+            self._scheduler_task.cancel()
+            self._scheduler_task = None
+        self.scheduler.fail_queued(Draining("server is shutting down: move this session to another peer"))
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Shut down gracefully: refuse new sessions, let open ones finish for `grace_s`, then
-        tell the rest to move (their streams end with UNAVAILABLE and the client replays them
-        elsewhere), so no client loses work."""
+        tell the rest to move (their streams end with Draining, UNAVAILABLE on the wire, and
+        the client replays them elsewhere), so no client loses work. Setting `moving` while
+        this waits cuts the grace short. `node.serve.lifecycle.Lifecycle.drain` calls this."""
         grace_s = self.config.grace_s if grace_s is None else grace_s
         self.draining = True
         deadline = time.monotonic() + grace_s
@@ -157,19 +155,25 @@ class SpanRunner:
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
 
+    # -- the compute thread -----------------------------------------------------------------
+
+    def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` on the compute thread and wait (for callers outside the event loop)."""
+        return self._executor.submit(fn, *args).result()
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` on the compute thread; the loop goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     # -- checks -----------------------------------------------------------------------------
 
     def local_layers(self, model_id: str, start: int, end: int) -> tuple[int, int]:
         """Translate global layers [start, end) into the span's local ones, or reject."""
         if model_id and model_id != self.model_id:
-            raise WrongModel(
-                f"this server serves model {self.model_id} ({self.model_name}), not {model_id}",
-            )
+            raise WrongModel(f"this server serves model {self.model_id} ({self.model_name}), not {model_id}")
         s, e = self.span.start, self.span.end
         if not s <= start < end <= e:
-            raise OutOfRange(
-                f"layers [{start}, {end}) are outside the served span [{s}, {e})",
-            )
+            raise OutOfRange(f"layers [{start}, {end}) are outside the served span [{s}, {e})")
         return start - s, end - s
 
     def decode_input(self, msg: Tensor, first: int) -> torch.Tensor:
@@ -250,98 +254,28 @@ class SpanRunner:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return self.scheduler.queued
+
+    @property
+    def batched_steps(self) -> int:
+        return self.scheduler.batched_steps
 
     async def step(self, session: Session, position: int, msg: Tensor, last_only: bool) -> Tensor:
         """Queue one step of `session` for the scheduler and wait for its output."""
-        if self._scheduler is None or self._wake is None:
-            self._wake = asyncio.Event()
-            self._scheduler = asyncio.create_task(self._schedule(), name="moemesh-scheduler")
-        future: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Step(session, position, msg, last_only, future))
-        self._wake.set()
-        return await future
+        if self._scheduler_task is None:
+            raise RuntimeError("the engine is not started: call Engine.start() in the serving loop")
+        return await self.scheduler.submit(session, position, msg, last_only)
 
-    async def _schedule(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                await self._gather()
-                steps = [s for s in self._take() if not s.future.done()]  # a cancelled caller went away
-                if not steps:
-                    continue
-                started = time.monotonic()
-                try:
-                    outcomes = await self.run(self._compute, steps)
-                except BaseException as e:  # a bug, or shutdown: fail these steps, keep scheduling
-                    outcomes = [e for _ in steps]
-                    if isinstance(e, asyncio.CancelledError):
-                        raise
-                done = time.monotonic()
-                if len(steps) > 1 or steps[0].batchable:
-                    self._decode_s = done - started
-                for s, outcome in zip(steps, outcomes, strict=True):
-                    s.session.decoding, s.session.last_done = s.batchable, done
-                    if s.future.done() or outcome is None:
-                        continue
-                    if isinstance(outcome, BaseException):
-                        s.future.set_exception(outcome)
-                    else:
-                        s.future.set_result(outcome)
+    # -- executing a batch ------------------------------------------------------------------
 
-    async def _gather(self) -> None:
-        """Before a decode batch: wait briefly for the sessions that decoded in the last batch
-        and have not sent their next step yet (their answers just left; their next steps are
-        on the way). Without this, sessions split into groups that alternate, and each group
-        reads every weight again. The wait is a fraction of one batch's compute time."""
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.batch_wait * self._decode_s
-        while self._queue[0].batchable:
-            queued = {s.session.id for s in self._queue}
-            if len(queued) >= self.config.max_batch:
-                return
-            recent = time.monotonic() - 2 * self._decode_s - 0.05
-            due = [s for s in self.sessions.values() if s.decoding and s.last_done > recent and s.id not in queued]
-            remaining = deadline - loop.time()
-            if not due or remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+    async def _execute_on_compute_thread(self, batch: Batch) -> BatchResult:
+        return await self.run(self.execute, batch)
 
-    def _take(self) -> list[_Step]:
-        """The next batch: the oldest step, with every queued decode step over the same layers."""
-        head = self._queue[0]
-        if not head.batchable:
-            return [self._queue.pop(0)]
-        layers = (head.session.first, head.session.last)
-        batch: list[_Step] = []
-        rest: list[_Step] = []
-        sessions: set[str] = set()
-        for s in self._queue:
-            if (
-                s.batchable
-                and (s.session.first, s.session.last) == layers
-                and s.session.id not in sessions
-                and len(batch) < self.config.max_batch
-            ):
-                batch.append(s)
-                sessions.add(s.session.id)
-            else:
-                rest.append(s)
-        self._queue = rest
-        return batch
-
-    def _compute(self, steps: list[_Step]) -> list[Tensor | BaseException | None]:
+    def execute(self, batch: Batch) -> BatchResult:
         """Runs on the compute thread: check every step, run the good ones together."""
-        outcomes: list[Tensor | BaseException | None] = [None] * len(steps)
-        ready: list[tuple[int, _Step, torch.Tensor]] = []
-        for i, s in enumerate(steps):
+        outputs: dict[int, Tensor | RequestError] = {}  # by index in the batch
+        ready: list[tuple[int, Session, torch.Tensor]] = []  # (index in the batch, session, input)
+        for i, s in enumerate(batch.steps):
             try:
                 if s.session.closed:
                     raise SessionStateError(f"session {s.session.id} is closed")
@@ -352,30 +286,30 @@ class SpanRunner:
                     raise OutOfRange(str(e)) from None
                 except CacheError as e:
                     raise InvalidRequest(str(e)) from None
-                ready.append((i, s, x))
+                ready.append((i, s.session, x))
             except RequestError as e:
-                outcomes[i] = e
-        if not ready:
-            return outcomes
-        started = time.perf_counter()
-        first, last = ready[0][1].session.first, ready[0][1].session.last
-        logits = self.emits_logits(last)
-        if len(ready) == 1:
-            _, s, x = ready[0]
-            outs = [self.span(x, s.session.cache, s.position, last_only=s.last_only, layers=(first, last))]
-        else:
-            x = torch.cat([x for _, _, x in ready])
-            out = self.span.decode(
-                x, [s.session.cache for _, s, _ in ready], [s.position for _, s, _ in ready], (first, last)
+                outputs[i] = e
+        batched = 0
+        if ready:
+            started = time.perf_counter()
+            first, last = batch.layers
+            if len(ready) == 1:
+                i, session, x = ready[0]
+                step = batch.steps[i]
+                outs = [self.span(x, session.cache, step.position, last_only=step.last_only, layers=(first, last))]
+            else:
+                x = torch.cat([x for _, _, x in ready])  # [B, 1] ids or [B, 1, H] hidden states
+                positions = [batch.steps[i].position for i, _, _ in ready]
+                out = self.span.decode(x, [session.cache for _, session, _ in ready], positions, (first, last))
+                outs = list(out.split(1))
+                batched = len(ready)
+            logits = self.emits_logits(last)
+            for (i, _, _), out in zip(ready, outs, strict=True):
+                outputs[i] = to_message(out.float() if logits else out)
+            log.debug(
+                "%d step(s) of %s tokens in %.2f ms",
+                len(ready),
+                "/".join(str(x.shape[1]) for _, _, x in ready),
+                1000 * (time.perf_counter() - started),
             )
-            outs = list(out.split(1))
-            self.batched_steps += len(ready)
-        for (i, _, _), out in zip(ready, outs, strict=True):
-            outcomes[i] = to_message(out.float() if logits else out)
-        log.debug(
-            "%d step(s) of %s tokens in %.2f ms",
-            len(ready),
-            "/".join(str(x.shape[1]) for _, _, x in ready),
-            1000 * (time.perf_counter() - started),
-        )
-        return outcomes
+        return BatchResult(tuple(outputs[i] for i in range(len(batch.steps))), batched=batched)

@@ -1,32 +1,35 @@
-"""A span's decode throughput through one block, measured once per (model, device, dtype) and cached."""
+"""A span's decode throughput, measured once per (model, device, dtype) and cached on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from node.serve.engine import SpanRunner
+if TYPE_CHECKING:
+    from node.serve.engine import Engine
 
-__all__ = ["measure_throughput"]
+__all__ = ["CACHE_FILE", "measure_throughput"]
+
+CACHE_FILE = "throughput.json"  # in the cache folder: {"model_id|device|dtype": tokens/s per block}
 
 
-def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> float:
-    """Decode tokens/s through one block (blocks / seconds per token), cached in `cache_dir`.
-
-    Blocks the calling thread while the measurement runs on the engine's compute thread."""
-    span = runner.span
-    key = f"{runner.model_id}|{span.device}|{span.dtype}"
-    cache_file = cache_dir / "throughput.json"
-    try:
-        cached: dict[str, float] = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
+async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) -> float:
+    """Decode tokens/s through one block of `engine`'s span: read from `cache_dir` when this
+    (model, device, dtype) was measured before, else measured on the compute thread (the loop
+    goes on meanwhile) and cached."""
+    span = engine.span
+    key = f"{engine.model_id}|{span.device}|{span.dtype}"
+    cache_file = cache_dir / CACHE_FILE
+    cached = _read(cache_file)
     if key in cached:
         return cached[key]
 
-    def measure() -> float:
+    def measure() -> float:  # on the compute thread
         import torch
 
         cache = span.new_cache(steps + 2)
@@ -42,10 +45,31 @@ def measure_throughput(runner: SpanRunner, cache_dir: Path, steps: int = 8) -> f
         per_token = (time.perf_counter() - started) / steps
         return len(span.layers) / per_token
 
-    value = runner.call(measure)
+    value = await engine.run(measure)
+    cached = _read(cache_file)  # another daemon may have written meanwhile
     cached[key] = value
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")  # several daemons may start at once
-    tmp.write_text(json.dumps(cached, indent=1))
-    tmp.replace(cache_file)
+    _write_atomically(cache_file, json.dumps(cached, indent=1))
     return value
+
+
+def _read(cache_file: Path) -> dict[str, float]:
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a file of its own, then rename it over `path`: several daemons may start at once,
+    and a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,33 @@
+"""What a serving node was asked for: one frozen dataclass, passed as an object (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `moemesh serve` (or the daemon's serving part) was asked for."""
+
+    model: Path
+    start: int
+    end: int
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (printed at start)
+    dtype: str | None = None  # None: as stored in the checkpoint
+    max_sessions: int = 64
+    max_length: int = 8192  # longest session accepted (capped by the model's positions)
+    default_length: int = 2048  # when a session does not say
+    max_tokens_per_step: int = 8192  # longest chunk one step or Forward may carry
+    kv_budget_bytes: int = 4 * 1024**3  # KV caches of all sessions together
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    torch_threads: int | None = None
+    max_batch: int = 16  # decode steps of this many sessions run as one forward
+    batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
+    idle_timeout_s: float = 300.0  # a session with no request for this long is closed
+    grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move

@@ -322,10 +322,12 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
     if not 3 * args.sync_interval <= args.lease <= 86400:
         raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    from node.mesh.autonat import AutoNATConfig
     from node.mesh.nat import NatConfig
+    from node.mesh.relay import RelayConfig
 
     config = DaemonConfig(
-        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
+        nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity or default_identity_path(),
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,

@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -33,6 +34,7 @@ from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import load_or_create_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
+from node.mesh.tunnel import TunnelConfig, install_server
 from node.serve.engine import ServerConfig, SpanRunner
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
@@ -129,16 +131,17 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
     if config.server is not None and not config.auto_layers:
         await start_serving(config.server)
 
+    def grpc_target() -> tuple[str, int] | None:
+        """Where tunnelled gRPC goes: our server as it listens now (None while we serve none)."""
+        if config.server is None or not grpc_addresses:
+            return None
+        listen = config.server.host
+        return ("127.0.0.1" if listen in ("0.0.0.0", "") else listen, int(grpc_addresses[0].rsplit(":", 1)[1]))
+
     bridge = TrioThread()
     bridge.start()
-    node = MeshNode(key_pair, config.mesh, config.nat)
-    assert node.nat is not None
-    if grpc_server is not None:
-        from node.mesh.tunnel import TunnelServer
-
-        host, port_text = grpc_addresses[0].rsplit(":", 1)
-        listen = config.server.host if config.server is not None else host
-        TunnelServer(node.host, ("127.0.0.1" if listen in ("0.0.0.0", "") else listen, int(port_text)))
+    tunnel = partial(install_server, config=TunnelConfig(), target=grpc_target)
+    node = MeshNode(key_pair, config.mesh, config.nat, protocols=[tunnel])
     nat = NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -177,8 +180,7 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
         async def publish(withdrawn: bool = False) -> None:
             nonlocal seq, nat
             seq = max(seq + 1, time.time_ns())
-            assert node.nat is not None
-            fresh = await bridge.call(node.nat.state)
+            fresh = await bridge.call(node.nat_state)
             if (fresh.reachability, fresh.relay) != (nat.reachability, nat.relay):
                 relaying = ", relaying" if fresh.relay else ""
                 say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
@@ -223,11 +225,10 @@ async def run_daemon(config: DaemonConfig, say: Callable[[str], None]) -> None:
 
         async def keep_published() -> None:
             """Republish every ttl/3, and at once when our reachability or relays change."""
-            assert node.nat is not None
             published_at = time.monotonic()
             while True:
                 await asyncio.sleep(1.0)
-                fresh = await bridge.call(node.nat.state)
+                fresh = await bridge.call(node.nat_state)
                 if fresh.version == nat.version and time.monotonic() - published_at < config.ttl_s / 3:
                     continue
                 try:

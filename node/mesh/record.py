@@ -57,7 +57,8 @@ class RecordProtocol:
         self.config = config
         self.signed = b""
 
-    async def _answer(self, stream: INetStream) -> None:
+    async def answer(self, stream: INetStream) -> None:
+        """The handler of an asker's stream: our record, then close."""
         try:
             with trio.move_on_after(self.config.timeout_s):
                 await write_record(stream, self.signed)
@@ -85,5 +86,5 @@ class RecordProtocol:
 
 def install(host: IHost, config: RecordConfig) -> RecordProtocol:
     proto = RecordProtocol(host, config)
-    host.set_stream_handler(RECORD_PROTOCOL, proto._answer)
+    host.set_stream_handler(RECORD_PROTOCOL, proto.answer)
     return proto

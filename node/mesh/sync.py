@@ -118,9 +118,10 @@ class SyncWire:
 
     async def install(self) -> None:
         """Serve `SYNC_PROTOCOL` with this wire (what `install` does, for a wire made first)."""
-        self.host.set_stream_handler(SYNC_PROTOCOL, self._handle)
+        self.host.set_stream_handler(SYNC_PROTOCOL, self.handle)
 
-    async def _handle(self, stream: Any) -> None:
+    async def handle(self, stream: Any) -> None:
+        """The handler of a peer's conversation: answer it, within the timeout."""
         try:
             with trio.move_on_after(self.timeout_s):
                 await converse(stream, None, self.respond)
@@ -153,7 +154,7 @@ class SyncWire:
 def install(host: IHost, config: SyncConfig, respond: Responder) -> SyncWire:
     """Serve `SYNC_PROTOCOL` on `host` (on the trio thread), answering with `respond`."""
     wire = SyncWire(host, respond, config.timeout_s)
-    host.set_stream_handler(SYNC_PROTOCOL, wire._handle)
+    host.set_stream_handler(SYNC_PROTOCOL, wire.handle)
     return wire
 
 

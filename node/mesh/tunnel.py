@@ -97,7 +97,8 @@ class TunnelServer:
         self.config = config or TunnelConfig()
         self.active = 0
 
-    async def _handle(self, stream: INetStream) -> None:
+    async def handle(self, stream: INetStream) -> None:
+        """The handler of one tunnel stream: piped to `target()` as it is now."""
         peer = stream.muxed_conn.peer_id
         target = self.target()
         if target is None:
@@ -129,7 +130,7 @@ class TunnelServer:
 def install_server(host: IHost, config: TunnelConfig, target: Target) -> TunnelServer:
     """Serve `TUNNEL_PROTOCOL` on `host`, piping each stream to `target()` read per stream."""
     server = TunnelServer(host, target, config)
-    host.set_stream_handler(TUNNEL_PROTOCOL, server._handle)
+    host.set_stream_handler(TUNNEL_PROTOCOL, server.handle)
     return server
 
 

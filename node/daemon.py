@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
 from node.mesh.nat import NatConfig, NatState, reachability_name
 from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
+from node.mesh.tunnel import TunnelConfig, install_server
 from node.serve.lifecycle import Lifecycle
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from protocol import software_version
@@ -131,12 +133,11 @@ class Daemon:
             if config.server is not None and not config.auto_layers:
                 await self._start_serving(config.server)
             self._bridge.start()
-            self._node = node = MeshNode(key_pair, config.mesh, config.nat)
+            # A NAT'd peer is reached through the tunnel endpoint, whichever span (and port) it serves later.
+            tunnel = partial(install_server, config=TunnelConfig(), target=self._tunnel_target)
+            protocols = [tunnel] if config.server is not None else []
+            self._node = node = MeshNode(key_pair, config.mesh, config.nat, protocols=protocols)
             self._key_pair = key_pair
-            if config.server is not None:  # a NAT'd peer is reached through it, whichever span it serves later
-                from node.mesh.tunnel import TunnelServer
-
-                TunnelServer(node.host, self._tunnel_target)
             listening = await self._bridge.call(self._bridge.start_service, node.serve)
             self.addresses = advertised(listening, config.announce_host)  # never /ip4/0.0.0.0
             self.say(f"peer {node.peer_id} listening on {', '.join(self.addresses)}")
@@ -342,9 +343,9 @@ class Daemon:
         a time: with a black-holed peer they take tens of seconds, and the next record must
         not wait for them (its expiry counts from its issue time)."""
         node, advert = self._node, self.advert
-        assert node is not None and node.nat is not None
+        assert node is not None
         advert.seq = max(advert.seq + 1, time.time_ns())
-        fresh = await self._bridge.call(node.nat.state)
+        fresh = await self._bridge.call(node.nat_state)
         if (fresh.reachability, fresh.relay) != (advert.nat.reachability, advert.nat.relay):
             relaying = ", relaying" if fresh.relay else ""
             self.say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
@@ -389,11 +390,11 @@ class Daemon:
         """A new record every ttl/3 after the last one was issued, and at once when our
         reachability or relays change, so a record never expires while its daemon lives."""
         node = self._node
-        assert node is not None and node.nat is not None
+        assert node is not None
         while True:
             due = self.advert.issued_at + self.config.ttl_s / 3
             await asyncio.sleep(max(0.0, min(1.0, due - time.monotonic())))
-            fresh = await self._bridge.call(node.nat.state)
+            fresh = await self._bridge.call(node.nat_state)
             if fresh.version == self.advert.nat.version and time.monotonic() < due:
                 continue
             try:

@@ -15,6 +15,7 @@ import pytest
 from conftest import wait_for
 
 from node.daemon import DaemonConfig
+from node.mesh.autonat import AutoNATConfig
 from node.mesh.host import MeshConfig
 from node.mesh.nat import NatConfig
 from node.mesh.reader import SwarmReader
@@ -31,7 +32,7 @@ def _auto_config(model: Path, tmp: Path, name: str, max_layers: int) -> DaemonCo
         identity=tmp / f"{name}.key",
         mesh=MeshConfig(),
         server=ServerConfig(model=model, start=0, end=4),
-        nat=NatConfig(confirmations=1),
+        nat=NatConfig(AutoNATConfig(confirmations=1)),
         cache_dir=tmp / "cache",
         swarm=SwarmConfig(lease_s=6.0, sync_interval_s=0.5),
         auto_layers=True,

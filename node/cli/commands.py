@@ -155,12 +155,14 @@ def _daemon(args: argparse.Namespace) -> int:
         _need_torch("moemesh daemon --model")
         server = _server_config(args)
     from node.daemon import Daemon, DaemonConfig
+    from node.mesh.autonat import AutoNATConfig
     from node.mesh.host import MeshConfig
     from node.mesh.nat import NatConfig
+    from node.mesh.relay import RelayConfig
     from node.swarm.agent import SwarmConfig
 
     config = DaemonConfig(
-        nat=NatConfig(relay=args.relay, confirmations=args.autonat_confirmations),
+        nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity,
         mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
         server=server,
@@ -211,8 +213,6 @@ def _build_demo(args: argparse.Namespace) -> int:
 
     print(build_demo_model(args.out))
     return 0
-
-
 
 
 COMMANDS = {

@@ -15,11 +15,13 @@ from multiaddr import Multiaddr
 
 from crdt import Replica, SwarmState, decode_frame, encode_frame
 from node.errors import ConfigError, InvalidRecord, RouteError
+from node.mesh.autonat import AutoNATConfig
 from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import ephemeral_identity
 from node.mesh.nat import NOT_CONNECTED, NatConfig
 from node.mesh.records import ALL_PEERS_KEY, block_key, is_live, now_ms, verify_record
+from node.mesh.relay import RelayConfig
 from node.mesh.sync import fetch_state
 from node.mesh.tunnel import TunnelClient
 from protocol.mesh_pb2 import PeerRecord, Reachability
@@ -66,7 +68,7 @@ class SwarmReader:
             server=False,
             timeout_s=timeout_s,
         )
-        nat = NatConfig(autonat=False, serve_autonat=False, reserve=False) if traversal else None
+        nat = NatConfig(AutoNATConfig(check=False, serve=False), RelayConfig(reserve=False)) if traversal else None
         self._node = MeshNode(ephemeral_identity(), mesh, nat)
         self._tunnels: dict[str, str] = {}
         self._tunnel_client = TunnelClient(self._node.host, self._connect) if traversal else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,7 +25,7 @@ from multiaddr import Multiaddr
 
 from node.errors import FrameError
 
-__all__ = ["SYNC_PROTOCOL", "SyncWire", "fetch_state"]
+__all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install", "read_frame", "write_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ TIMEOUT_S = 10.0
 ADDRESS_TTL_S = 600
 
 Responder = Callable[[bytes], Awaitable[bytes | None]]
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    timeout_s: float = TIMEOUT_S  # one whole conversation
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes | None:
@@ -111,9 +117,11 @@ class SyncWire:
         self.timeout_s = timeout_s
 
     async def install(self) -> None:
-        self.host.set_stream_handler(SYNC_PROTOCOL, self._handle)
+        """Serve `SYNC_PROTOCOL` with this wire (what `install` does, for a wire made first)."""
+        self.host.set_stream_handler(SYNC_PROTOCOL, self.handle)
 
-    async def _handle(self, stream: Any) -> None:
+    async def handle(self, stream: Any) -> None:
+        """The handler of a peer's conversation: answer it, within the timeout."""
         try:
             with trio.move_on_after(self.timeout_s):
                 await converse(stream, None, self.respond)
@@ -141,6 +149,13 @@ class SyncWire:
         except Exception as e:  # unreachable, gone, or a broken conversation: anti-entropy repairs later
             log.debug("sync with %s failed: %r", peer_id, e)
             return None
+
+
+def install(host: IHost, config: SyncConfig, respond: Responder) -> SyncWire:
+    """Serve `SYNC_PROTOCOL` on `host` (on the trio thread), answering with `respond`."""
+    wire = SyncWire(host, respond, config.timeout_s)
+    host.set_stream_handler(SYNC_PROTOCOL, wire.handle)
+    return wire
 
 
 async def fetch_state(

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -29,8 +29,9 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 
 from node.mesh.bridge import unwrap
+from node.mesh.internals import close_write
 
-__all__ = ["TUNNEL_PROTOCOL", "TunnelClient", "TunnelConfig", "TunnelServer", "splice"]
+__all__ = ["TUNNEL_PROTOCOL", "Target", "TunnelClient", "TunnelConfig", "TunnelServer", "install_server", "splice"]
 
 log = logging.getLogger(__name__)
 TUNNEL_PROTOCOL = TProtocol("/moemesh/grpc-tunnel/1.0.0")
@@ -61,7 +62,7 @@ async def _tcp_to_stream(tcp: trio.SocketStream, stream: INetStream) -> None:
         if not data:
             break
         await stream.write(data)
-    await cast(Any, stream).close_write()  # NetStream's half-close (not on the INetStream interface)
+    await close_write(stream)
 
 
 async def splice(stream: INetStream, tcp: trio.SocketStream, what: str) -> None:
@@ -83,27 +84,29 @@ async def splice(stream: INetStream, tcp: trio.SocketStream, what: str) -> None:
             await tcp.aclose()
 
 
-class TunnelServer:
-    """Serving side: each tunnel stream is piped to our own gRPC port."""
+Target = Callable[[], tuple[str, int] | None]  # where our gRPC server listens now (None: not serving)
 
-    def __init__(
-        self, host: IHost, target: Callable[[], tuple[str, int] | None], config: TunnelConfig | None = None
-    ) -> None:
+
+class TunnelServer:
+    """Serving side: each tunnel stream is piped to our own gRPC port, as `target` names it
+    when the stream arrives (a daemon's server may start late, or move to another port)."""
+
+    def __init__(self, host: IHost, target: Target, config: TunnelConfig | None = None) -> None:
         self.host = host
-        self.target = target  # read per connection: the gRPC port changes when the daemon moves its span
+        self.target = target
         self.config = config or TunnelConfig()
         self.active = 0
-        host.set_stream_handler(TUNNEL_PROTOCOL, self._handle)
 
-    async def _handle(self, stream: INetStream) -> None:
+    async def handle(self, stream: INetStream) -> None:
+        """The handler of one tunnel stream: piped to `target()` as it is now."""
         peer = stream.muxed_conn.peer_id
-        if self.active >= self.config.max_connections:
-            log.warning("refusing a tunnel from %s: %d tunnels open already", peer, self.active)
-            await stream.reset()
-            return
         target = self.target()
         if target is None:
-            log.info("refusing a tunnel from %s: no gRPC server runs now (loading a span)", peer)
+            log.warning("refusing a tunnel from %s: we serve no gRPC port (yet)", peer)
+            await stream.reset()
+            return
+        if self.active >= self.config.max_connections:
+            log.warning("refusing a tunnel from %s: %d tunnels open already", peer, self.active)
             await stream.reset()
             return
         self.active += 1
@@ -118,6 +121,17 @@ class TunnelServer:
             await splice(stream, tcp, f"from {peer}")
         finally:
             self.active -= 1
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+
+def install_server(host: IHost, config: TunnelConfig, target: Target) -> TunnelServer:
+    """Serve `TUNNEL_PROTOCOL` on `host`, piping each stream to `target()` read per stream."""
+    server = TunnelServer(host, target, config)
+    host.set_stream_handler(TUNNEL_PROTOCOL, server.handle)
+    return server
 
 
 class TunnelClient:

@@ -103,9 +103,9 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = parse_request(ChatRequest, await _json(request))
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         model = await model_of(body)
         codec = relay.text
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         ids = codec.encode(codec.render_chat(messages))
         generation = relay.start(job(body, ids, body.token_limit()))
         rid = new_id("chatcmpl")
@@ -120,8 +120,8 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = parse_request(CompletionRequest, await _json(request))
-        model = await model_of(body)
         prompt = body.one_prompt()
+        model = await model_of(body)
         ids = relay.text.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ApiError("the prompt encodes to no tokens", param="prompt")

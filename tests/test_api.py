@@ -430,11 +430,12 @@ def test_the_dashboard_shows_every_peer_of_the_swarm(tiny_models: dict[str, Path
                 profile,
                 executable_path=CHROMIUM,
                 headless=True,
+                viewport={"width": 1400, "height": 900},
                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                       "--disable-component-update", "--disable-sync"],
             )  # fmt: skip
             try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page = browser.new_page()
                 page.goto(api.url + "/")
                 selector = "tr.peer[data-peer-id]"
                 page.wait_for_function(f"document.querySelectorAll('{selector}').length >= 2", timeout=60_000)
@@ -448,6 +449,7 @@ def test_the_dashboard_shows_every_peer_of_the_swarm(tiny_models: dict[str, Path
             assert d.peer_id in text
         assert "0:2" in text and "2:4" in text and "full route available" in text
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+        shutil.copy(tmp_path / "dashboard.png", Path(tempfile.gettempdir()) / "moemesh-dashboard.png")  # to look at
     finally:
         if api is not None:
             api.stop()

@@ -442,6 +442,10 @@ def test_the_dashboard_shows_every_peer_of_the_swarm(tiny_models: dict[str, Path
                 page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
                 shown = page.eval_on_selector_all(selector, "rows => rows.map(r => r.dataset.peerId)")
                 text = page.inner_text("body")
+                generated = page.inner_text("#generated")
+                openai.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=4, temperature=0)
+                # the page reads the swarm again by itself: the new tokens show without a reload
+                page.wait_for_function(f"document.getElementById('generated').textContent !== {generated!r}")
             finally:
                 browser.close()
         assert sorted(shown) == sorted(d.peer_id for d in daemons)

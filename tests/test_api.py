@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import queue
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -151,6 +153,48 @@ def test_bad_requests_are_refused_before_the_swarm_is_asked(tiny_models: dict[st
         assert 'moemesh_api_errors_total{type="invalid_request_error"} 11.0' in metrics
         assert "moemesh_api_recoveries_total 0.0" in metrics
         assert "<title>moemesh swarm</title>" in http.get("/").text
+
+
+def test_a_server_without_tokenizer_says_so(tiny_models: dict[str, Path]) -> None:
+    from starlette.testclient import TestClient
+
+    from node.api import ApiConfig, Relay, SwarmView, build_app
+
+    client = Client(["127.0.0.1:9"])
+    with TestClient(build_app(Relay(client, ApiConfig()), SwarmView(client, (), [], 0.0))) as http:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert "--model FOLDER" in _shaped(http.post("/v1/chat/completions", json=body), 500)["message"]
+
+
+def _moemesh(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def test_api_and_chat_command_lines() -> None:
+    assert {"api", "chat"} <= set(_moemesh("--help", timeout=60).stdout.split())
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = str(taken.getsockname()[1])
+        busy = _moemesh("api", "--peers", "127.0.0.1:9", "--port", port, timeout=60)
+    finally:
+        taken.close()
+    assert busy.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in busy.stderr, busy.stderr
+    assert "Traceback" not in busy.stderr
+    bad = _moemesh("api", "--peers", "127.0.0.1:9", "--model", "/nonexistent", timeout=60)
+    assert bad.returncode == 2 and "no tokenizer.json" in bad.stderr and "Traceback" not in bad.stderr
+    hot = _moemesh("chat", "--peers", "127.0.0.1:9", "--temperature", "5", timeout=60)
+    assert hot.returncode == 2 and "outside 0..2" in hot.stderr
+
+
+def test_sigint_stops_the_api_server_cleanly() -> None:
+    api = start_api(["--peers", "127.0.0.1:9"])
+    try:
+        assert httpx.get(api.url + "/health").json() == {"status": "ok"}
+        api.process.send_signal(signal.SIGINT)
+        assert api.process.wait(30) == 130
+    finally:
+        api.stop()
+    assert not any("Traceback" in line for line in api.log), api.log
 
 
 # -- against a live swarm ---------------------------------------------------------------------

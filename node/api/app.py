@@ -104,8 +104,8 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
     async def chat_completions(request: Request) -> Response:
         body = parse_request(ChatRequest, await _json(request))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        model = await model_of(body)
         codec = relay.text
+        model = await model_of(body)
         ids = codec.encode(codec.render_chat(messages))
         generation = relay.start(job(body, ids, body.token_limit()))
         rid = new_id("chatcmpl")

@@ -4,6 +4,7 @@ anything starts), then a `ready` callback with the address once the app is up.""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable, Sequence
 
@@ -11,6 +12,7 @@ from node.api.app import build_app
 from node.api.relay import ApiConfig, Relay
 from node.api.swarm import SwarmView
 from node.client import Client
+from node.errors import ConfigError
 
 __all__ = ["run_api"]
 
@@ -31,7 +33,14 @@ def run_api(
 
     config = config or ApiConfig()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family)  # OSError when the port is taken
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is in use (another `moemesh api`?): pick another --port"
+            ) from None
+        raise
     address = f"[{host}]:{sock.getsockname()[1]}" if family == socket.AF_INET6 else f"{host}:{sock.getsockname()[1]}"
     relay = Relay(client, config)
     app = build_app(relay, SwarmView(client, bootstrap, peers, config.swarm_refresh_s), lambda: ready(address))

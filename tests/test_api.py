@@ -405,6 +405,19 @@ def test_a_client_that_hangs_up_frees_its_session(swarm: Swarm) -> None:
     assert swarm.metric("moemesh_api_generated_tokens_total") - before < 480
     assert swarm.metric("moemesh_api_client_disconnects_total") >= 1
 
+    # Not streamed: the client sends the request, waits until the session is open, hangs up.
+    before = swarm.metric("moemesh_api_generated_tokens_total")
+    payload = json.dumps({**body, "stream": False}).encode()
+    host, port = swarm.api.url.removeprefix("http://").rsplit(":", 1)
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        wait_for(lambda: _sessions(swarm) == 2, 30, "the session opening")
+    wait_for(lambda: _sessions(swarm) == 0, 30, "the sessions closing")
+    wait_for(lambda: swarm.metric("moemesh_api_active_streams") == 0, 30, "the generation ending")
+    assert swarm.metric("moemesh_api_generated_tokens_total") - before < 480
+    assert swarm.metric("moemesh_api_client_disconnects_total") >= 2
+
 
 @pytest.mark.slow
 def test_metrics_count_requests_tokens_and_latency(swarm: Swarm) -> None:

@@ -166,6 +166,57 @@ def test_a_server_without_tokenizer_says_so(tiny_models: dict[str, Path]) -> Non
         assert "--model FOLDER" in _shaped(http.post("/v1/chat/completions", json=body), 500)["message"]
 
 
+class _FailingSwarm:
+    """Stands in for the SDK client: yields tokens 10, 11, ... then loses its route."""
+
+    def __init__(self, text: Any, fail_after: int) -> None:
+        self.text, self.recoveries, self._fail_after = text, [], fail_after
+
+    def route(self) -> Any:
+        from node.client import Hop
+
+        return "fake", [Hop("peer", "127.0.0.1:9", 0, 4)]
+
+    def info(self, address: str) -> Any:
+        return type("Info", (), {"model_name": "fake-name"})
+
+    def generate(self, ids: list[int], n: int, **kwargs: Any) -> Iterator[int]:
+        from node.errors import RouteError
+
+        for i in range(n):
+            if i == self._fail_after:
+                raise RouteError("layers 2:4 failed on 127.0.0.1:9 and no known peer serves layers 2:4 of 4")
+            yield 10 + i
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failure_mid_stream_is_an_error_event(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from node.api import ApiConfig, Relay, SwarmView, build_app
+    from node.client.text import TextCodec
+
+    fake = _FailingSwarm(TextCodec(with_tokenizer(tiny_models["mixtral"], tmp_path / "m")), fail_after=3)
+    app = build_app(Relay(fake, ApiConfig()), SwarmView(fake, (), [], 0.0))  # type: ignore[arg-type]
+    body = {"model": "fake-name", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with TestClient(app) as http:
+        error = _shaped(http.post("/v1/chat/completions", json=body), 503)
+        assert error["code"] == "no_route" and "layers 2:4" in error["message"]
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and chunks[-1]["error"]["code"] == "no_route"
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]]
+        assert "".join(pieces) == fake.text.decode([10, 11, 12])  # what came before the failure
+        assert _shaped(http.post("/v1/chat/completions", json={**body, "model": "x"}), 404)["param"] == "model"
+        assert http.get("/v1/models").json()["data"][0] == {
+            "id": "fake", "object": "model", "created": 0, "owned_by": "moemesh", "name": "fake-name"
+        }  # fmt: skip
+
+
 def _moemesh(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
 

@@ -6,6 +6,7 @@ MoemeshError
 ├── ConfigError            a bad option or argument (the CLI prints it and exits 2)
 ├── RouteError             no chain of the known peers covers every layer (names the gap)
 ├── SessionClosed          we closed the session: it takes no more steps
+├── ApiError               the HTTP API refuses a request: its status and OpenAI error type kept
 ├── RequestError           the server will not serve a request; the gRPC edge (node.serve.service)
 │   │                      maps each kind to the status it answers with
 │   ├── InvalidRequest     malformed input: dtype, shape, bytes, too many tokens     INVALID_ARGUMENT
@@ -31,6 +32,7 @@ import grpc
 from protocol.errors import MoemeshError
 
 __all__ = [
+    "ApiError",
     "ConfigError",
     "Draining",
     "FrameError",
@@ -68,6 +70,26 @@ class RouteError(MoemeshError):
 
 class SessionClosed(MoemeshError):
     """We closed this session ourselves; it takes no more steps."""
+
+
+class ApiError(MoemeshError):
+    """The HTTP API will not serve a request; node.api answers it as an OpenAI-shaped error."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
 
 
 class RequestError(MoemeshError):

@@ -215,6 +215,48 @@ def _build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("moemesh api needs the api extra: pip install 'moemesh[api]'") from None
+    from node.api import ApiConfig, run_api
+    from node.client import Client
+
+    event = _events(args.json_events)
+
+    def ready(address: str) -> None:
+        _say(f"OpenAI-compatible API on http://{address}/v1, dashboard http://{address}/, metrics http://{address}/metrics")
+        event("ready", http_address=address)
+
+    client = Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id)
+    config = ApiConfig(default_max_tokens=args.default_max_tokens, max_streams=args.max_streams)
+    run_api(
+        client,
+        host=args.host,
+        port=args.port,
+        bootstrap=args.bootstrap or (),
+        peers=args.peers or (),
+        config=config,
+        ready=ready,
+    )
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from node.cli.chat import Conversation, repl
+    from node.client import Client, Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    with Client(
+        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
+    ) as client:
+        return repl(client, Conversation(args.system), max_new_tokens=args.max_new_tokens, sampling=sampling)
+
+
 COMMANDS = {
     "serve": _serve,
     "daemon": _daemon,
@@ -222,4 +264,6 @@ COMMANDS = {
     "generate": _generate,
     "info": _info,
     "build-demo-model": _build_demo,
+    "api": _api,
+    "chat": _chat,
 }

@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("peers", nargs="+", help="host:port of each peer")
 
+    _add_front_door(sub, common)
+
     demo = sub.add_parser(
         "build-demo-model",
         parents=[common],
@@ -232,3 +234,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", type=Path, help="output folder (default: the moemesh cache)")
     return parser
+
+
+def _add_swarm_options(parser: argparse.ArgumentParser) -> None:
+    """Where the swarm is and which model: what `api` and `chat` share with `generate`."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
+    where.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="any daemons of the swarm (DHT)")
+    parser.add_argument("--model-id", help="which model of the swarm (default: the only one)")
+    parser.add_argument("--model", type=Path, help="model folder, for its tokenizer and chat template")
+
+
+_temperature = _number(float, "a temperature", lambda v: 0 <= v <= 2, "is outside 0..2")
+_top_p = _number(float, "a probability mass", lambda v: 0 < v <= 1, "is outside (0, 1]")
+
+
+def _add_front_door(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`moemesh api` (OpenAI-compatible HTTP, metrics, dashboard) and `moemesh chat` (a REPL)."""
+    api = sub.add_parser(
+        "api",
+        parents=[common],
+        help="serve an OpenAI-compatible HTTP API, Prometheus metrics and a dashboard over the swarm",
+        description="Relay OpenAI-style requests (/v1/models, /v1/chat/completions, /v1/completions, streamed"
+        " or not) to the swarm through the client SDK, one session per request; /metrics for Prometheus;"
+        " the swarm's dashboard at /. Needs the moemesh[api] extra.",
+    )
+    _add_swarm_options(api)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    api.add_argument(
+        "--max-streams", type=_positive, default=64, help="generations at once; more wait their turn (default 64)"
+    )
+    api.add_argument(
+        "--default-max-tokens", type=_positive, default=256, help="for chat requests without max_tokens (256)"
+    )
+    api.add_argument(
+        "--json-events", action="store_true", help="also print machine-readable events on stdout (ready)"
+    )
+
+    chat = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="chat with the swarm's model: a multi-turn REPL on stdin",
+        description="Read one message per line from stdin and stream each answer; the whole conversation is"
+        " re-rendered with the model's chat template every turn. /reset forgets it, /quit (or EOF) exits.",
+    )
+    _add_swarm_options(chat)
+    chat.add_argument("--system", help="system prompt, kept at the top of the conversation")
+    chat.add_argument("--max-new-tokens", type=_positive, default=256, help="per answer (default 256)")
+    chat.add_argument("--temperature", type=_temperature, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--top-p", type=_top_p, default=0.9, help="nucleus sampling mass (default 0.9)")
+    chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

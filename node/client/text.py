@@ -7,7 +7,7 @@ tokenizer_config.json, is rendered with jinja2 the way transformers renders it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,24 @@ class TextCodec:
         return env.from_string(template).render(
             messages=messages,
             add_generation_prompt=True,
+            bos_token=self._special("bos_token"),
+            eos_token=self._special("eos_token"),
+        )
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render a whole conversation (dicts with "role" and "content", oldest first) with the
+        model's chat template; with `add_generation_prompt`, ready for the assistant's answer.
+        Multi-turn callers (the HTTP API, `moemesh chat`) re-render the history each turn."""
+        import jinja2
+
+        template = self.config.get("chat_template")
+        if not template:
+            raise ConfigError(f"{self.folder}: the tokenizer has no chat template")
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        return env.from_string(template).render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
             bos_token=self._special("bos_token"),
             eos_token=self._special("eos_token"),
         )

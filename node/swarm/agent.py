@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from crdt import BadUpdateError, Load, Member, Replica, decode_frame, encode_frame
 from node.mesh.bridge import TrioThread
+from node.mesh.identity import Libp2pSigner, Libp2pVerifier
 from node.mesh.sync import SyncWire
 from node.plan.placement import DEFAULT_FACTOR, Server, choose_span, mover_rank, propose_move
 
@@ -68,7 +69,7 @@ class SwarmAgent:
     ) -> None:
         self.bridge = bridge
         self.config = config
-        self.replica = Replica(member.peer_id)
+        self.replica = Replica(Libp2pVerifier(), Libp2pSigner.of_host(host))  # signs as the host's peer id
         self.member = member
         self.bootstrap = list(bootstrap)
         self._load_fn = load

@@ -205,10 +205,10 @@ class Replica:
     def _check(self, frame: SyncFrame, sender: str) -> None:
         size = len(frame.update) + len(frame.state_vector)
         refusal: BadUpdateError | None = None
-        if size > self.limits.max_frame_bytes:
-            refusal = OverLimitError(f"a frame of {size} bytes from {sender!r} is over {self.limits.max_frame_bytes}")
-        elif sender and not self._rate.take(sender):
+        if sender and not self._rate.take(sender):  # first, so that oversized frames count too
             refusal = OverLimitError(f"{sender!r} sends more than {self.limits.frames_per_s:g} frames/s")
+        elif size > self.limits.max_frame_bytes:
+            refusal = OverLimitError(f"a frame of {size} bytes from {sender!r} is over {self.limits.max_frame_bytes}")
         elif frame.epoch > self.max_epoch() or len(frame.epoch_owner) > MAX_EPOCH_OWNER:
             refusal = BadUpdateError(
                 f"epoch {frame.epoch} of {frame.epoch_owner[:MAX_EPOCH_OWNER]!r} is not one we take"

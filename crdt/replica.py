@@ -220,6 +220,7 @@ class Replica:
     def _adopt(self, epoch: Epoch, whole: bytes) -> None:
         old = self.state
         fresh = SwarmState(self.verifier, self.signer, limits=self.limits, clock=self.clock)  # a new client id
+        fresh.reuse_verified(old)
         fresh.apply(whole)  # verifies entry by entry; raises BadUpdateError before we replace anything
         self.state = fresh
         self._outbox.clear()  # updates of the old document mean nothing in the new one

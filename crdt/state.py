@@ -41,9 +41,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
-from pycrdt import Doc, Map, TransactionEvent
+from pycrdt import Doc, Map, MapEvent, TransactionEvent
 
 from crdt.entry import KINDS, Entry, Limits, Load, Member, Signer, Value, Verifier, open_entry, sign_entry
 from crdt.errors import BadEntryError, BadUpdateError, NotOwnerError
@@ -78,6 +79,18 @@ class SwarmState:
         self._seq = 0
         self._lease_until = 0.0  # of our member entry; load and RTT entries carry it too
         self._remote = False
+        # The keys each applied update touched: settling looks at those only (not at every key).
+        self._touched: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        self._observers = [m.observe(partial(self._note_touched, kind)) for kind, m in self._maps.items()]
+
+    def _note_touched(self, kind: str, event: MapEvent) -> None:
+        if self._remote:
+            self._touched[kind].update(event.keys)  # type: ignore[attr-defined]  # in __slots__, not annotated
+
+    def reuse_verified(self, other: SwarmState) -> None:
+        """Share `other`'s memory of verified blobs (same verifier): taking in a document that holds
+        the same entries then checks no signature twice."""
+        self._opened = other._opened
 
     @property
     def local_peer(self) -> str:
@@ -162,6 +175,7 @@ class SwarmState:
     def rebuilt(self) -> SwarmState:
         """A new document (new client id) holding only the view's entries: no history, no tombstones."""
         fresh = SwarmState(self.verifier, self.signer, limits=self.limits, clock=self.clock)
+        fresh.reuse_verified(self)
         fresh.merge(self)
         return fresh
 
@@ -190,8 +204,8 @@ class SwarmState:
             raise BadUpdateError(f"not a state vector: {e}") from None
 
     def apply(self, update: bytes) -> None:
-        """Merge an update from a peer, then settle every key against the view (see the module's doc);
-        applying one twice, or out of order, is harmless."""
+        """Merge an update from a peer, then settle the keys it touched against the view (see the
+        module's doc); applying one twice, or out of order, is harmless."""
         self._remote = True
         try:
             self.doc.apply_update(update)
@@ -199,7 +213,8 @@ class SwarmState:
             raise BadUpdateError(f"not a pycrdt update: {e}") from None
         finally:
             self._remote = False
-        self._settle()
+            touched, self._touched = self._touched, {kind: set() for kind in KINDS}
+        self._settle(touched)
 
     def observe(self, on_update: Callable[[bytes], None]) -> Any:
         """Call `on_update(update_bytes)` after every local transaction (for eager push)."""
@@ -212,12 +227,13 @@ class SwarmState:
 
     # -- settling the document against the view ---------------------------------------------
 
-    def _settle(self) -> None:
+    def _settle(self, keys: Mapping[str, set[str]] | None = None) -> None:
+        """Settle `keys` (per kind; all of them by default) of the document against the view."""
         now = self.clock()
         repairs: list[tuple[str, str, bytes | None]] = []  # (kind, key, blob to write, or None: delete)
         for kind in KINDS:
             doc, view = self._maps[kind], self._view[kind]
-            for pid in set(doc.keys()) | set(view):
+            for pid in keys[kind] if keys is not None else set(doc.keys()) | set(view):
                 raw = doc.get(pid)
                 found = self._open(raw, kind, pid, now) if raw is not None else None
                 best = view.get(pid)

@@ -76,6 +76,9 @@ class Limits:
     max_frame_bytes: int = 4 << 20  # update + state vector of one sync frame
     frames_per_s: float = 20.0  # per sending peer, sustained
     frame_burst: int = 60  # per sending peer, at once
+    bytes_per_s: int = 1 << 20  # per sending peer, sustained
+    byte_burst: int = 8 << 20  # per sending peer, at once (two whole documents of the largest frame)
+    max_members: int = 10_000  # entries of each kind a view holds; past it, new peer ids are not taken in
     max_senders: int = 4096  # rate buckets kept before idle ones are forgotten
 
 

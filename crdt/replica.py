@@ -61,29 +61,45 @@ def decode_frame(data: bytes) -> SyncFrame:
 
 
 class _RateLimit:
-    """A token bucket per sending peer: `burst` frames at once, `rate` per second sustained."""
+    """Token buckets per sending peer, for frames and for bytes: a burst at once, a rate sustained."""
 
     def __init__(self, limits: Limits, clock: Callable[[], float]) -> None:
         self.limits = limits
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # peer -> (frames, bytes, when)
 
-    def take(self, sender: str) -> bool:
-        now, rate, burst = self.clock(), self.limits.frames_per_s, float(self.limits.frame_burst)
-        tokens, then = self._buckets.get(sender, (burst, now))
-        tokens = min(burst, tokens + max(0.0, now - then) * rate)
+    def _refilled(self, sender: str, now: float) -> tuple[float, float]:
+        lim = self.limits
+        frames, size, then = self._buckets.get(sender, (lim.frame_burst, lim.byte_burst, now))
+        elapsed = max(0.0, now - then)
+        return min(lim.frame_burst, frames + elapsed * lim.frames_per_s), min(
+            lim.byte_burst, size + elapsed * lim.bytes_per_s
+        )
+
+    def take(self, sender: str, size: int) -> str | None:
+        """Spend one frame and `size` bytes of `sender`'s budget; why not, when it cannot."""
+        now = self.clock()
         if len(self._buckets) >= self.limits.max_senders and sender not in self._buckets:
             self._forget_idle(now)
-        if tokens < 1.0:
-            self._buckets[sender] = (tokens, now)
-            return False
-        self._buckets[sender] = (tokens - 1.0, now)
-        return True
+        frames, budget = self._refilled(sender, now)
+        if frames < 1.0:
+            self._buckets[sender] = (frames, budget, now)
+            return f"more than {self.limits.frames_per_s:g} frames/s"
+        frames -= 1.0  # an oversized or over-budget frame still costs a frame
+        refusal = None
+        if size > self.limits.max_frame_bytes:
+            refusal = f"a frame of {size} bytes, over {self.limits.max_frame_bytes}"
+        elif size > budget:
+            refusal = f"more than {self.limits.bytes_per_s} bytes/s"
+        else:
+            budget -= size
+        self._buckets[sender] = (frames, budget, now)
+        return refusal
 
     def _forget_idle(self, now: float) -> None:
         """Drop the buckets that have refilled (their peers are not flooding); all of them if none has."""
-        rate, burst = self.limits.frames_per_s, self.limits.frame_burst
-        full = [p for p, (tokens, then) in self._buckets.items() if tokens + (now - then) * rate >= burst]
+        lim = self.limits
+        full = [p for p in self._buckets if self._refilled(p, now) == (lim.frame_burst, lim.byte_burst)]
         for peer in full or list(self._buckets):
             del self._buckets[peer]
 
@@ -205,10 +221,11 @@ class Replica:
     def _check(self, frame: SyncFrame, sender: str) -> None:
         size = len(frame.update) + len(frame.state_vector)
         refusal: BadUpdateError | None = None
-        if sender and not self._rate.take(sender):  # first, so that oversized frames count too
-            refusal = OverLimitError(f"{sender!r} sends more than {self.limits.frames_per_s:g} frames/s")
+        over = self._rate.take(sender, size) if sender else None
+        if over is not None:
+            refusal = OverLimitError(f"{sender!r} sent {over}")
         elif size > self.limits.max_frame_bytes:
-            refusal = OverLimitError(f"a frame of {size} bytes from {sender!r} is over {self.limits.max_frame_bytes}")
+            refusal = OverLimitError(f"a frame of {size} bytes is over {self.limits.max_frame_bytes}")
         elif frame.epoch > self.max_epoch() or len(frame.epoch_owner) > MAX_EPOCH_OWNER:
             refusal = BadUpdateError(
                 f"epoch {frame.epoch} of {frame.epoch_owner[:MAX_EPOCH_OWNER]!r} is not one we take"

@@ -80,12 +80,19 @@ class SwarmState:
         self._lease_until = 0.0  # of our member entry; load and RTT entries carry it too
         self._remote = False
         # The keys each applied update touched: settling looks at those only (not at every key).
-        self._touched: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        # None: all of that map's keys (pycrdt reports some deletions with no keys).
+        self._touched: dict[str, set[str] | None] = {kind: set() for kind in KINDS}
         self._observers = [m.observe(partial(self._note_touched, kind)) for kind, m in self._maps.items()]
 
     def _note_touched(self, kind: str, event: MapEvent) -> None:
-        if self._remote:
-            self._touched[kind].update(event.keys)  # type: ignore[attr-defined]  # in __slots__, not annotated
+        if not self._remote:
+            return
+        keys = event.keys  # type: ignore[attr-defined]  # in __slots__, not annotated
+        touched = self._touched[kind]
+        if not keys or touched is None:
+            self._touched[kind] = None
+        else:
+            touched.update(keys)
 
     def reuse_verified(self, other: SwarmState) -> None:
         """Share `other`'s memory of verified blobs (same verifier): taking in a document that holds
@@ -141,7 +148,11 @@ class SwarmState:
         self._maps[kind][self.local_peer] = entry.blob
 
     def reap(self, now: float) -> list[str]:
-        """Delete every entry whose lease ended before `now` (any replica may); returns their peers."""
+        """Delete every entry whose lease ended before `now` (any replica may); returns their peers.
+
+        First settles every key, not only those pycrdt reported changed (its events have missed
+        a deletion): run once a round, this bounds how long a missed change can go unseen."""
+        self._settle()
         expired = {(kind, pid) for kind in KINDS for pid, e in self._view[kind].items() if e.expired(now)}
         if expired:
             with self.doc.transaction():
@@ -214,6 +225,9 @@ class SwarmState:
         finally:
             self._remote = False
             touched, self._touched = self._touched, {kind: set() for kind in KINDS}
+        for kind, keys in touched.items():  # pycrdt's events can miss a deletion: compare the key sets too
+            if keys is not None:
+                keys.update(set(self._maps[kind].keys()).symmetric_difference(self._view[kind]))
         self._settle(touched)
 
     def observe(self, on_update: Callable[[bytes], None]) -> Any:
@@ -227,17 +241,20 @@ class SwarmState:
 
     # -- settling the document against the view ---------------------------------------------
 
-    def _settle(self, keys: Mapping[str, set[str]] | None = None) -> None:
-        """Settle `keys` (per kind; all of them by default) of the document against the view."""
+    def _settle(self, keys: Mapping[str, set[str] | None] | None = None) -> None:
+        """Settle `keys` (per kind, None: all) of the document against the view."""
         now = self.clock()
         repairs: list[tuple[str, str, bytes | None]] = []  # (kind, key, blob to write, or None: delete)
         for kind in KINDS:
             doc, view = self._maps[kind], self._view[kind]
-            for pid in keys[kind] if keys is not None else set(doc.keys()) | set(view):
+            some = keys[kind] if keys is not None else None
+            for pid in some if some is not None else set(doc.keys()) | set(view):
                 raw = doc.get(pid)
                 found = self._open(raw, kind, pid, now) if raw is not None else None
                 best = view.get(pid)
                 if found is not None and found.beats(best):
+                    if best is None and len(view) >= self.limits.max_members:
+                        continue  # full: a flood of fresh identities is not taken in (nor repaired)
                     view[pid] = found
                 elif found is not None and found.blob == best.blob:  # type: ignore[union-attr]
                     continue

@@ -360,3 +360,34 @@ def test_a_state_with_an_unknown_verifier_answer_believes_nothing() -> None:
     skeptic = SwarmState(No(), clock=clock)
     skeptic.apply(a.state.diff())
     assert skeptic.snapshot() == ({}, {}, {})
+
+
+def test_bytes_are_limited_per_peer() -> None:
+    clock = Clock()
+    limits = Limits(bytes_per_s=1000, byte_burst=5000)
+    b = Replica(VERIFIER, Libp2pSigner(create_new_key_pair()), limits=limits, clock=clock)
+    pull = SyncFrame(kind=SyncFrame.PULL, state_vector=b"\x00" * 2000)  # a state vector of garbage, 2 kB
+    b.receive(pull, "flooder")
+    b.receive(pull, "flooder")
+    with pytest.raises(OverLimitError):
+        b.receive(pull, "flooder")
+    clock.now += 2.0
+    b.receive(pull, "flooder")
+
+
+def test_a_flood_of_fresh_identities_stops_at_the_member_cap_and_the_honest_still_update() -> None:
+    clock = Clock()
+    limits = Limits(max_members=5)
+    a = Replica(VERIFIER, Libp2pSigner(create_new_key_pair()), limits=limits, clock=clock)
+    a.set_member(Member(a.local_peer, lease_until=clock.now + 30))
+    b = Replica(VERIFIER, Libp2pSigner(create_new_key_pair()), limits=limits, clock=clock)
+    b.set_member(Member(b.local_peer, lease_until=clock.now + 30))
+    converse(a, b)
+    for _ in range(10):
+        s = Stranger()
+        s.maps["members"][s.signer.peer_id] = s.signed("member", clock.now + 30, Member(s.signer.peer_id))
+        s.push(b)
+    assert len(b.state.members()) == 5
+    a.set_member(Member(a.local_peer, ("127.0.0.1:3",), lease_until=clock.now + 30))
+    converse(a, b)
+    assert b.state.members()[a.local_peer].addresses == ("127.0.0.1:3",)

@@ -22,6 +22,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from multiaddr import Multiaddr
 
+from crdt import Limits
 from node.errors import FrameError
 
 __all__ = ["SYNC_PROTOCOL", "SyncWire", "fetch_state"]
@@ -29,7 +30,7 @@ __all__ = ["SYNC_PROTOCOL", "SyncWire", "fetch_state"]
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = TProtocol("/moemesh/sync/1.0.0")
-MAX_FRAME_BYTES = 32 * 1024 * 1024
+MAX_FRAME_BYTES = Limits().max_frame_bytes + (64 << 10)  # what a replica takes, + the frame's other fields
 MAX_FRAMES = 6  # a conversation is at most PULL, ANSWER, PUSH (+ an epoch change)
 TIMEOUT_S = 10.0
 ADDRESS_TTL_S = 600

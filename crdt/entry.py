@@ -72,7 +72,8 @@ class Limits:
     max_lease_ahead_s: float = 300.0  # a lease further ahead than this is refused (owners renew every lease/3)
     max_entry_bytes: int = 4096
     max_rtt_peers: int = 64  # an RTT entry names at most this many peers (we keep our nearest)
-    max_epoch_ahead_s: float = 86_400.0  # a compaction epoch above now + this is refused
+    max_epoch_ahead_s: float = 600.0  # a compaction epoch above now + this is refused
+    min_adopt_interval_s: float = 10.0  # between two epochs we take from others
     max_frame_bytes: int = 4 << 20  # update + state vector of one sync frame
     frames_per_s: float = 20.0  # per sending peer, sustained
     frame_burst: int = 60  # per sending peer, at once
@@ -99,16 +100,17 @@ class Member:
     state: str = ""  # "serving", "loading" (a span it is moving to), "draining", or "" (no model)
 
     def body(self) -> dict[str, Any]:
-        """The signed fields besides peer id and lease (those are in every entry's payload)."""
+        """The signed fields besides peer id and lease (those are in every entry's payload). Only the
+        first MAX_ADDRESSES addresses of each kind are published (a host on many interfaces)."""
         return {
-            "addresses": list(self.addresses),
+            "addresses": list(self.addresses[:MAX_ADDRESSES]),
             "model_id": self.model_id,
             "start": self.start,
             "end": self.end,
             "capacity_bytes": self.capacity_bytes,
             "throughput": float(self.throughput),
             "version": self.version,
-            "p2p_addresses": list(self.p2p_addresses),
+            "p2p_addresses": list(self.p2p_addresses[:MAX_ADDRESSES]),
             "num_layers": self.num_layers,
             "max_layers": self.max_layers,
             "state": self.state,

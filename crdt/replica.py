@@ -18,13 +18,16 @@ stranger's document can change no entry, and neither can an epoch: one above now
 make the next compaction's epoch unencodable). A frame from a lower epoch is answered with
 our whole document.
 
-Per sending peer, frames are limited in size and rate (`Limits`); a refused frame raises
-`OverLimitError` (a `BadUpdateError`) before its update is applied.
+Per sending peer, frames are limited in size and rate, and bytes (received, and sent in
+answer) per second (`Limits`); a replica adopts at most one epoch per
+`Limits.min_adopt_interval_s`, so no peer can make the swarm swap documents at its pace.
+A refused frame raises `OverLimitError` (a `BadUpdateError`) before its update is applied.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -96,6 +99,11 @@ class _RateLimit:
         self._buckets[sender] = (frames, budget, now)
         return refusal
 
+    def charge(self, sender: str, size: int) -> None:
+        """Spend `size` bytes of `sender`'s budget after the fact (an answer we send); it may go negative."""
+        frames, budget = self._refilled(sender, self.clock())
+        self._buckets[sender] = (frames, max(budget - size, -float(self.limits.byte_burst)), self.clock())
+
     def _forget_idle(self, now: float) -> None:
         """Drop the buckets that have refilled (their peers are not flooding); all of them if none has."""
         lim = self.limits
@@ -128,6 +136,7 @@ class Replica:
         self._outbox: list[bytes] = []
         self._rate = _RateLimit(self.limits, clock)
         self.adopted = 0  # how many times we took another replica's epoch
+        self._adopted_at = -math.inf  # when we last did
         self.refused = 0  # frames refused (over a limit, or from an epoch too far ahead)
         self._compacted_size = 0
         self.state = self._new_state(client_id)
@@ -196,10 +205,20 @@ class Replica:
         Raises OverLimitError for a frame over a per-peer limit and BadUpdateError for one we
         refuse (an epoch too far ahead) or cannot apply; nothing of such a frame is applied."""
         self._check(frame, sender)
+        answer = self._answer(frame)
+        if answer is not None and sender:  # what we send counts too: a small frame must not buy a big answer
+            self._rate.charge(sender, len(answer.update))
+        return answer
+
+    def _answer(self, frame: SyncFrame) -> SyncFrame | None:
         theirs: Epoch = (frame.epoch, frame.epoch_owner)
         if theirs < self.epoch:  # they are behind: whatever they asked, send the whole document
             return self.whole()
         if theirs > self.epoch:
+            since = self.clock() - self._adopted_at
+            if since < self.limits.min_adopt_interval_s:
+                self.refused += 1
+                raise OverLimitError(f"epoch {theirs} {since:.1f} s after the last one we adopted")
             if frame.full:
                 self._adopt(theirs, frame.update)
                 return None
@@ -245,6 +264,7 @@ class Replica:
         fresh.merge(old)  # keeps every verified entry we held; what the new document lacks is pushed
         self.epoch = epoch
         self.adopted += 1
+        self._adopted_at = self.clock()
         log.info("adopted swarm-state epoch %d (built by %s)", epoch[0], epoch[1] or "nobody")
 
     # -- compaction --------------------------------------------------------------------------
@@ -258,6 +278,7 @@ class Replica:
         epoch = (max(self.epoch[0] + 1, int(self.clock())), self.local_peer)
         self._adopt(epoch, fresh.diff())
         self.adopted -= 1  # our own epoch, not another replica's
+        self._adopted_at = -math.inf
         return epoch
 
     def maybe_compact(self, bound_bytes: int) -> bool:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p.crypto.ed25519 import create_new_key_pair
 
-from crdt import BadUpdateError, Load, Member, NotOwnerError, Replica, SwarmState, decode_frame, encode_frame
+from crdt import BadUpdateError, Limits, Load, Member, NotOwnerError, Replica, SwarmState, decode_frame, encode_frame
 from node.mesh.identity import Libp2pSigner, Libp2pVerifier
 from protocol.swarm_pb2 import SyncFrame
 
@@ -32,8 +32,8 @@ def state(i: int, clock: Clock, client_id: int | None = None) -> SwarmState:
     return SwarmState(VERIFIER, SIGNERS[i], clock=clock, client_id=client_id)
 
 
-def replica(i: int, clock: Clock, client_id: int | None = None) -> Replica:
-    return Replica(VERIFIER, SIGNERS[i], clock=clock, client_id=client_id)
+def replica(i: int, clock: Clock, client_id: int | None = None, limits: Limits | None = None) -> Replica:
+    return Replica(VERIFIER, SIGNERS[i], clock=clock, client_id=client_id, limits=limits)
 
 
 write = st.tuples(st.just("write"), st.integers(0, 3), st.integers(0, 64), st.floats(0, 100, allow_nan=False))
@@ -265,7 +265,8 @@ def test_replicas_converge_through_frames_with_compactions_and_a_partition(
     before: list[tuple[Any, ...]], during: list[tuple[Any, ...]]
 ) -> None:
     clock = Clock()
-    replicas = [replica(i, clock, client_id=i + 1) for i in range(len(PEERS))]
+    eager = Limits(min_adopt_interval_s=0.0)  # the clock stands still here: adopt every epoch at once
+    replicas = [replica(i, clock, client_id=i + 1, limits=eager) for i in range(len(PEERS))]
     for op in before:
         run_replica_op(replicas, clock, op, lambda a, b: True)
     groups = [{0, 1}, {2, 3}]

@@ -47,10 +47,10 @@ class Clock:
         return self.now
 
 
-def honest(clock: Clock, throughput: float = 10.0) -> Replica:
-    r = Replica(VERIFIER, Libp2pSigner(create_new_key_pair()), clock=clock)
+def honest(clock: Clock, limits: Limits | None = None) -> Replica:
+    r = Replica(VERIFIER, Libp2pSigner(create_new_key_pair()), clock=clock, limits=limits)
     r.set_member(
-        Member(r.local_peer, ("127.0.0.1:1",), "m", 0, 4, 1 << 30, throughput, "v", clock.now + 30, (), 4, 4, "serving")
+        Member(r.local_peer, ("127.0.0.1:1",), "m", 0, 4, 1 << 30, 10.0, "v", clock.now + 30, (), 4, 4, "serving")
     )
     r.set_load(Load(1, 100, 0))
     r.set_rtts({"other": 5.0})
@@ -391,3 +391,32 @@ def test_a_flood_of_fresh_identities_stops_at_the_member_cap_and_the_honest_stil
     a.set_member(Member(a.local_peer, ("127.0.0.1:3",), lease_until=clock.now + 30))
     converse(a, b)
     assert b.state.members()[a.local_peer].addresses == ("127.0.0.1:3",)
+
+
+def test_a_stranger_cannot_make_a_replica_swap_documents_at_its_pace() -> None:
+    clock = Clock()
+    a, b, c = swarm(clock)
+    before = view(b)
+    s = Stranger()
+    s.push(b, epoch=int(clock.now) + 1, epoch_owner=s.signer.peer_id, full=True)  # adopted, entry by entry
+    with pytest.raises(OverLimitError):
+        s.push(b, epoch=int(clock.now) + 2, epoch_owner=s.signer.peer_id, full=True)
+    assert b.epoch == (int(clock.now) + 1, s.signer.peer_id) and view(b) == before
+    clock.now += b.limits.min_adopt_interval_s
+    s.push(b, epoch=int(clock.now) + 2, epoch_owner=s.signer.peer_id, full=True)
+    assert b.adopted == 2 and view(b) == before
+
+
+def test_a_small_frame_does_not_buy_big_answers() -> None:
+    clock = Clock()
+    a = honest(clock)
+    b = honest(clock, Limits(byte_burst=3 * len(a.state.diff())))
+    converse(a, b)
+    b.compact()
+    behind = SyncFrame(kind=SyncFrame.PULL, epoch=0, state_vector=b"\x00")  # an older epoch: our whole document
+    answers = 0
+    with pytest.raises(OverLimitError):
+        for _ in range(10):
+            b.receive(behind, "leech")
+            answers += 1
+    assert 2 <= answers <= 4

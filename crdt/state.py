@@ -52,7 +52,7 @@ from crdt.errors import BadEntryError, BadUpdateError, NotOwnerError
 __all__ = ["Load", "Member", "SwarmState"]
 
 MAP_NAMES = {"member": "members", "load": "load", "rtt": "rtt"}
-MAX_CACHE = 8192  # verified blobs remembered, so that settling does not verify a signature twice
+MAX_CACHE = 4 * 10_000  # verified blobs remembered (a few per member of a large swarm)
 
 
 class SwarmState:
@@ -75,7 +75,7 @@ class SwarmState:
         # Keep references to the maps: an observed Map must outlive its observers.
         self._maps: dict[str, Map] = {kind: self.doc.get(name, type=Map) for kind, name in MAP_NAMES.items()}
         self._view: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
-        self._opened: dict[bytes, Entry | None] = {}
+        self._opened: dict[bytes, Entry] = {}  # verified blobs (so that no signature is checked twice)
         self._seq = 0
         self._lease_until = 0.0  # of our member entry; load and RTT entries carry it too
         self._remote = False
@@ -278,15 +278,14 @@ class SwarmState:
         if not isinstance(raw, bytes | bytearray):
             return None
         blob = bytes(raw)
-        if blob in self._opened:
-            entry = self._opened[blob]
-            return entry if entry is not None and (entry.kind, entry.peer_id) == (kind, pid) else None
+        known = self._opened.get(blob)
+        if known is not None:
+            return known if (known.kind, known.peer_id) == (kind, pid) else None
         try:
             entry = open_entry(blob, kind, pid, self.verifier, now, self.limits)
         except BadEntryError:
-            entry = None
+            return None  # not remembered: garbage is deleted at once, and must not crowd out the verified
         if len(self._opened) >= MAX_CACHE:
             self._opened.clear()
-        if len(blob) <= self.limits.max_entry_bytes:
-            self._opened[blob] = entry
+        self._opened[blob] = entry
         return entry

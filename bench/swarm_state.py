@@ -22,12 +22,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from functools import cache  # noqa: E402
+
+from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
+
 from crdt import Load, Member, Replica, decode_frame, encode_frame  # noqa: E402
+from node.mesh.identity import Libp2pSigner, Libp2pVerifier  # noqa: E402
 from protocol.swarm_pb2 import SyncFrame  # noqa: E402
+
+VERIFIER = Libp2pVerifier()
+
+
+@cache
+def signer(i: int) -> Libp2pSigner:
+    return Libp2pSigner(create_new_key_pair())
+
+
+def replica(i: int | None) -> Replica:
+    """The replica of member i (signing as it), or a read-only one."""
+    return Replica(VERIFIER, signer(i) if i is not None else None)
 
 
 def member(i: int, start: int = 0) -> Member:
-    pid = f"12D3KooW{i:044d}"  # the length of a real Ed25519 peer id
+    pid = signer(i).peer_id
     return Member(
         pid,
         addresses=(f"10.0.{i // 250}.{i % 250}:7001",),
@@ -58,14 +75,14 @@ def conversation(a: Replica, b: Replica) -> int:
 
 
 def one_change(n: int) -> dict[str, int]:
-    mover = Replica(member(0).peer_id)
+    mover = replica(0)
     mover.set_member(member(0))
     mover.set_load(Load(2, 4096, 0))
-    seen, behind = Replica("seen"), Replica("behind")
+    seen, behind = replica(None), replica(None)
     for r in (seen, behind):
         r.state.apply(mover.state.diff())
     for i in range(1, n):
-        other = Replica(member(i).peer_id)
+        other = replica(i)
         other.set_member(member(i))
         other.set_load(Load(i % 5, 8192, i % 3))
         update = other.state.diff()
@@ -82,7 +99,7 @@ def one_change(n: int) -> dict[str, int]:
 
 
 def rounds_to_converge(replicas: int, rng: random.Random) -> int:
-    nodes = [Replica(member(i).peer_id) for i in range(replicas)]
+    nodes = [replica(i) for i in range(replicas)]
     for i, r in enumerate(nodes):
         r.set_member(member(i))
     for r in nodes:

@@ -7,24 +7,35 @@ The transport (a libp2p stream) carries `SyncFrame`s; this module decides what t
 
 Compaction: deleted entries leave tombstones in the document (one range per writer ever
 seen), so a long-lived swarm's document grows. When its encoding passes a bound, a replica
-rebuilds the document from the current values alone under the next epoch `(n + 1, its
-peer id)`. Epochs are ordered, so concurrent compactions resolve to one winner. A frame
-from a higher epoch is not merged: its sender is asked for (or sends) its whole document,
-which the receiver adopts, then it rewrites its own records (the owner's word is final;
-writes that the compacting replica had not seen come back this way). A frame from a lower
-epoch is answered with our whole document.
+rebuilds the document from its verified view alone under the next epoch `(n, its peer id)`,
+n = max(old n + 1, unix seconds now). Epochs are ordered, so concurrent compactions resolve
+to one winner. A frame from a higher epoch is not merged: its sender is asked for (or
+sends) its whole document, which the receiver adopts *entry by verified entry*: the new
+document replaces the old one's history, but its view is the best of both views (see
+`SwarmState.merge`), and what the new document lacks of it is written back. So adopting a
+stranger's document can change no entry, and neither can an epoch: one above now +
+`Limits.max_epoch_ahead_s` is refused (an epoch of 2^64 - 1 would otherwise win forever and
+make the next compaction's epoch unencodable). A frame from a lower epoch is answered with
+our whole document.
+
+Per sending peer, frames are limited in size and rate, and bytes (received, and sent in
+answer) per second (`Limits`); a replica adopts at most one epoch per
+`Limits.min_adopt_interval_s`, so no peer can make the swarm swap documents at its pace.
+A refused frame raises `OverLimitError` (a `BadUpdateError`) before its update is applied.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable, Mapping
 
 from google.protobuf.message import DecodeError
 from pycrdt import merge_updates
 
-from crdt.errors import BadUpdateError
+from crdt.entry import Limits, Signer, Verifier
+from crdt.errors import BadUpdateError, OverLimitError
 from crdt.state import Load, Member, SwarmState
 from protocol.swarm_pb2 import SyncFrame
 
@@ -33,6 +44,7 @@ __all__ = ["Epoch", "Replica", "decode_frame", "encode_frame"]
 log = logging.getLogger(__name__)
 
 EMPTY_STATE_VECTOR = b"\x00"
+MAX_EPOCH_OWNER = 128  # characters: a peer id
 Epoch = tuple[int, str]  # (generation, peer that built it); compared as a tuple
 
 
@@ -51,55 +63,109 @@ def decode_frame(data: bytes) -> SyncFrame:
     return frame
 
 
-@dataclass
-class _Own:
-    """Our own records, rewritten into every document we adopt."""
+class _RateLimit:
+    """Token buckets per sending peer, for frames and for bytes: a burst at once, a rate sustained."""
 
-    member: Member | None = None
-    load: Load | None = None
-    rtts: Mapping[str, float] | None = None
+    def __init__(self, limits: Limits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # peer -> (frames, bytes, when)
+
+    def _refilled(self, sender: str, now: float) -> tuple[float, float]:
+        lim = self.limits
+        frames, size, then = self._buckets.get(sender, (lim.frame_burst, lim.byte_burst, now))
+        elapsed = max(0.0, now - then)
+        return min(lim.frame_burst, frames + elapsed * lim.frames_per_s), min(
+            lim.byte_burst, size + elapsed * lim.bytes_per_s
+        )
+
+    def take(self, sender: str, size: int) -> str | None:
+        """Spend one frame and `size` bytes of `sender`'s budget; why not, when it cannot."""
+        now = self.clock()
+        if len(self._buckets) >= self.limits.max_senders and sender not in self._buckets:
+            self._forget_idle(now)
+        frames, budget = self._refilled(sender, now)
+        if frames < 1.0:
+            self._buckets[sender] = (frames, budget, now)
+            return f"more than {self.limits.frames_per_s:g} frames/s"
+        frames -= 1.0  # an oversized or over-budget frame still costs a frame
+        refusal = None
+        if size > self.limits.max_frame_bytes:
+            refusal = f"a frame of {size} bytes, over {self.limits.max_frame_bytes}"
+        elif size > budget:
+            refusal = f"more than {self.limits.bytes_per_s} bytes/s"
+        else:
+            budget -= size
+        self._buckets[sender] = (frames, budget, now)
+        return refusal
+
+    def charge(self, sender: str, size: int) -> None:
+        """Spend `size` bytes of `sender`'s budget after the fact (an answer we send); it may go negative."""
+        frames, budget = self._refilled(sender, self.clock())
+        self._buckets[sender] = (frames, max(budget - size, -float(self.limits.byte_burst)), self.clock())
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the buckets that have refilled (their peers are not flooding); all of them if none has."""
+        lim = self.limits
+        full = [p for p in self._buckets if self._refilled(p, now) == (lim.frame_burst, lim.byte_burst)]
+        for peer in full or list(self._buckets):
+            del self._buckets[peer]
 
 
 class Replica:
-    """A `SwarmState` under an epoch, which answers sync frames and collects local updates."""
+    """A `SwarmState` under an epoch, which answers sync frames and collects local updates.
 
-    def __init__(self, local_peer: str, client_id: int | None = None) -> None:
-        self.local_peer = local_peer
+    `verifier` checks every entry we take in; `signer` (our identity) signs what we write, and
+    without one the replica only reads (a `status` client). `clock` gives unix seconds."""
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        signer: Signer | None = None,
+        *,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.time,
+        client_id: int | None = None,
+    ) -> None:
+        self.verifier = verifier
+        self.signer = signer
+        self.limits = limits or Limits()
+        self.clock = clock
         self._client_id = client_id
         self.epoch: Epoch = (0, "")
-        self._own = _Own()
         self._outbox: list[bytes] = []
-        self._applying = False
+        self._rate = _RateLimit(self.limits, clock)
         self.adopted = 0  # how many times we took another replica's epoch
+        self._adopted_at = -math.inf  # when we last did
+        self.refused = 0  # frames refused (over a limit, or from an epoch too far ahead)
         self._compacted_size = 0
-        self.state = self._new_state()
+        self.state = self._new_state(client_id)
 
-    def _new_state(self) -> SwarmState:
-        state = SwarmState(self.local_peer, self._client_id)
+    @property
+    def local_peer(self) -> str:
+        return self.state.local_peer
+
+    def _new_state(self, client_id: int | None) -> SwarmState:
+        state = SwarmState(self.verifier, self.signer, limits=self.limits, clock=self.clock, client_id=client_id)
         self._subscription = state.observe(self._collect)
         return state
 
     def _collect(self, update: bytes) -> None:
-        if not self._applying:
-            self._outbox.append(update)
+        self._outbox.append(update)
 
-    # -- our own writes (remembered, so that they survive an epoch change) -------------------
+    # -- our own writes (signed; they survive an epoch change as every verified entry does) --
 
     def set_member(self, member: Member) -> None:
         self.state.set_member(member)
-        self._own.member = member
 
     def set_load(self, load: Load) -> None:
         self.state.set_load(load)
-        self._own.load = load
 
     def set_rtts(self, rtts_ms: Mapping[str, float]) -> None:
         self.state.set_rtts(rtts_ms)
-        self._own.rtts = dict(rtts_ms)
 
     def leave(self) -> None:
         self.state.leave()
-        self._own = _Own()
 
     def reap(self, now: float) -> list[str]:
         return self.state.reap(now)
@@ -126,19 +192,40 @@ class Replica:
     def whole(self) -> SyncFrame:
         return self._frame(SyncFrame.PUSH, update=self.state.diff(), full=True)
 
-    def receive(self, frame: SyncFrame) -> SyncFrame | None:
-        """Merge what `frame` brings; return the frame to answer with, if any."""
+    def max_epoch(self) -> int:
+        """The highest epoch generation we accept now."""
+        return int(self.clock() + self.limits.max_epoch_ahead_s)
+
+    def receive(self, frame: SyncFrame, sender: str = "") -> SyncFrame | None:
+        """Merge what `frame` (from the peer `sender`) brings; return the frame to answer with, if any.
+
+        The transport names `sender` (the authenticated remote peer id) for the per-peer rate
+        limit; "" (unknown) is not rate limited, only size limited.
+
+        Raises OverLimitError for a frame over a per-peer limit and BadUpdateError for one we
+        refuse (an epoch too far ahead) or cannot apply; nothing of such a frame is applied."""
+        self._check(frame, sender)
+        answer = self._answer(frame)
+        if answer is not None and sender:  # what we send counts too: a small frame must not buy a big answer
+            self._rate.charge(sender, len(answer.update))
+        return answer
+
+    def _answer(self, frame: SyncFrame) -> SyncFrame | None:
         theirs: Epoch = (frame.epoch, frame.epoch_owner)
         if theirs < self.epoch:  # they are behind: whatever they asked, send the whole document
             return self.whole()
         if theirs > self.epoch:
+            since = self.clock() - self._adopted_at
+            if since < self.limits.min_adopt_interval_s:
+                self.refused += 1
+                raise OverLimitError(f"epoch {theirs} {since:.1f} s after the last one we adopted")
             if frame.full:
                 self._adopt(theirs, frame.update)
                 return None
             # Ask for their whole document: our frame is from a lower epoch, so they send it.
             return self._frame(SyncFrame.PULL, state_vector=EMPTY_STATE_VECTOR)
         if frame.update:
-            self._apply(frame.update)
+            self.state.apply(frame.update)
         if frame.kind == SyncFrame.PULL:
             return self._frame(
                 SyncFrame.ANSWER,
@@ -150,32 +237,35 @@ class Replica:
             return self.push(missing) if _carries_anything(missing) else None
         return None
 
-    def _apply(self, update: bytes) -> None:
-        self._applying = True
-        try:
-            self.state.apply(update)
-        finally:
-            self._applying = False
+    def _check(self, frame: SyncFrame, sender: str) -> None:
+        size = len(frame.update) + len(frame.state_vector)
+        refusal: BadUpdateError | None = None
+        over = self._rate.take(sender, size) if sender else None
+        if over is not None:
+            refusal = OverLimitError(f"{sender!r} sent {over}")
+        elif size > self.limits.max_frame_bytes:
+            refusal = OverLimitError(f"a frame of {size} bytes is over {self.limits.max_frame_bytes}")
+        elif frame.epoch > self.max_epoch() or len(frame.epoch_owner) > MAX_EPOCH_OWNER:
+            refusal = BadUpdateError(
+                f"epoch {frame.epoch} of {frame.epoch_owner[:MAX_EPOCH_OWNER]!r} is not one we take"
+            )
+        if refusal is not None:
+            self.refused += 1
+            raise refusal
 
     def _adopt(self, epoch: Epoch, whole: bytes) -> None:
-        fresh = SwarmState(self.local_peer, None)  # a new client id: ours may exist in that document already
-        fresh.apply(whole)  # raises BadUpdateError before we replace anything
+        old = self.state
+        fresh = SwarmState(self.verifier, self.signer, limits=self.limits, clock=self.clock)  # a new client id
+        fresh.reuse_verified(old)
+        fresh.apply(whole)  # verifies entry by entry; raises BadUpdateError before we replace anything
         self.state = fresh
-        self._subscription = fresh.observe(self._collect)
         self._outbox.clear()  # updates of the old document mean nothing in the new one
+        self._subscription = fresh.observe(self._collect)
+        fresh.merge(old)  # keeps every verified entry we held; what the new document lacks is pushed
         self.epoch = epoch
         self.adopted += 1
+        self._adopted_at = self.clock()
         log.info("adopted swarm-state epoch %d (built by %s)", epoch[0], epoch[1] or "nobody")
-        self._rewrite_own()
-
-    def _rewrite_own(self) -> None:
-        with self.state.doc.transaction():
-            if self._own.member is not None:
-                self.state.set_member(self._own.member)
-            if self._own.load is not None:
-                self.state.set_load(self._own.load)
-            if self._own.rtts is not None:
-                self.state.set_rtts(self._own.rtts)
 
     # -- compaction --------------------------------------------------------------------------
 
@@ -183,16 +273,19 @@ class Replica:
         return len(self.state.diff())
 
     def compact(self) -> Epoch:
-        """Rebuild the document from current values under the next epoch (ours); returns it."""
+        """Rebuild the document from the verified view under the next epoch (ours); returns it."""
         fresh = self.state.rebuilt()
-        epoch = (self.epoch[0] + 1, self.local_peer)
+        epoch = (max(self.epoch[0] + 1, int(self.clock())), self.local_peer)
         self._adopt(epoch, fresh.diff())
         self.adopted -= 1  # our own epoch, not another replica's
+        self._adopted_at = -math.inf
         return epoch
 
     def maybe_compact(self, bound_bytes: int) -> bool:
         """Compact when the document is past `bound_bytes`, and past twice its size after the last compaction
-        (a swarm whose live values alone pass the bound would otherwise compact all the time)."""
+        (a swarm whose live values alone pass the bound would otherwise compact all the time). The values
+        kept are verified entries only, at most three per member, each within `Limits.max_entry_bytes`:
+        what a compaction leaves is bounded by the number of verified members."""
         size = self.encoded_size()
         if size <= max(bound_bytes, 2 * self._compacted_size):
             return False

@@ -147,8 +147,11 @@ def _daemon(args: argparse.Namespace) -> int:
         raise ConfigError("--max-layers goes with --layers auto")
     if not 0.05 <= args.sync_interval <= 3600:
         raise ConfigError("--sync-interval must be between 0.05 and 3600 seconds")
-    if not 3 * args.sync_interval <= args.lease <= 86400:
-        raise ConfigError("--lease must be at least 3 sync intervals (and at most a day)")
+    from crdt import Limits
+
+    longest = Limits().max_lease_ahead_s  # replicas refuse a lease further ahead than this
+    if not 3 * args.sync_interval <= args.lease <= longest:
+        raise ConfigError(f"--lease must be at least 3 sync intervals and at most {longest:g} seconds")
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     server = None
     if args.model is not None:

@@ -1,4 +1,6 @@
-"""A daemon's persistent Ed25519 identity: a key file created on first start, held under a lock.
+"""A daemon's persistent Ed25519 identity: a key file created on first start, held under a lock;
+and the signing and verifying of swarm-state entries with libp2p keys (`crdt.Signer`,
+`crdt.Verifier`: `crdt` may not import libp2p, so the node gives it these).
 
 Two daemons sharing one key would be one peer id to the swarm (each overwriting the other's
 records), so a running daemon holds an exclusive lock on its key file: a second daemon given
@@ -10,15 +12,20 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Any
 
+from google.protobuf.message import DecodeError
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.keys import KeyPair
-from libp2p.crypto.serialization import deserialize_private_key
+from libp2p.crypto.keys import KeyPair, KeyType
+from libp2p.crypto.serialization import deserialize_private_key, deserialize_public_key
+from libp2p.peer.id import ID
 
 from node.errors import ConfigError
 
 __all__ = [
     "HeldIdentity",
+    "Libp2pSigner",
+    "Libp2pVerifier",
     "claim_identity",
     "default_identity_path",
     "ephemeral_identity",
@@ -120,3 +127,37 @@ def claim_identity(path: Path | None) -> HeldIdentity:
         os.close(fd)
         raise
     return HeldIdentity(key_pair, path, created, fd)
+
+
+class Libp2pSigner:
+    """Signs our swarm-state entries with the host's key; the public key travels libp2p-serialized."""
+
+    def __init__(self, key_pair: KeyPair) -> None:
+        self._private = key_pair.private_key
+        self.public_key = key_pair.public_key.serialize()
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+
+    @classmethod
+    def of_host(cls, host: Any) -> Libp2pSigner:
+        """The signer of a libp2p host (the identity its peer id is derived from)."""
+        return cls(KeyPair(host.get_private_key(), host.get_public_key()))
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._private.sign(data))
+
+
+class Libp2pVerifier:
+    """An entry is believed when its key is an Ed25519 libp2p key, the peer id derived from that key is
+    the one the entry is keyed under, and the signature checks; any other bytes are simply False."""
+
+    def verify(self, peer_id: str, public_key: bytes, data: bytes, signature: bytes) -> bool:
+        try:
+            key = deserialize_public_key(public_key)
+        except (ValueError, DecodeError):  # PyNaCl's errors are ValueErrors too
+            return False
+        if key.get_type() != KeyType.Ed25519 or ID.from_pubkey(key).to_base58() != peer_id:
+            return False
+        try:
+            return bool(key.verify(data, signature))
+        except ValueError:  # a signature of the wrong length
+            return False

@@ -18,7 +18,7 @@ from node.errors import ConfigError, InvalidRecord, RouteError
 from node.mesh.autonat import AutoNATConfig
 from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshConfig, MeshNode
-from node.mesh.identity import ephemeral_identity
+from node.mesh.identity import Libp2pVerifier, ephemeral_identity
 from node.mesh.nat import NOT_CONNECTED, NatConfig
 from node.mesh.records import ALL_PEERS_KEY, block_key, is_live, now_ms, verify_record
 from node.mesh.relay import RelayConfig
@@ -90,7 +90,7 @@ class SwarmReader:
         None when it does not answer the sync protocol."""
         target = multiaddr or self._bootstrap[0]
         peer_id = info_from_p2p_addr(Multiaddr(target)).peer_id.to_base58()
-        reader = Replica(self._node.peer_id)
+        reader = Replica(Libp2pVerifier())  # read-only: it verifies, it signs nothing
         data = self._thread.call_sync(fetch_state, self._node.host, peer_id, [target], encode_frame(reader.pull()))
         if data is None:
             return None

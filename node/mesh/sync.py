@@ -23,6 +23,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from multiaddr import Multiaddr
 
+from crdt import Limits
 from node.errors import FrameError
 
 __all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install", "read_frame", "write_frame"]
@@ -30,12 +31,12 @@ __all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install", 
 log = logging.getLogger(__name__)
 
 SYNC_PROTOCOL = TProtocol("/moemesh/sync/1.0.0")
-MAX_FRAME_BYTES = 32 * 1024 * 1024
+MAX_FRAME_BYTES = Limits().max_frame_bytes + (64 << 10)  # what a replica takes, + the frame's other fields
 MAX_FRAMES = 6  # a conversation is at most PULL, ANSWER, PUSH (+ an epoch change)
 TIMEOUT_S = 10.0
 ADDRESS_TTL_S = 600
 
-Responder = Callable[[bytes], Awaitable[bytes | None]]
+Responder = Callable[[str, bytes], Awaitable[bytes | None]]  # (the sender's peer id, frame) -> answer
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,10 @@ async def write_frame(stream: Any, frame: bytes) -> None:
 async def converse(stream: Any, first: bytes | None, respond: Responder) -> float | None:
     """Write `first` (if any), then answer frames until one side has nothing to say.
 
+    `respond` gets the remote peer id that Noise authenticated, for per-peer limits.
     Returns the seconds from writing `first` to reading the answer (None without one).
     """
+    sender = _remote(stream)
     rtt = None
     started = time.perf_counter()
     if first is not None:
@@ -91,7 +94,7 @@ async def converse(stream: Any, first: bytes | None, respond: Responder) -> floa
             rtt = time.perf_counter() - started
         if frame is None:
             break
-        answer = await respond(frame)
+        answer = await respond(sender, frame)
         if answer is None:
             break
         await write_frame(stream, answer)
@@ -164,7 +167,7 @@ async def fetch_state(
     """Send one PULL frame to `peer_id` and return its first answer (its document), or None."""
     answer: list[bytes] = []
 
-    async def keep(frame: bytes) -> None:
+    async def keep(sender: str, frame: bytes) -> None:
         answer.append(frame)
         return None
 
@@ -177,4 +180,4 @@ def _remote(stream: Any) -> str:
     try:
         return str(stream.muxed_conn.peer_id)
     except AttributeError:
-        return "?"
+        return ""  # unknown: no per-peer accounting

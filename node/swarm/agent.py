@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from crdt import BadUpdateError, Load, Member, Replica, decode_frame, encode_frame
 from node.mesh.bridge import TrioThread
+from node.mesh.identity import Libp2pSigner, Libp2pVerifier
 from node.mesh.sync import SyncWire
 from node.plan.peers import PeerView, peers_from_members
 from node.plan.placement import DEFAULT_FACTOR, choose_span, mover_rank, propose_move
@@ -58,7 +59,7 @@ class SwarmAgent:
     ) -> None:
         self.bridge = bridge
         self.config = config
-        self.replica = Replica(member.peer_id)
+        self.replica = Replica(Libp2pVerifier(), Libp2pSigner.of_host(host))  # signs as the host's peer id
         self.member = member
         self.bootstrap = list(bootstrap)
         self._load_fn = load
@@ -86,8 +87,8 @@ class SwarmAgent:
         self._tasks = tasks
         loop = asyncio.get_running_loop()
 
-        async def respond(data: bytes) -> bytes | None:
-            return await TrioThread.to_asyncio(loop, self._on_frame, data)
+        async def respond(sender: str, data: bytes) -> bytes | None:
+            return await TrioThread.to_asyncio(loop, self._on_frame, sender, data)
 
         self.wire = SyncWire(self._host, respond)  # type: ignore[arg-type]
         await self.bridge.call(self.wire.install)
@@ -145,9 +146,9 @@ class SwarmAgent:
 
     # -- sync --------------------------------------------------------------------------------
 
-    async def _on_frame(self, data: bytes) -> bytes | None:
+    async def _on_frame(self, sender: str, data: bytes) -> bytes | None:
         try:
-            answer = self.replica.receive(decode_frame(data))
+            answer = self.replica.receive(decode_frame(data), sender)  # per-peer limits by its authenticated id
         except BadUpdateError as e:
             log.info("refusing a sync frame: %s", e)
             return None

@@ -41,7 +41,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "llama-yarn": (
         "llama",
-        dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128)),
+        dict(
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128)
+        ),
     ),
     "llama-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
     "llama-dynamic": (
@@ -77,7 +79,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "qwen2_moe-sparse_step": (
         "qwen2_moe",
-        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=True),
+        dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=True
+        ),
     ),
     "granitemoe": (
         "granitemoe",

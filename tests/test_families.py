@@ -303,3 +303,76 @@ def test_variants_build_offline(tmp_path: Path) -> None:
     """The tiny variants need nothing but transformers' config classes (no downloads)."""
     folder = build_tiny("granitemoe", tmp_path / "g")
     assert Checkpoint(folder).config.logits_scaling == 8.0
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "qwen2_moe", "mixtral-swa", "llama-dynamic"])
+def test_batched_decode_matches_each_session_alone(name: str, variant_models: dict[str, Path]) -> None:
+    """Continuous batching over sliding windows, latent caches, sinks and per-session dynamic rope."""
+    checkpoint = Checkpoint(variant_models[name])
+    head, tail = checkpoint.load_span(0, 2), checkpoint.load_span(2, 4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (1, n), generator=g) for n in (3, 9, 1, 15)]
+
+    def prefill(ids: torch.Tensor) -> tuple[list[KVCache], torch.Tensor]:
+        caches = [head.new_cache(32), tail.new_cache(32)]
+        logits = tail(head(ids, caches[0], 0), caches[1], 0, last_only=True)
+        return caches, logits[:, -1].argmax(-1, keepdim=True)
+
+    alone, batched = [prefill(p) for p in prompts], [prefill(p) for p in prompts]
+    for _ in range(6):  # past the windows (4 or 5) for every prompt
+        expected = []
+        for caches, token in alone:
+            position = caches[0].length
+            expected.append(tail(head(token, caches[0], position), caches[1], position)[:, -1])
+        tokens = torch.cat([token for _, token in batched])  # [B, 1]
+        positions = [caches[0].length for caches, _ in batched]
+        hidden = head.decode(tokens, [c[0] for c, _ in batched], positions)
+        logits = tail.decode(hidden, [c[1] for c, _ in batched], positions)[:, -1]  # [B, V]
+        torch.testing.assert_close(logits, torch.cat(expected), rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), torch.cat(expected).argmax(-1))
+        alone = [(c, e.argmax(-1, keepdim=True)) for (c, _), e in zip(alone, expected, strict=True)]
+        batched = [(c, logits[i : i + 1].argmax(-1, keepdim=True)) for i, (c, _) in enumerate(batched)]
+
+
+def test_mixed_dtype_checkpoints_are_served_in_one_dtype(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_models["mixtral"], folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    mixed = {n: t.to(torch.bfloat16) if i % 2 else t for i, (n, t) in enumerate(sorted(tensors.items()))}
+    save_file(mixed, str(folder / "model.safetensors"))
+    checkpoint = Checkpoint(folder)
+    for dtype in (None, torch.bfloat16, torch.float32):
+        span = checkpoint.load_span(0, 4, dtype)
+        assert {p.dtype for p in span.parameters()} == {dtype or checkpoint.compute_dtype}
+        logits = span(torch.tensor([[1, 2, 3]]), span.new_cache(4), 0)
+        assert logits.dtype == (dtype or checkpoint.compute_dtype)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "gpt_oss"])
+def test_process_pipelines_reproduce_transformers(name: str, variant_models: dict[str, Path]) -> None:
+    """Three serving processes on loopback: latent attention and sinks + sliding windows over the wire."""
+    import numpy as np
+
+    from node.client.client import Client
+    from node.testing.launch import local_swarm
+
+    folder = variant_models[name]
+    ref = load_reference(folder)
+    ids = torch.randint(0, 256, (1, CHUNKS[-1][1]), generator=torch.Generator().manual_seed(3))
+    from transformers.cache_utils import DynamicCache
+
+    ref_cache = DynamicCache(config=ref.config)
+    with torch.no_grad():
+        expected = [ref(input_ids=ids[:, a:b], past_key_values=ref_cache, use_cache=True).logits[0] for a, b in CHUNKS]
+    prompt = ids[0, :9]
+    with torch.no_grad():
+        out = ref.generate(
+            prompt[None], attention_mask=torch.ones(1, 9, dtype=torch.long), max_new_tokens=12, do_sample=False
+        )
+    with local_swarm(folder, SPLITS[3]) as servers, Client([s.address for s in servers]) as client:
+        with client.session(32) as session:
+            for (a, b), want in zip(CHUNKS, expected, strict=True):
+                got = session.step(ids[0, a:b].tolist(), last_only=False)
+                assert np.abs(got - want.numpy()).max() == 0.0
+        ours = list(client.generate(prompt.tolist(), 12, stop_at_eos=False))
+    assert ours == out[0, 9:].tolist()

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ROPE_TYPES", "ROUTERS", "LatentAttentionConfig", "ModelConfig", "RopeConfig"]
+__all__ = ["ROPE_STYLES", "ROPE_TYPES", "ROUTERS", "LatentAttentionConfig", "ModelConfig", "RopeConfig"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # softmax_topk: softmax over all experts, then top-k (Mixtral, Qwen, OLMoE)
 # topk_softmax: top-k logits, then softmax over those (Granite-MoE, GPT-OSS)
 # sigmoid_group: sigmoid scores + correction bias, group-limited top-k (DeepSeek-V3)
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group")
+# softmax_group: softmax scores, top-k within the best groups or over all (DeepSeek-V2)
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group", "softmax_group")
+# half: rotate (first half, second half); interleave: pairs (x0, x1), ... (DeepSeek-V3);
+# complex: pairs as complex numbers times e^(i theta) (DeepSeek-V2)
+ROPE_STYLES = ("half", "interleave", "complex")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[int, ...] = ()  # global indices of layers that attend within the window
     attention_sinks: bool = False  # GPT-OSS: a learned per-head logit joins the softmax (eager attention)
-    rope_interleave: bool = False  # DeepSeek: rotary pairs are (x0, x1), (x2, x3), ...
+    rope_style: str = "half"  # one of ROPE_STYLES
     mla: LatentAttentionConfig | None = None
     # MLP and MoE
     mlp_bias: bool = False
@@ -96,6 +100,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k router weights
     router_weights_in_model_dtype: bool = False  # Qwen3-MoE, OLMoE cast them back; Mixtral keeps fp32
     router_bias: bool = False  # GPT-OSS
+    group_limited: bool = True  # DeepSeek-V2: False for its "greedy" top-k over all experts
     n_group: int = 1  # DeepSeek group-limited routing
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -124,6 +129,8 @@ class ModelConfig:
             raise ValueError(f"{self.num_experts} experts do not split into n_group {self.n_group}")
         if not 0 < self.topk_group <= self.n_group:
             raise ValueError(f"topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style {self.rope_style!r} is not one of {', '.join(ROPE_STYLES)}")
         if self.qk_norm not in ("", "head", "full"):
             raise ValueError(f"qk_norm {self.qk_norm!r} is not '', 'head' or 'full'")
         if self.sliding_layers and not self.sliding_window:

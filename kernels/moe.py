@@ -11,10 +11,11 @@ expert outputs in ascending expert order, so they agree bit for bit, and with
 transformers' eager experts.
 
 Routers: `route` (softmax over all experts, then top-k: Mixtral, Qwen, OLMoE),
-`route_topk_softmax` (top-k logits, then softmax: Granite-MoE, GPT-OSS) and
+`route_topk_softmax` (top-k logits, then softmax: Granite-MoE, GPT-OSS),
 `route_sigmoid_group` (DeepSeek-V3: sigmoid scores, a correction bias for the choice only,
-group-limited top-k, a routed scaling factor). GPT-OSS's experts (biases, interleaved gate/up
-columns, a clamped SwiGLU, weights stored transposed) are the `ClampedSwiGLU` activation.
+group-limited top-k, a routed scaling factor) and `route_softmax_group` (DeepSeek-V2).
+GPT-OSS's experts (biases, interleaved gate/up columns, a clamped SwiGLU, weights stored
+transposed) are the `ClampedSwiGLU` activation.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "experts_reference",
     "route",
     "route_sigmoid_group",
+    "route_softmax_group",
     "route_topk_softmax",
     "run_experts",
 ]
@@ -116,6 +118,29 @@ def route_sigmoid_group(
     weights = scores.gather(1, ids)
     if normalize:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * scaling, ids
+
+
+def route_softmax_group(
+    x: torch.Tensor,  # [T, H]
+    router_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    group_limited: bool,  # "group_limited_greedy"; else "greedy" over all experts
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: softmax scores in fp32, top-k (within the best groups by their max), scaled, unnormalised."""
+    logits = F.linear(x.float(), router_weight.float())  # [T, E] fp32
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if group_limited:
+        t, e = scores.shape
+        group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values  # [T, G]
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)  # [T, k]
     return weights * scaling, ids
 
 

@@ -18,7 +18,15 @@ from kernels.attention import attention_sdpa, attention_sinks
 from kernels.cache import KVCache
 from kernels.config import ModelConfig, RopeConfig
 from kernels.errors import ShapeError
-from kernels.moe import ClampedSwiGLU, ExpertAct, experts_forward, route, route_sigmoid_group, route_topk_softmax
+from kernels.moe import (
+    ClampedSwiGLU,
+    ExpertAct,
+    experts_forward,
+    route,
+    route_sigmoid_group,
+    route_softmax_group,
+    route_topk_softmax,
+)
 
 __all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock", "RMSNorm", "Rotary", "SpanModel"]
 
@@ -102,9 +110,10 @@ class Rotary(nn.Module):
 
     inv_freq: torch.Tensor
 
-    def __init__(self, rope: RopeConfig) -> None:
+    def __init__(self, rope: RopeConfig, complex_pairs: bool = False) -> None:
         super().__init__()
         self.rope = rope
+        self.complex_pairs = complex_pairs  # DeepSeek-V2: (real, imag) of polar(1, freqs) [B, T, D/2], in fp32
         self.attention_scaling = 1.0
         if rope.rope_type == "yarn":
             inv_freq, self.attention_scaling = _yarn(rope)
@@ -135,6 +144,9 @@ class Rotary(nn.Module):
             freqs = torch.stack(rows)  # [B, T, D/2]
         else:
             freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        if self.complex_pairs:
+            freqs_cis = torch.polar(torch.ones_like(freqs), freqs) * self.attention_scaling  # [B, T, D/2]
+            return freqs_cis.real, freqs_cis.imag
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
@@ -150,10 +162,18 @@ def apply_rotary(
     k: torch.Tensor,  # [B, Hkv, T, D]
     cos: torch.Tensor,  # [B, T, D]
     sin: torch.Tensor,
-    interleave: bool = False,  # DeepSeek: pairs (x0, x1), (x2, x3), ... rotate together
+    style: str = "half",  # "interleave", "complex": pairs (x0, x1), (x2, x3), ... rotate together (DeepSeek)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
-    if interleave:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D] ([B, 1, T, D/2] for complex)
+    if style == "complex":  # DeepSeek-V2: in fp32 complex arithmetic, back to the input dtype
+        freqs_cis = torch.complex(cos, sin)
+
+        def turn(x: torch.Tensor) -> torch.Tensor:
+            pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(pairs * freqs_cis).flatten(3).type_as(x)
+
+        return turn(q), turn(k)
+    if style == "interleave":
         half = cos.shape[-1] // 2
         cos, sin = cos[..., :half], sin[..., :half]
         q1, q2, k1, k2 = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
@@ -290,7 +310,7 @@ class LatentAttention(nn.Module):
         latent, k_rot = torch.split(self.kv_a_proj_with_mqa(x), [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).view(b, 1, t, m.kv_lora_rank)  # [B, 1, T, r]
         k_rot = k_rot.view(b, 1, t, m.qk_rope_head_dim)  # [B, 1, T, R]
-        q_rot, k_rot = apply_rotary(q_rot, k_rot, *rope, interleave=self.cfg.rope_interleave)
+        q_rot, k_rot = apply_rotary(q_rot, k_rot, *rope, style=self.cfg.rope_style)
         q = torch.cat((q_pass, q_rot), dim=-1)
         scale = self.scale
 
@@ -347,6 +367,10 @@ class MoEBlock(nn.Module):
                 cfg.topk_group,
                 cfg.norm_topk_prob,
                 cfg.routed_scaling_factor,
+            )
+        if cfg.router == "softmax_group":
+            return route_softmax_group(
+                flat, self.router, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_limited, cfg.routed_scaling_factor
             )
         if cfg.router == "topk_softmax":
             return route_topk_softmax(flat, self.router, self.router_bias, cfg.top_k, upcast=self.router_bias is None)
@@ -407,7 +431,7 @@ class SpanModel(nn.Module):
         self.cfg, self.start, self.end = cfg, start, end
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if start == 0 else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, start + i) for i in range(end - start))
-        self.rotary = Rotary(cfg.rope)
+        self.rotary = Rotary(cfg.rope, complex_pairs=cfg.rope_style == "complex")
         self.is_last = end == cfg.num_layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_cast_after_weight) if self.is_last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None

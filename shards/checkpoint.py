@@ -161,6 +161,32 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         norm_topk_prob=True,
         rope_interleave=True,
     ),
+    "deepseek_v2": dict(
+        _SHAPES,
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        moe_intermediate_size=1407,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=None,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=None,
+        topk_group=None,
+        topk_method="greedy",
+        first_k_dense_replace=0,
+    ),
     "gpt_oss": dict(
         _SHAPES,
         vocab_size=201088,
@@ -236,7 +262,7 @@ def _rope(get: _Reader, family: str, rotary_dim: int) -> RopeConfig:
     return RopeConfig(
         rope_type=rope_type,
         theta=float(theta),
-        dim=int(rotary_dim * float(partial)) if family != "deepseek_v3" else rotary_dim,
+        dim=int(rotary_dim * float(partial)) if not family.startswith("deepseek") else rotary_dim,
         max_position_embeddings=max_pos,
         factor=num("factor"),
         original_max_position_embeddings=None if original is None else int(original),
@@ -293,7 +319,7 @@ def _model_config(get: _Reader, family: str) -> ModelConfig:
     every = tuple(range(layers))
     opts: dict[str, Any] = {}
     rotary_dim = head_dim
-    if family == "deepseek_v3":
+    if family.startswith("deepseek"):
         rotary_dim = int(get("qk_rope_head_dim"))
     rope = _rope(get, family, rotary_dim)
     if family in ("llama", "mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"):
@@ -347,8 +373,8 @@ def _model_config(get: _Reader, family: str) -> ModelConfig:
             residual_multiplier=float(get("residual_multiplier")),
             logits_scaling=float(get("logits_scaling")),
         )
-    if family == "deepseek_v3":
-        opts.update(_deepseek(get, rope, layers))
+    if family.startswith("deepseek"):
+        opts.update(_deepseek(get, family, rope, layers))
         kv_heads = heads  # latent attention expands the kv latent to every head
     if family == "gpt_oss":
         window = get("sliding_window")
@@ -385,13 +411,32 @@ def _model_config(get: _Reader, family: str) -> ModelConfig:
     )
 
 
-def _deepseek(get: _Reader, rope: RopeConfig, layers: int) -> dict[str, Any]:
-    topk_method = get.get("topk_method", "noaux_tc")
-    scoring = get.get("scoring_func", "sigmoid")
-    if topk_method != "noaux_tc" or scoring != "sigmoid":
-        raise UnsupportedModelError(
-            f"not supported: DeepSeek routing {scoring!r}/{topk_method!r} (only sigmoid scoring with noaux_tc)"
+def _deepseek(get: _Reader, family: str, rope: RopeConfig, layers: int) -> dict[str, Any]:
+    """DeepSeek-V3 (sigmoid, noaux_tc routing, interleaved rope) and V2 (softmax routing, complex rope)."""
+    if family == "deepseek_v3":
+        topk_method, scoring = get.get("topk_method", "noaux_tc"), get.get("scoring_func", "sigmoid")
+        if topk_method != "noaux_tc" or scoring != "sigmoid":
+            raise UnsupportedModelError(
+                f"not supported: DeepSeek-V3 routing {scoring!r}/{topk_method!r} (only sigmoid scoring with noaux_tc)"
+            )
+        routing: dict[str, Any] = dict(
+            router="sigmoid_group",
+            norm_topk_prob=bool(get("norm_topk_prob")),
+            rope_style="interleave" if get("rope_interleave") else "half",
+            fp32_params=("mlp.router", "mlp.score_bias"),
         )
+    else:
+        topk_method = get("topk_method")
+        if topk_method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(f"not supported: DeepSeek-V2 topk_method {topk_method!r}")
+        routing = dict(
+            router="softmax_group",
+            group_limited=topk_method == "group_limited_greedy",
+            rope_style="complex",
+            fp32_params=("mlp.router",),
+        )
+    if get("num_experts_per_tok") is None:
+        raise CheckpointError(f"config.json lacks 'num_experts_per_tok' for model_type {family!r}")
     mla = LatentAttentionConfig(
         q_lora_rank=None if get("q_lora_rank") is None else int(get("q_lora_rank")),
         kv_lora_rank=int(get("kv_lora_rank")),
@@ -406,22 +451,19 @@ def _deepseek(get: _Reader, rope: RopeConfig, layers: int) -> dict[str, Any]:
         scale = scale * mscale * mscale
     experts = int(get("n_routed_experts"))
     return dict(
+        routing,
         mla=mla,
         attention_scale=scale,
-        rope_interleave=bool(get("rope_interleave")),
         qkv_bias=bool(get("attention_bias")),
         o_bias=bool(get("attention_bias")),
         num_experts=experts,
         top_k=int(get("num_experts_per_tok")),
         moe_intermediate_size=int(get("moe_intermediate_size")),
         moe_layers=tuple(range(int(get("first_k_dense_replace")), layers)),
-        router="sigmoid_group",
-        norm_topk_prob=bool(get("norm_topk_prob")),
         n_group=int(get("n_group") or 1),
         topk_group=int(get("topk_group") or 1),
         routed_scaling_factor=float(get("routed_scaling_factor")),
         shared_expert_size=int(get("moe_intermediate_size")) * int(get("n_shared_experts") or 0),
-        fp32_params=("mlp.router", "mlp.score_bias"),
     )
 
 
@@ -539,7 +581,7 @@ class Checkpoint:
         router = f"{base}.gate.weight"
         sources = {}
         if cfg.shared_expert_size:
-            shared = f"{base}.shared_experts" if family == "deepseek_v3" else f"{base}.shared_expert"
+            shared = f"{base}.shared_experts" if family.startswith("deepseek") else f"{base}.shared_expert"
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 sources[f"shared.{proj}.weight"] = _Source((f"{shared}.{proj}.weight",), _one)
         if cfg.shared_expert_gate:
@@ -648,7 +690,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {want}")
             state[name] = tensor.to(torch.float32 if name.endswith(keep32) else compute)
         span.load_state_dict(state, assign=True, strict=True)
-        span.rotary = type(span.rotary)(cfg.rope)  # real buffer, fp32
+        span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
         return span.eval()
 
 

@@ -376,3 +376,17 @@ def test_process_pipelines_reproduce_transformers(name: str, variant_models: dic
                 assert np.abs(got - want.numpy()).max() == 0.0
         ours = list(client.generate(prompt.tolist(), 12, stop_at_eos=False))
     assert ours == out[0, 9:].tolist()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_gpt_oss_experts_fast_path_matches_reference_bit_for_bit(tokens: int) -> None:
+    from kernels import ClampedSwiGLU, experts_grouped, experts_reference, route_topk_softmax
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 32, generator=g)
+    gate_up, down = torch.randn(8, 32, 48, generator=g), torch.randn(8, 24, 32, generator=g)  # [E, H, 2I], [E, I, H]
+    act = ClampedSwiGLU(torch.randn(8, 48, generator=g), torch.randn(8, 32, generator=g), 1.702, 7.0)
+    weights, ids = route_topk_softmax(x, torch.randn(8, 32, generator=g), torch.randn(8, generator=g), 2, False)
+    assert torch.equal(
+        experts_reference(x, ids, weights, gate_up, down, act), experts_grouped(x, ids, weights, gate_up, down, act)
+    )

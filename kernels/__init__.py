@@ -4,11 +4,12 @@ Imports nothing of moemesh's own (torch only). Note: this package shadows Huggin
 ``kernels`` package of the same name; do not install both in one environment.
 """
 
-from kernels.attention import attention_reference, attention_sdpa
+from kernels.attention import attention_reference, attention_sdpa, attention_sinks
 from kernels.cache import KVCache
-from kernels.config import ModelConfig
+from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
 from kernels.moe import (
+    ClampedSwiGLU,
     Dispatch,
     combine,
     dispatch,
@@ -16,12 +17,18 @@ from kernels.moe import (
     experts_grouped,
     experts_reference,
     route,
+    route_sigmoid_group,
+    route_softmax_group,
+    route_topk_softmax,
     run_experts,
 )
 from kernels.span import SpanModel
 
 __all__ = [
     "CacheError",
+    "ClampedSwiGLU",
+    "LatentAttentionConfig",
+    "RopeConfig",
     "Dispatch",
     "CacheFullError",
     "KVCache",
@@ -32,12 +39,16 @@ __all__ = [
     "UnsupportedModelError",
     "attention_reference",
     "attention_sdpa",
+    "attention_sinks",
     "combine",
     "dispatch",
     "experts_forward",
     "experts_grouped",
     "experts_reference",
     "route",
+    "route_sigmoid_group",
+    "route_softmax_group",
+    "route_topk_softmax",
     "run_experts",
 ]
 

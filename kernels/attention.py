@@ -4,7 +4,10 @@
 sdpa integration does for the same query/key lengths (no mask and ``is_causal`` for a
 fresh prefill, no mask for one-token decode, an explicit boolean mask for chunked
 prefill), so that a span reproduces transformers' numbers bit for bit.
-`attention_reference` is the eager softmax(QK^T)V definition.
+`attention_reference` is the eager softmax(QK^T)V definition. `attention_sinks` is GPT-OSS's
+eager attention, whose softmax also covers a learned per-head sink logit.
+
+Keys may start after position 0 (`kv_offset`): a sliding-window layer keeps only its window.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_reference", "attention_sdpa", "causal_mask", "repeat_kv"]
+__all__ = ["attention_mask", "attention_reference", "attention_sdpa", "attention_sinks", "causal_mask", "repeat_kv"]
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -25,36 +28,86 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def causal_mask(q_len: int, past: int, device: torch.device) -> torch.Tensor:
     """Boolean [1, 1, q_len, past + q_len]: query i (absolute past + i) sees keys 0..past + i."""
-    q_pos = torch.arange(past, past + q_len, device=device)[:, None]
-    k_pos = torch.arange(past + q_len, device=device)[None, :]
-    return (k_pos <= q_pos)[None, None]
+    return attention_mask(q_len, past + q_len, past, 0, None, device)
+
+
+def attention_mask(
+    q_len: int, kv_len: int, q_offset: int, kv_offset: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean [1, 1, q_len, kv_len]: may query q_offset + i see key kv_offset + j (causal, within `window`)."""
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=device)[:, None]
+    k_pos = torch.arange(kv_offset, kv_offset + kv_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask[None, None]
+
+
+def _needs_mask(q_len: int, kv_len: int, q_offset: int, window: int | None) -> bool:
+    """transformers' rule for handing sdpa an explicit mask (`_ignore_causal_mask_sdpa`), without padding."""
+    if window is not None and kv_len >= window:
+        return True
+    return not (q_len == 1 or kv_len == q_len or q_offset == 0)
 
 
 def attention_sdpa(
     q: torch.Tensor,  # [B, H, T, D]
-    k: torch.Tensor,  # [B, Hkv, past + T, D]
-    v: torch.Tensor,  # [B, Hkv, past + T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]: keys of positions kv_offset..kv_offset + S - 1
+    v: torch.Tensor,  # [B, Hkv, S, Dv]
     scale: float,
-) -> torch.Tensor:  # [B, H, T, D]
+    kv_offset: int = 0,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, T, Dv]
     groups = q.shape[1] // k.shape[1]
     q_len, kv_len = q.shape[2], k.shape[2]
-    if q_len == 1 or q_len == kv_len:
+    q_offset = kv_offset + kv_len - q_len
+    if not _needs_mask(q_len, kv_len, q_offset, window):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=q_len > 1, enable_gqa=groups > 1)
-    mask = causal_mask(q_len, kv_len - q_len, q.device)
+    mask = attention_mask(q_len, kv_len, q_offset, kv_offset, window, q.device)
+    if q_len == 1 and groups > 1:  # transformers' pack_gqa: the query heads of a kv head become its "rows"
+        b, h, _, d = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(b, h // groups, groups, d), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, 1, v.shape[-1])
     return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scale)
 
 
 def attention_reference(
     q: torch.Tensor,  # [B, H, T, D]
-    k: torch.Tensor,  # [B, Hkv, past + T, D]
-    v: torch.Tensor,  # [B, Hkv, past + T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, Dv]
     scale: float,
-) -> torch.Tensor:  # [B, H, T, D]
+    kv_offset: int = 0,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, T, Dv]
     groups = q.shape[1] // k.shape[1]
     q_len, kv_len = q.shape[2], k.shape[2]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
-    mask = causal_mask(q_len, kv_len - q_len, q.device)
+    mask = attention_mask(q_len, kv_len, kv_offset + kv_len - q_len, kv_offset, window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def attention_sinks(
+    q: torch.Tensor,  # [B, H, T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    scale: float,
+    sinks: torch.Tensor,  # [H] one learned logit per head
+    kv_offset: int = 0,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, T, D]
+    """GPT-OSS eager attention: an additive float mask, the sink logit in the softmax, then dropped."""
+    b, _, q_len, _ = q.shape
+    groups = q.shape[1] // k.shape[1]
+    kv_len = k.shape[2]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+    allowed = attention_mask(q_len, kv_len, kv_offset + kv_len - q_len, kv_offset, window, q.device)
+    zero = torch.zeros((), device=q.device, dtype=q.dtype)
+    scores = scores + torch.where(allowed, zero, torch.finfo(q.dtype).min)
+    logits = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, q_len, -1)], dim=-1)  # [B, H, T, S + 1]
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]  # the sink's share is dropped
+    return torch.matmul(probs.to(v.dtype), v)

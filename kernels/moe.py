@@ -9,6 +9,13 @@ expert over its rows) and `combine` (weighted sums per token), so a dispatch to 
 peer's experts can slot in between. Both accumulate each token's
 expert outputs in ascending expert order, so they agree bit for bit, and with
 transformers' eager experts.
+
+Routers: `route` (softmax over all experts, then top-k: Mixtral, Qwen, OLMoE),
+`route_topk_softmax` (top-k logits, then softmax: Granite-MoE, GPT-OSS),
+`route_sigmoid_group` (DeepSeek-V3: sigmoid scores, a correction bias for the choice only,
+group-limited top-k, a routed scaling factor) and `route_softmax_group` (DeepSeek-V2).
+GPT-OSS's experts (biases, interleaved gate/up columns, a clamped SwiGLU, weights stored
+transposed) are the `ClampedSwiGLU` activation.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "Activation",
+    "ClampedSwiGLU",
+    "ExpertAct",
     "Dispatch",
     "combine",
     "dispatch",
@@ -28,10 +37,27 @@ __all__ = [
     "experts_grouped",
     "experts_reference",
     "route",
+    "route_sigmoid_group",
+    "route_softmax_group",
+    "route_topk_softmax",
     "run_experts",
 ]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert MLP: ``gate_up [E, H, 2I]`` (gate and up columns interleaved) and
+    ``down [E, I, H]`` applied as ``x @ W + b``, with a clamped, shifted SwiGLU between them."""
+
+    gate_up_bias: torch.Tensor  # [E, 2I]
+    down_bias: torch.Tensor  # [E, H]
+    alpha: float
+    limit: float
+
+
+ExpertAct = Activation | ClampedSwiGLU
 
 
 def route(
@@ -52,14 +78,88 @@ def route(
     return weights, ids
 
 
+def route_topk_softmax(
+    x: torch.Tensor,  # [T, H]
+    router_weight: torch.Tensor,  # [E, H]
+    router_bias: torch.Tensor | None,  # [E]
+    top_k: int,
+    upcast: bool,  # Granite: softmax in fp32, weights back in x's dtype; GPT-OSS: all in x's dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the logits, then a softmax over those k; returns (weights [T, k], expert ids [T, k])."""
+    logits = F.linear(x, router_weight, router_bias)  # [T, E]
+    if upcast:
+        logits = logits.float()
+    top, ids = torch.topk(logits, top_k, dim=-1)  # [T, k]
+    weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+    return (weights.type_as(x) if upcast else weights), ids
+
+
+def route_sigmoid_group(
+    x: torch.Tensor,  # [T, H]
+    router_weight: torch.Tensor,  # [E, H]
+    correction_bias: torch.Tensor,  # [E]: shifts the choice, not the weights
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    normalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: sigmoid scores in fp32, top-k within the best `topk_group` of `n_group` groups."""
+    logits = F.linear(x.float(), router_weight.float())  # [T, E] fp32
+    scores = logits.sigmoid()
+    choice = scores + correction_bias
+    t, e = choice.shape
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]  # [T, k]
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * scaling, ids
+
+
+def route_softmax_group(
+    x: torch.Tensor,  # [T, H]
+    router_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    group_limited: bool,  # "group_limited_greedy"; else "greedy" over all experts
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: softmax scores in fp32, top-k (within the best groups by their max), scaled, unnormalised."""
+    logits = F.linear(x.float(), router_weight.float())  # [T, E] fp32
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if group_limited:
+        t, e = scores.shape
+        group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values  # [T, G]
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(t, n_group, e // n_group).reshape(t, e)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weights, ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)  # [T, k]
+    return weights * scaling, ids
+
+
 def _expert(
     x: torch.Tensor,  # [n, H]
-    gate_up: torch.Tensor,  # [2I, H]
-    down: torch.Tensor,  # [H, I]
-    act: Activation,
-) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act(gate) * up, down)  # [n, H]
+    expert: int,
+    gate_up: torch.Tensor,  # [E, 2I, H] ([E, H, 2I] for ClampedSwiGLU)
+    down: torch.Tensor,  # [E, H, I] ([E, I, H] for ClampedSwiGLU)
+    act: ExpertAct,
+) -> torch.Tensor:  # [n, H]
+    if isinstance(act, ClampedSwiGLU):
+        gate_up_out = x @ gate_up[expert] + act.gate_up_bias[expert]  # [n, 2I]
+        gate, up = gate_up_out[..., ::2], gate_up_out[..., 1::2]  # [n, I] each
+        gate = gate.clamp(min=None, max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        glu = gate * torch.sigmoid(gate * act.alpha)
+        return ((up + 1) * glu) @ down[expert] + act.down_bias[expert]
+    gate, up = F.linear(x, gate_up[expert]).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up, down[expert])  # [n, H]
 
 
 def experts_reference(
@@ -68,7 +168,7 @@ def experts_reference(
     weights: torch.Tensor,  # [T, k]
     gate_up: torch.Tensor,  # [E, 2I, H]
     down: torch.Tensor,  # [E, H, I]
-    act: Activation,
+    act: ExpertAct,
 ) -> torch.Tensor:
     """One-hot dispatch over every expert: the definition the fast path must match."""
     num_experts = gate_up.shape[0]
@@ -78,7 +178,7 @@ def experts_reference(
         slot, token = torch.where(mask[expert])  # ordered by (slot, token)
         if token.numel() == 0:
             continue
-        y = _expert(x[token], gate_up[expert], down[expert], act)  # [n, H]
+        y = _expert(x[token], expert, gate_up, down, act)  # [n, H]
         y = y * weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))
     return out
@@ -111,10 +211,10 @@ def run_experts(
     plan: Dispatch,
     gate_up: torch.Tensor,  # [E, 2I, H]
     down: torch.Tensor,  # [E, H, I]
-    act: Activation,
+    act: ExpertAct,
 ) -> list[torch.Tensor]:
     """Each hit expert over its token rows: one [n_i, H] output per expert of the plan."""
-    return [_expert(x[t], gate_up[e], down[e], act) for e, t in zip(plan.experts, plan.tokens, strict=True)]
+    return [_expert(x[t], e, gate_up, down, act) for e, t in zip(plan.experts, plan.tokens, strict=True)]
 
 
 def combine(
@@ -135,7 +235,7 @@ def experts_grouped(
     weights: torch.Tensor,  # [T, k]
     gate_up: torch.Tensor,  # [E, 2I, H]
     down: torch.Tensor,  # [E, H, I]
-    act: Activation,
+    act: ExpertAct,
 ) -> torch.Tensor:
     """dispatch -> experts -> combine, visiting only the experts that were hit (same sums as the reference)."""
     plan = dispatch(ids)
@@ -148,7 +248,7 @@ def experts_forward(
     weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-    act: Activation,
+    act: ExpertAct,
 ) -> torch.Tensor:
     """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""
     return experts_grouped(x, ids, weights, gate_up, down, act)

@@ -7,48 +7,149 @@ pipeline of spans reproduces the single-process model exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention_sdpa
+from kernels.attention import attention_sdpa, attention_sinks
 from kernels.cache import KVCache
-from kernels.config import ModelConfig
+from kernels.config import ModelConfig, RopeConfig
 from kernels.errors import ShapeError
-from kernels.moe import experts_forward, route
+from kernels.moe import (
+    ClampedSwiGLU,
+    ExpertAct,
+    experts_forward,
+    route,
+    route_sigmoid_group,
+    route_softmax_group,
+    route_topk_softmax,
+)
 
-__all__ = ["Attention", "DecoderLayer", "DenseMLP", "MoEBlock", "RMSNorm", "Rotary", "SpanModel"]
+__all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock", "RMSNorm", "Rotary", "SpanModel"]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, cast_after_weight: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.cast_after_weight = cast_after_weight  # GPT-OSS: (w * x).to(dtype), its weights kept in fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.cast_after_weight:
+            return (self.weight * x).to(dtype)
         return self.weight * x.to(dtype)
 
 
+def _get_mscale(scale: float, mscale: float = 1) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(rope: RopeConfig) -> tuple[torch.Tensor, float]:
+    """transformers' `_compute_yarn_parameters`, step for step."""
+    base, dim, factor = rope.theta, rope.dim, rope.factor
+    original = rope.original_max_position_embeddings or rope.max_position_embeddings
+    if factor is None:
+        factor = rope.max_position_embeddings / original
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = float(_get_mscale(factor, rope.mscale) / _get_mscale(factor, rope.mscale_all_dim))
+        else:
+            attention_factor = _get_mscale(factor)
+    beta_fast, beta_slow = rope.beta_fast or 32, rope.beta_slow or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no singularity
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv_freq, float(attention_factor)
+
+
+def _llama3(rope: RopeConfig) -> torch.Tensor:
+    """transformers' `_compute_llama3_parameters`, step for step."""
+    assert rope.factor is not None and rope.low_freq_factor is not None and rope.high_freq_factor is not None
+    inv_freq = _default_inv_freq(rope.theta, rope.dim)
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old_context = rope.original_max_position_embeddings or rope.max_position_embeddings
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+def _default_inv_freq(base: float | torch.Tensor, dim: int) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))  # [D/2]
+
+
 class Rotary(nn.Module):
-    """Rotary position embedding at absolute positions (each span owns one)."""
+    """Rotary position embedding at absolute positions (each span owns one), for every rope_type.
+
+    The inverse frequencies follow transformers' `modeling_rope_utils`; `dynamic` recomputes
+    them from each sequence's length, as transformers' `dynamic_rope_update` does.
+    """
 
     inv_freq: torch.Tensor
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, rope: RopeConfig, complex_pairs: bool = False) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # [D/2]
+        self.rope = rope
+        self.complex_pairs = complex_pairs  # DeepSeek-V2: (real, imag) of polar(1, freqs) [B, T, D/2], in fp32
+        self.attention_scaling = 1.0
+        if rope.rope_type == "yarn":
+            inv_freq, self.attention_scaling = _yarn(rope)
+        elif rope.rope_type == "llama3":
+            inv_freq = _llama3(rope)
+        elif rope.rope_type == "linear":
+            assert rope.factor is not None
+            inv_freq = _default_inv_freq(rope.theta, rope.dim) / rope.factor
+        else:  # default, and dynamic below its original length
+            inv_freq = _default_inv_freq(rope.theta, rope.dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _dynamic_inv_freq(self, seq_len: torch.Tensor) -> torch.Tensor:
+        rope = self.rope
+        assert rope.factor is not None
+        max_pos = rope.max_position_embeddings
+        seq_len = torch.maximum(seq_len, torch.tensor(max_pos, dtype=seq_len.dtype, device=seq_len.device))
+        base = rope.theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (rope.dim / (rope.dim - 2))
+        return _default_inv_freq(base, rope.dim).to(seq_len.device)
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        if self.rope.rope_type == "dynamic":  # each row is its own sequence: its own frequencies
+            rows = []
+            for row in positions:  # [T]
+                seq_len = torch.max(row) + 1
+                inv = self._dynamic_inv_freq(seq_len) if seq_len > self.rope.max_position_embeddings else self.inv_freq
+                rows.append(row[..., None].float() * inv.float())
+            freqs = torch.stack(rows)  # [B, T, D/2]
+        else:
+            freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        if self.complex_pairs:
+            freqs_cis = torch.polar(torch.ones_like(freqs), freqs) * self.attention_scaling  # [B, T, D/2]
+            return freqs_cis.real, freqs_cis.imag
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,23 +158,72 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor,  # [B, Hq, T, D]
+    k: torch.Tensor,  # [B, Hkv, T, D]
+    cos: torch.Tensor,  # [B, T, D]
+    sin: torch.Tensor,
+    style: str = "half",  # "interleave", "complex": pairs (x0, x1), (x2, x3), ... rotate together (DeepSeek)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D] ([B, 1, T, D/2] for complex)
+    if style == "complex":  # DeepSeek-V2: in fp32 complex arithmetic, back to the input dtype
+        freqs_cis = torch.complex(cos, sin)
+
+        def turn(x: torch.Tensor) -> torch.Tensor:
+            pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(pairs * freqs_cis).flatten(3).type_as(x)
+
+        return turn(q), turn(k)
+    if style == "interleave":
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        q1, q2, k1, k2 = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
+        return (
+            torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1),
+            torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1),
+        )
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def _attend(
+    q: torch.Tensor,  # [B, Hq, T, D]
+    k: torch.Tensor,  # [B, Hkv, T, D] new keys (or latents)
+    v: torch.Tensor,  # [B, Hkv, T, Dv]
+    caches: Sequence[KVCache],  # one cache for all rows, or one per row (batched decode)
+    layer: int,
+    positions: Sequence[int],
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],  # (q, k_all, v_all, kv_offset)
+) -> torch.Tensor:  # [B, T, Hq * Dv]
+    if len(caches) == 1:
+        out = attend(q, *caches[0].update(layer, positions[0], k, v))  # [B, Hq, T, Dv]
+    else:  # row i is another session: its own cache, its own length
+        out = torch.cat(
+            [
+                attend(q[i : i + 1], *c.update(layer, p, k[i : i + 1], v[i : i + 1]))
+                for i, (c, p) in enumerate(zip(caches, positions, strict=True))
+            ]
+        )
+    b, _, t, _ = out.shape
+    return out.transpose(1, 2).contiguous().reshape(b, t, -1).contiguous()
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
+
+    def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.head_dim = cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
+        self.window = cfg.window(global_index)
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+        norm_dims = {"": None, "head": (cfg.head_dim, cfg.head_dim), "full": (q_dim, kv_dim)}[cfg.qk_norm]
+        self.q_norm = RMSNorm(norm_dims[0], cfg.rms_norm_eps) if norm_dims else None
+        self.k_norm = RMSNorm(norm_dims[1], cfg.rms_norm_eps) if norm_dims else None
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None
 
     def forward(
         self,
@@ -84,63 +234,172 @@ class Attention(nn.Module):
         positions: Sequence[int],  # where each cache's new tokens go
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        if self.q_norm is not None and self.k_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, Hq*D | Hkv*D]
+        if self.cfg.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.clip_qkv is not None:
+            c = self.cfg.clip_qkv
+            q, k, v = q.clamp_(min=-c, max=c), k.clamp_(min=-c, max=c), v.clamp_(min=-c, max=c)
+        q = q.view(b, t, -1, self.head_dim)  # [B, T, Hq, D]
+        k = k.view(b, t, -1, self.head_dim)  # [B, T, Hkv, D]
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        if self.cfg.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
-        if len(caches) == 1:
-            k_all, v_all = caches[0].update(layer, positions[0], k, v)  # [B, Hkv, position + T, D]
-            out = attention_sdpa(q, k_all, v_all, self.scale)  # [B, Hq, T, D]
-        else:  # row i is another session: its own cache, its own length
-            out = torch.cat(
-                [
-                    attention_sdpa(q[i : i + 1], *c.update(layer, p, k[i : i + 1], v[i : i + 1]), self.scale)
-                    for i, (c, p) in enumerate(zip(caches, positions, strict=True))
-                ]
-            )
-        out = out.transpose(1, 2).contiguous().reshape(b, t, -1).contiguous()  # [B, T, Hq*D]
-        return self.o_proj(out)
+        sinks, window, scale = self.sinks, self.window, self.scale
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+            if sinks is not None:
+                return attention_sinks(q, k, v, scale, sinks, offset, window)
+            return attention_sdpa(q, k, v, scale, offset, window)
+
+        return self.o_proj(_attend(q, k, v, caches, layer, positions, attend))
+
+
+class LatentAttention(nn.Module):
+    """DeepSeek's multi-head latent attention; the cache holds the normalised kv latent and the
+    shared rotary key (transformers' layout), expanded to per-head keys and values each step."""
+
+    def __init__(self, cfg: ModelConfig, global_index: int) -> None:
+        super().__init__()
+        assert cfg.mla is not None
+        m = self.mla = cfg.mla
+        self.cfg = cfg
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else m.qk_head_dim**-0.5
+        h, heads = cfg.hidden_size, cfg.num_heads
+        if m.q_lora_rank is None:
+            self.q_proj: nn.Linear | None = nn.Linear(h, heads * m.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, m.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6)  # transformers leaves these at the default eps
+            self.q_b_proj = nn.Linear(m.q_lora_rank, heads * m.qk_head_dim, bias=False)
+            self.q_proj = None
+        self.kv_a_proj_with_mqa = nn.Linear(h, m.kv_lora_rank + m.qk_rope_head_dim, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * m.v_head_dim, h, bias=cfg.o_bias)
+
+    def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1, S, r] latents and [B, 1, S, R] rotary keys -> keys [B, H, S, N + R], values [B, H, S, V]."""
+        m = self.mla
+        b, _, s, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, s, -1, m.qk_nope_head_dim + m.v_head_dim).transpose(1, 2)
+        k_nope, values = torch.split(kv, [m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        k_rot = k_rot.expand(-1, k_nope.shape[1], -1, -1)
+        keys = kv.new_empty(*kv.shape[:-1], m.qk_head_dim)
+        keys[..., : m.qk_nope_head_dim].copy_(k_nope)
+        keys[..., m.qk_nope_head_dim :].copy_(k_rot)
+        return keys, values
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, H]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        caches: Sequence[KVCache],
+        layer: int,
+        positions: Sequence[int],
+    ) -> torch.Tensor:
+        m = self.mla
+        b, t, _ = x.shape
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, -1, m.qk_head_dim).transpose(1, 2)  # [B, Hq, T, N + R]
+        q_pass, q_rot = torch.split(q, [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        latent, k_rot = torch.split(self.kv_a_proj_with_mqa(x), [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(b, 1, t, m.kv_lora_rank)  # [B, 1, T, r]
+        k_rot = k_rot.view(b, 1, t, m.qk_rope_head_dim)  # [B, 1, T, R]
+        q_rot, k_rot = apply_rotary(q_rot, k_rot, *rope, style=self.cfg.rope_style)
+        q = torch.cat((q_pass, q_rot), dim=-1)
+        scale = self.scale
+
+        def attend(q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor, offset: int) -> torch.Tensor:
+            return attention_sdpa(q, *self._expand(latent, k_rot), scale, offset)
+
+        return self.o_proj(_attend(q, latent, k_rot, caches, layer, positions, attend))
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = cfg.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEBlock(nn.Module):
+    """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.router = nn.Parameter(torch.empty(e, h))  # [E, H]
-        self.gate_up = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
-        self.down = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
-        self.act: Callable[[torch.Tensor], torch.Tensor] = F.silu
+        self.router_bias = nn.Parameter(torch.empty(e)) if cfg.router_bias else None  # [E]
+        self.score_bias = nn.Parameter(torch.empty(e)) if cfg.router == "sigmoid_group" else None  # [E]
+        if cfg.expert_style == "gpt_oss":
+            self.gate_up = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I], gate/up interleaved
+            self.down = nn.Parameter(torch.empty(e, i, h))  # [E, I, H]
+            self.gate_up_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, 2 * i))
+            self.down_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, h))
+        else:
+            self.gate_up = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
+            self.down = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
+            self.gate_up_bias = self.down_bias = None
+        self.shared = DenseMLP(cfg, cfg.shared_expert_size) if cfg.shared_expert_size else None
+        self.shared_gate = nn.Linear(h, 1, bias=False) if cfg.shared_expert_gate else None
+
+    def _route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.router == "sigmoid_group":
+            assert self.score_bias is not None
+            return route_sigmoid_group(
+                flat,
+                self.router,
+                self.score_bias,
+                cfg.top_k,
+                cfg.n_group,
+                cfg.topk_group,
+                cfg.norm_topk_prob,
+                cfg.routed_scaling_factor,
+            )
+        if cfg.router == "softmax_group":
+            return route_softmax_group(
+                flat, self.router, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_limited, cfg.routed_scaling_factor
+            )
+        if cfg.router == "topk_softmax":
+            return route_topk_softmax(flat, self.router, self.router_bias, cfg.top_k, upcast=self.router_bias is None)
+        return route(flat, self.router, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [B*T, H]
-        weights, ids = route(
-            flat, self.router, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.router_weights_in_model_dtype
-        )  # [B*T, k] each
-        out = experts_forward(flat, ids, weights, self.gate_up, self.down, self.act)  # [B*T, H]
+        shared = self.shared(flat) if self.shared is not None else None  # [B*T, H]
+        weights, ids = self._route(flat)  # [B*T, k] each
+        act: ExpertAct = F.silu
+        if self.gate_up_bias is not None and self.down_bias is not None:
+            act = ClampedSwiGLU(self.gate_up_bias, self.down_bias, self.cfg.swiglu_alpha, self.cfg.swiglu_limit)
+        out = experts_forward(flat, ids, weights, self.gate_up, self.down, act)  # [B*T, H]
+        if shared is not None:
+            if self.shared_gate is not None:
+                shared = F.sigmoid(self.shared_gate(flat)) * shared
+            out = out + shared
         return out.reshape(shape)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.residual_multiplier = cfg.residual_multiplier
+        cast_after = cfg.norm_cast_after_weight
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cast_after)
+        self.self_attn: nn.Module = LatentAttention(cfg, global_index) if cfg.mla else Attention(cfg, global_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cast_after)
         self.mlp: nn.Module = MoEBlock(cfg) if cfg.is_moe_layer(global_index) else DenseMLP(cfg)
 
     def forward(
@@ -151,8 +410,10 @@ class DecoderLayer(nn.Module):
         layer: int,
         positions: Sequence[int],
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, caches, layer, positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), rope, caches, layer, positions)
+        x = x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (h * self.residual_multiplier if self.residual_multiplier != 1.0 else h)
 
 
 class SpanModel(nn.Module):
@@ -170,9 +431,9 @@ class SpanModel(nn.Module):
         self.cfg, self.start, self.end = cfg, start, end
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if start == 0 else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, start + i) for i in range(end - start))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.rope, complex_pairs=cfg.rope_style == "complex")
         self.is_last = end == cfg.num_layers
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_cast_after_weight) if self.is_last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
 
     @property
@@ -182,15 +443,42 @@ class SpanModel(nn.Module):
     def new_cache(self, max_length: int, batch: int = 1, layers: tuple[int, int] | None = None) -> KVCache:
         """A cache for `layers` (local [first, last), default all) holding up to `max_length` tokens."""
         first, last = layers or (0, len(self.layers))
-        weight = self._probe_weight
+        heads, key_dim, value_dim = self._cache_shape
+        windows = [self.cfg.window(self.start + i) for i in range(first, last)]
+        return KVCache(
+            last - first,
+            heads,
+            key_dim,
+            max_length,
+            self.dtype,
+            self.device,
+            batch,
+            value_dim=value_dim,
+            windows=windows,
+        )
+
+    @property
+    def _cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key width, value width) of one cached position of one layer."""
         cfg = self.cfg
-        return KVCache(last - first, cfg.num_kv_heads, cfg.head_dim, max_length, weight.dtype, weight.device, batch)
+        if cfg.mla is not None:  # the kv latent and the shared rotary key, one "head"
+            return 1, cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
+        return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
+
+    def cache_bytes(self, max_length: int, layers: tuple[int, int] | None = None, batch: int = 1) -> int:
+        """Bytes of `new_cache(max_length, batch, layers)`, for every family (MLA, sliding windows)."""
+        first, last = layers or (0, len(self.layers))
+        heads, key_dim, value_dim = self._cache_shape
+        slots = sum(KVCache.slots_for(max_length, self.cfg.window(self.start + i)) for i in range(first, last))
+        return batch * heads * slots * (key_dim + value_dim) * self.dtype.itemsize
 
     @property
     def _probe_weight(self) -> torch.Tensor:
         layer = self.layers[0]
         assert isinstance(layer, DecoderLayer)
-        return layer.input_layernorm.weight
+        o_proj = layer.self_attn.o_proj  # norms and routers may stay fp32
+        assert isinstance(o_proj, nn.Linear)
+        return o_proj.weight
 
     @property
     def device(self) -> torch.device:
@@ -256,7 +544,7 @@ class SpanModel(nn.Module):
             raise ShapeError(f"decode takes one token per session: {len(caches)} caches, input {list(x.shape)}")
         self.check_input(x, first)
         for cache, position in zip(caches, positions, strict=True):
-            if cache.keys.shape[1] != 1:
+            if cache.batch != 1:
                 raise ShapeError("decode takes caches of batch 1 (one per session)")
             cache.check_step(position, 1)
         h = self._run(x, torch.tensor(positions)[:, None], caches, positions, first, last)  # [B, 1, H]
@@ -266,7 +554,7 @@ class SpanModel(nn.Module):
 
     def _layers(self, layers: tuple[int, int] | None, caches: Sequence[KVCache]) -> tuple[int, int]:
         first, last = layers or (0, len(self.layers))
-        if not 0 <= first < last <= len(self.layers) or any(c.keys.shape[0] != last - first for c in caches):
+        if not 0 <= first < last <= len(self.layers) or any(c.num_layers != last - first for c in caches):
             raise ShapeError(f"local layers [{first}, {last}) do not match the span or its cache")
         return first, last
 
@@ -279,7 +567,12 @@ class SpanModel(nn.Module):
         first: int,
         last: int,
     ) -> torch.Tensor:
-        h = self.embed_tokens(x) if self.embed_tokens is not None and first == 0 else x  # [B, T, H]
+        if self.embed_tokens is not None and first == 0:
+            h = self.embed_tokens(x)  # [B, T, H]
+            if self.cfg.embedding_multiplier != 1.0:
+                h = h * self.cfg.embedding_multiplier
+        else:
+            h = x
         rope = self.rotary(positions.to(h.device), h.dtype)
         for i in range(first, last):
             h = self.layers[i](h, rope, caches, i - first, starts)
@@ -289,4 +582,5 @@ class SpanModel(nn.Module):
         if self.norm is None or self.lm_head is None or last != len(self.layers):
             return h
         h = self.norm(h)
-        return self.lm_head(h[:, -1:] if last_only else h)  # [B, T', V]
+        logits = self.lm_head(h[:, -1:] if last_only else h)  # [B, T', V]
+        return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,24 +21,275 @@ import torch
 from safetensors import safe_open
 
 from kernels import ModelConfig, SpanModel, UnsupportedModelError
+from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from shards.errors import CheckpointError, SpanSpecError
 
-__all__ = ["Checkpoint", "DTYPES", "model_config_from_hf"]
+__all__ = ["Checkpoint", "DTYPES", "FAMILY_DEFAULTS", "model_config_from_hf"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_FAMILIES = ("llama", "mixtral", "qwen3_moe")
+
+# Each family's own defaults for a key its config.json leaves out: transformers 5.24's config
+# class defaults (a test reads them back from transformers), not one guess for all families.
+_SHAPES: dict[str, Any] = dict(attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu")
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        _SHAPES,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+    ),
+    "mixtral": dict(
+        _SHAPES,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_theta=1e6,
+        sliding_window=None,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        _SHAPES,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        use_sliding_window=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+    ),
+    "qwen2_moe": dict(
+        _SHAPES,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        use_sliding_window=False,
+        max_window_layers=28,
+        num_experts=60,
+        num_experts_per_tok=4,
+        moe_intermediate_size=1408,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        shared_expert_intermediate_size=5632,
+        qkv_bias=True,
+    ),
+    "olmoe": dict(
+        _SHAPES,
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=None,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=False,
+        clip_qkv=None,
+    ),
+    "granitemoe": dict(
+        _SHAPES,
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        attention_multiplier=1.0,
+        logits_scaling=1.0,
+    ),
+    "deepseek_v3": dict(
+        _SHAPES,
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=8,
+        topk_group=4,
+        first_k_dense_replace=3,
+        norm_topk_prob=True,
+        rope_interleave=True,
+    ),
+    "deepseek_v2": dict(
+        _SHAPES,
+        vocab_size=102400,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=None,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        moe_intermediate_size=1407,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=None,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        n_group=None,
+        topk_group=None,
+        topk_method="greedy",
+        first_k_dense_replace=0,
+    ),
+    "gpt_oss": dict(
+        _SHAPES,
+        vocab_size=201088,
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=36,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        rope_theta=150000.0,
+        attention_bias=True,
+        sliding_window=128,
+        num_local_experts=128,
+        num_experts_per_tok=4,
+        swiglu_alpha=1.702,
+        swiglu_limit=7.0,
+    ),
+}
+SUPPORTED_FAMILIES = tuple(FAMILY_DEFAULTS)
+# GPT-OSS's rope when its config names none (transformers' GptOssConfig.__post_init__)
+_GPT_OSS_ROPE: dict[str, Any] = dict(
+    rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=4096
+)
+_QUANTIZATIONS = ("fp8", "mxfp4")
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise UnsupportedModelError(f"not supported: rope_type {rope_type!r} (only the default rotary embedding)")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
+class _Reader:
+    """config.json values with the family's defaults behind them."""
+
+    def __init__(self, hf: dict[str, Any], family: str) -> None:
+        self.hf, self.defaults = hf, FAMILY_DEFAULTS[family]
+
+    def __call__(self, key: str) -> Any:
+        if key in self.hf:
+            return self.hf[key]
+        if key in self.defaults:
+            return self.defaults[key]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self(key)
+        except KeyError:
+            return default
+
+
+def _rope(get: _Reader, family: str, rotary_dim: int) -> RopeConfig:
+    """transformers' rope standardisation: rope_scaling over rope_parameters, theta and defaults filled in."""
+    hf = get.hf
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if not params and family == "gpt_oss":
+        params = dict(_GPT_OSS_ROPE)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedModelError(f"not supported: rope_type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+    theta = params.get("rope_theta", get.get("rope_theta"))
     if theta is None:
         raise UnsupportedModelError("not supported: the config names no rope_theta")
-    return float(theta)
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    max_pos = int(get("max_position_embeddings"))
+    original = params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings", original) or max_pos
+
+    def num(key: str) -> float | None:
+        value = params.get(key)
+        return None if value is None else float(value)
+
+    if rope_type in ("linear", "dynamic", "llama3") and params.get("factor") is None:
+        raise UnsupportedModelError(f"not supported: rope_type {rope_type!r} without a factor")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(theta),
+        dim=int(rotary_dim * float(partial)) if not family.startswith("deepseek") else rotary_dim,
+        max_position_embeddings=max_pos,
+        factor=num("factor"),
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=num("low_freq_factor"),
+        high_freq_factor=num("high_freq_factor"),
+        beta_fast=num("beta_fast"),
+        beta_slow=num("beta_slow"),
+        mscale=num("mscale"),
+        mscale_all_dim=num("mscale_all_dim"),
+        attention_factor=num("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _check_quantization(hf: dict[str, Any]) -> None:
+    quant = hf.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method not in _QUANTIZATIONS:
+        raise UnsupportedModelError(
+            f"not supported: quantization {method!r} (supported: block-scaled fp8, GPT-OSS mxfp4 experts)"
+        )
+    if method == "fp8" and quant.get("fmt", "e4m3") != "e4m3":
+        raise UnsupportedModelError(f"not supported: quantization 'fp8' in format {quant.get('fmt')!r} (only e4m3)")
+    if method == "mxfp4" and hf.get("model_type") != "gpt_oss":
+        raise UnsupportedModelError("not supported: quantization 'mxfp4' outside GPT-OSS's experts")
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -47,59 +299,176 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise UnsupportedModelError(
             f"not supported: model_type {family!r} (supported: {', '.join(SUPPORTED_FAMILIES)})"
         )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    _check_quantization(hf)
+    get = _Reader(hf, family)
+    act = get("hidden_act")
+    if act != "silu" and family != "gpt_oss":  # GPT-OSS's experts have their own activation
         raise UnsupportedModelError(f"not supported: hidden_act {act!r} (only silu)")
-    window = hf.get("sliding_window")
-    if window is not None and (family != "qwen3_moe" or hf.get("use_sliding_window")):
-        raise UnsupportedModelError(f"not supported: sliding-window attention (sliding_window={window})")
     try:
-        hidden, heads, layers = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-        common: dict[str, Any] = dict(
-            family=family,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            intermediate_size=int(hf.get("intermediate_size") or 0),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-        if family == "mixtral":
-            return ModelConfig(
-                **common,
-                num_experts=int(hf["num_local_experts"]),
-                top_k=int(hf["num_experts_per_tok"]),
-                moe_intermediate_size=int(hf["intermediate_size"]),
-                norm_topk_prob=True,
-                moe_layers=tuple(range(layers)),
-            )
-        if family == "qwen3_moe":
-            experts = int(hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"])
-            step = int(hf.get("decoder_sparse_step", 1))
-            dense = set(hf.get("mlp_only_layers") or [])
-            moe = tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
-            return ModelConfig(
-                **common,
-                num_experts=experts,
-                top_k=int(hf["num_experts_per_tok"]),
-                moe_intermediate_size=int(hf["moe_intermediate_size"]),
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                router_weights_in_model_dtype=True,
-                moe_layers=moe,
-                qk_norm=True,
-            )
-        return ModelConfig(**common)
+        return _model_config(get, family)
     except KeyError as missing:
         raise CheckpointError(f"config.json lacks {missing} for model_type {family!r}") from None
-    except ValueError as bad:  # ModelConfig's own checks, or a non-numeric field
+    except (TypeError, ValueError) as bad:  # ModelConfig's own checks, or a non-numeric field
         raise CheckpointError(f"config.json is inconsistent: {bad}") from None
+
+
+def _model_config(get: _Reader, family: str) -> ModelConfig:
+    hidden, heads, layers = int(get("hidden_size")), int(get("num_attention_heads")), int(get("num_hidden_layers"))
+    head_dim = int(get.get("head_dim") or hidden // heads)
+    kv_heads = int(get("num_key_value_heads") or heads)
+    every = tuple(range(layers))
+    opts: dict[str, Any] = {}
+    rotary_dim = head_dim
+    if family.startswith("deepseek"):
+        rotary_dim = int(get("qk_rope_head_dim"))
+    rope = _rope(get, family, rotary_dim)
+    if family in ("llama", "mixtral", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss"):
+        opts.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")))
+    if family in ("mixtral", "granitemoe", "gpt_oss"):
+        opts.update(num_experts=int(get("num_local_experts")), top_k=int(get("num_experts_per_tok")))
+    if family in ("mixtral", "granitemoe"):
+        opts.update(moe_intermediate_size=int(get("intermediate_size")), moe_layers=every)
+    if family == "mixtral":
+        window = get("sliding_window")
+        opts.update(sliding_window=window, sliding_layers=every if window else ())
+    if family in ("qwen3_moe", "qwen2_moe", "olmoe"):
+        experts = int(get("num_experts") if "num_local_experts" not in get.hf else get("num_local_experts"))
+        step = int(get.get("decoder_sparse_step", 1))
+        dense = set(get.get("mlp_only_layers") or [])
+        moe = tuple(i for i in every if i not in dense and experts > 0 and (i + 1) % step == 0)
+        opts.update(
+            num_experts=experts,
+            top_k=int(get("num_experts_per_tok")),
+            moe_intermediate_size=int(get("moe_intermediate_size") if family != "olmoe" else get("intermediate_size")),
+            norm_topk_prob=bool(get("norm_topk_prob")),
+            router_weights_in_model_dtype=True,
+            moe_layers=moe,
+        )
+    if family == "qwen3_moe":
+        window = get("sliding_window") if get("use_sliding_window") else None
+        opts.update(qk_norm="head", sliding_window=window, sliding_layers=every if window else ())
+    if family == "qwen2_moe":
+        window = get("sliding_window") if get("use_sliding_window") else None
+        types = get.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 2 and i < int(get("max_window_layers")) and window else "full_attention"
+            for i in every
+        ]
+        sliding = tuple(i for i in every if types[i] == "sliding_attention") if window else ()
+        opts.update(
+            qkv_bias=bool(get("qkv_bias")),
+            sliding_window=window,
+            sliding_layers=sliding,
+            shared_expert_size=int(get("shared_expert_intermediate_size")),
+            shared_expert_gate=True,
+        )
+    if family == "olmoe":
+        opts.update(qk_norm="full", clip_qkv=get("clip_qkv"))
+        if head_dim * heads != hidden:
+            raise UnsupportedModelError("not supported: OLMoE with head_dim * heads != hidden_size")
+    if family == "granitemoe":
+        opts.update(
+            router="topk_softmax",
+            attention_scale=float(get("attention_multiplier")),
+            embedding_multiplier=float(get("embedding_multiplier")),
+            residual_multiplier=float(get("residual_multiplier")),
+            logits_scaling=float(get("logits_scaling")),
+        )
+    if family.startswith("deepseek"):
+        opts.update(_deepseek(get, family, rope, layers))
+        kv_heads = heads  # latent attention expands the kv latent to every head
+    if family == "gpt_oss":
+        window = get("sliding_window")
+        types = get.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in every]
+        opts.update(
+            sliding_window=window,
+            sliding_layers=tuple(i for i in every if types[i] == "sliding_attention") if window else (),
+            attention_sinks=True,
+            moe_intermediate_size=int(get("intermediate_size")),
+            moe_layers=every,
+            router="topk_softmax",
+            router_bias=True,
+            expert_style="gpt_oss",
+            swiglu_alpha=float(get("swiglu_alpha")),
+            swiglu_limit=float(get("swiglu_limit")),
+            norm_cast_after_weight=True,
+            fp32_params_under_fp16=("input_layernorm.weight", "post_attention_layernorm.weight", "norm.weight"),
+        )
+    return ModelConfig(
+        family=family,
+        vocab_size=int(get("vocab_size")),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=int(get.get("intermediate_size") or 0),
+        rms_norm_eps=float(get("rms_norm_eps")),
+        rope=rope,
+        max_position_embeddings=rope.max_position_embeddings,
+        mlp_bias=bool(get("mlp_bias")) if family == "llama" else False,
+        tie_word_embeddings=bool(get("tie_word_embeddings")),
+        **opts,
+    )
+
+
+def _deepseek(get: _Reader, family: str, rope: RopeConfig, layers: int) -> dict[str, Any]:
+    """DeepSeek-V3 (sigmoid, noaux_tc routing, interleaved rope) and V2 (softmax routing, complex rope)."""
+    if family == "deepseek_v3":
+        topk_method, scoring = get.get("topk_method", "noaux_tc"), get.get("scoring_func", "sigmoid")
+        if topk_method != "noaux_tc" or scoring != "sigmoid":
+            raise UnsupportedModelError(
+                f"not supported: DeepSeek-V3 routing {scoring!r}/{topk_method!r} (only sigmoid scoring with noaux_tc)"
+            )
+        routing: dict[str, Any] = dict(
+            router="sigmoid_group",
+            norm_topk_prob=bool(get("norm_topk_prob")),
+            rope_style="interleave" if get("rope_interleave") else "half",
+            fp32_params=("mlp.router", "mlp.score_bias"),
+        )
+    else:
+        topk_method = get("topk_method")
+        if topk_method not in ("greedy", "group_limited_greedy"):
+            raise UnsupportedModelError(f"not supported: DeepSeek-V2 topk_method {topk_method!r}")
+        routing = dict(
+            router="softmax_group",
+            group_limited=topk_method == "group_limited_greedy",
+            rope_style="complex",
+            fp32_params=("mlp.router",),
+        )
+    if get("num_experts_per_tok") is None:
+        raise CheckpointError(f"config.json lacks 'num_experts_per_tok' for model_type {family!r}")
+    mla = LatentAttentionConfig(
+        q_lora_rank=None if get("q_lora_rank") is None else int(get("q_lora_rank")),
+        kv_lora_rank=int(get("kv_lora_rank")),
+        qk_nope_head_dim=int(get("qk_nope_head_dim")),
+        qk_rope_head_dim=int(get("qk_rope_head_dim")),
+        v_head_dim=int(get("v_head_dim")),
+    )
+    scale = mla.qk_head_dim**-0.5
+    if rope.rope_type != "default" and rope.mscale_all_dim:  # transformers' yarn_apply_mscale
+        assert rope.factor is not None
+        mscale = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        scale = scale * mscale * mscale
+    experts = int(get("n_routed_experts"))
+    return dict(
+        routing,
+        mla=mla,
+        attention_scale=scale,
+        qkv_bias=bool(get("attention_bias")),
+        o_bias=bool(get("attention_bias")),
+        num_experts=experts,
+        top_k=int(get("num_experts_per_tok")),
+        moe_intermediate_size=int(get("moe_intermediate_size")),
+        moe_layers=tuple(range(int(get("first_k_dense_replace")), layers)),
+        n_group=int(get("n_group") or 1),
+        topk_group=int(get("topk_group") or 1),
+        routed_scaling_factor=float(get("routed_scaling_factor")),
+        shared_expert_size=int(get("moe_intermediate_size")) * int(get("n_shared_experts") or 0),
+    )
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -137,6 +506,10 @@ class Checkpoint:
         self.config = model_config_from_hf(self.hf_config)
         self._files = self._index()
         self._family = self.config.family
+        quant = self.hf_config.get("quantization_config") or {}
+        self._quant_method: str | None = quant.get("quant_method")
+        block = quant.get("weight_block_size")
+        self._block_size: tuple[int, int] | None = (int(block[0]), int(block[1])) if block else None
 
     @property
     def name(self) -> str:
@@ -174,22 +547,54 @@ class Checkpoint:
         return digest.hexdigest()[:24]
 
     def _moe_sources(self, layer: int) -> dict[str, _Source]:
-        cfg = self.config
+        """Our MoE block's parameters (router, gate_up, down, ...) from the family's checkpoint names."""
+        cfg, family, files = self.config, self._family, self._files
         e_count = cfg.num_experts
-        if self._family == "mixtral":
+        mlp = f"model.layers.{layer}.mlp"
+        if family == "gpt_oss":
+            experts = f"{mlp}.experts"
+            sources = {
+                "router": _Source((f"{mlp}.router.weight",), _one),
+                "router_bias": _Source((f"{mlp}.router.bias",), _one),
+                "gate_up_bias": _Source((f"{experts}.gate_up_proj_bias",), _one),
+                "down_bias": _Source((f"{experts}.down_proj_bias",), _one),
+            }
+            for ours, theirs in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+                if f"{experts}.{theirs}_blocks" in files:  # MXFP4: [E, out, in/32, 16] nibbles + [E, out, in/32]
+                    sources[ours] = _Source((f"{experts}.{theirs}_blocks", f"{experts}.{theirs}_scales"), _mxfp4)
+                else:
+                    sources[ours] = _Source((f"{experts}.{theirs}",), _one)
+            return sources
+        if family == "granitemoe":
             base = f"model.layers.{layer}.block_sparse_moe"
-            router, gate, up, down = f"{base}.gate.weight", "w1", "w3", "w2"
-        else:
-            base = f"model.layers.{layer}.mlp"
-            router, gate, up, down = f"{base}.gate.weight", "gate_proj", "up_proj", "down_proj"
-        fused_prefix = f"model.layers.{layer}.mlp.experts"
-        if f"{fused_prefix}.gate_up_proj" in self._files:  # already fused by transformers 5
             return {
-                "router": _Source(
-                    (router if router in self._files else f"model.layers.{layer}.mlp.gate.weight",), _one
-                ),
-                "gate_up": _Source((f"{fused_prefix}.gate_up_proj",), _one),
-                "down": _Source((f"{fused_prefix}.down_proj",), _one),
+                "router": _Source((f"{base}.router.layer.weight",), _one),
+                "gate_up": _Source((f"{base}.input_linear.weight",), _one),
+                "down": _Source((f"{base}.output_linear.weight",), _one),
+            }
+        if family == "mixtral":
+            base = f"model.layers.{layer}.block_sparse_moe"
+            gate, up, down = "w1", "w3", "w2"
+        else:
+            base = mlp
+            gate, up, down = "gate_proj", "up_proj", "down_proj"
+        router = f"{base}.gate.weight"
+        sources = {}
+        if cfg.shared_expert_size:
+            shared = f"{base}.shared_experts" if family.startswith("deepseek") else f"{base}.shared_expert"
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                sources[f"shared.{proj}.weight"] = _Source((f"{shared}.{proj}.weight",), _one)
+        if cfg.shared_expert_gate:
+            sources["shared_gate.weight"] = _Source((f"{base}.shared_expert_gate.weight",), _one)
+        if cfg.router == "sigmoid_group":
+            sources["score_bias"] = _Source((f"{base}.gate.e_score_correction_bias",), _one)
+        fused = f"{mlp}.experts"
+        if f"{fused}.gate_up_proj" in files:  # already fused by transformers 5
+            router = router if router in files else f"{mlp}.gate.weight"
+            return sources | {
+                "router": _Source((router,), _one),
+                "gate_up": _Source((f"{fused}.gate_up_proj",), _one),
+                "down": _Source((f"{fused}.down_proj",), _one),
             }
         gates = tuple(f"{base}.experts.{e}.{gate}.weight" for e in range(e_count))
         ups = tuple(f"{base}.experts.{e}.{up}.weight" for e in range(e_count))
@@ -198,7 +603,7 @@ class Checkpoint:
         def fuse_gate_up(ts: list[torch.Tensor]) -> torch.Tensor:  # E x [I, H] gates, then E x [I, H] ups
             return torch.stack([torch.cat(pair) for pair in zip(ts[:e_count], ts[e_count:], strict=True)])
 
-        return {
+        return sources | {
             "router": _Source((router,), _one),
             "gate_up": _Source(gates + ups, fuse_gate_up),
             "down": _Source(downs, torch.stack),
@@ -227,24 +632,55 @@ class Checkpoint:
         return sources
 
     def _read(self, names: tuple[str, ...]) -> Iterator[torch.Tensor]:
+        """The named tensors; block-scaled FP8 weights come out dequantized to fp32."""
         handles: dict[Path, Any] = {}
-        for name in names:
+
+        def get(name: str) -> torch.Tensor:
             file = self._files.get(name)
             if file is None:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt")
-            yield handles[file].get_tensor(name)
+            tensor: torch.Tensor = handles[file].get_tensor(name)
+            return tensor
+
+        for name in names:
+            tensor = get(name)
+            if tensor.dtype in _FP8:
+                if self._quant_method != "fp8":
+                    raise UnsupportedModelError(
+                        f"not supported: float8 tensor {name!r} without an fp8 quantization_config"
+                    )
+                tensor = _dequantize_fp8(tensor, get(f"{name}_scale_inv"), self._block_size, name)
+            yield tensor
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The one dtype a span is served in when none is asked for: the config's, else the embedding's."""
+        named = self.hf_config.get("dtype") or self.hf_config.get("torch_dtype")
+        if isinstance(named, str) and named in DTYPES:
+            return DTYPES[named]
+        header = _safetensors_header(self._files["model.embed_tokens.weight"])
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
+            header["model.embed_tokens.weight"]["dtype"], torch.float32
+        )
 
     def load_span(self, start: int, end: int, dtype: torch.dtype | None = None) -> SpanModel:
-        """Build layers [start, end) with their weights, reading only the tensors they need."""
+        """Build layers [start, end) with their weights, reading only the tensors they need.
+
+        Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
+        ones dequantized first, except those transformers itself keeps in fp32.
+        """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
                 f"layers {start}:{end} are not inside the model's {self.config.num_layers} layers"
                 f" (valid: 0 <= START < END <= {self.config.num_layers})"
             )
+        cfg = self.config
+        compute = dtype or self.compute_dtype
+        keep32 = cfg.fp32_params + (cfg.fp32_params_under_fp16 if compute == torch.float16 else ())
         with torch.device("meta"):
-            span = SpanModel(self.config, start, end)
+            span = SpanModel(cfg, start, end)
         state: dict[str, torch.Tensor] = {}
         expected = dict(span.named_parameters())
         for name, source in self._sources(span).items():
@@ -252,7 +688,44 @@ class Checkpoint:
             want = list(expected[name].shape)
             if list(tensor.shape) != want:
                 raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {want}")
-            state[name] = tensor if dtype is None else tensor.to(dtype)
+            state[name] = tensor.to(torch.float32 if name.endswith(keep32) else compute)
         span.load_state_dict(state, assign=True, strict=True)
-        span.rotary = type(span.rotary)(self.config.head_dim, self.config.rope_theta)  # real buffer, fp32
+        span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
         return span.eval()
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _dequantize_fp8(
+    weight: torch.Tensor,  # [..., N, K] float8
+    scale_inv: torch.Tensor,  # [..., ceil(N / bn), ceil(K / bk)] (or one scale)
+    block: tuple[int, int] | None,
+    name: str,
+) -> torch.Tensor:  # [..., N, K] fp32: weight * its block's scale, as transformers' Fp8Dequantize
+    w = weight.to(torch.float32)
+    s = scale_inv.to(torch.float32)
+    if block is None or s.numel() == 1:
+        return w * s
+    n, k = w.shape[-2:]
+    bn, bk = block
+    if s.shape[-2:] != (-(-n // bn), -(-k // bk)):
+        raise CheckpointError(f"{name}: scales {list(s.shape)} do not tile {[n, k]} in blocks of {[bn, bk]}")
+    s = s.repeat_interleave(bn, dim=-2)[..., :n, :].repeat_interleave(bk, dim=-1)[..., :k]
+    return w * s
+
+
+def _mxfp4(ts: list[torch.Tensor]) -> torch.Tensor:
+    """GPT-OSS MXFP4 experts: [E, out, G, 16] bytes (two e2m1 nibbles, low first) and [E, out, G] e8m0
+    exponents -> [E, in, out] fp32 (transposed for ``x @ W``), as transformers' convert_moe_packed_tensors."""
+    blocks, scales = ts[0].to(torch.uint8), ts[1].to(torch.int32) - 127
+    if blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"mxfp4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)}")
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+    *prefix, groups, width = blocks.shape
+    out = torch.empty(*prefix, groups, width * 2, dtype=torch.float32)
+    out[..., 0::2] = lut[(blocks & 0x0F).to(torch.int)]
+    out[..., 1::2] = lut[(blocks >> 4).to(torch.int)]
+    out = torch.ldexp(out, scales[..., None])
+    return out.reshape(*prefix, groups * width * 2).transpose(1, 2).contiguous()

@@ -272,12 +272,10 @@ class Daemon:
         serving = self.serving
         if serving is None:
             return Load()
-        from kernels import KVCache
-
         engine = serving.engine
-        span, cfg = engine.span, engine.span.cfg
-        per_token = KVCache.bytes_for(len(span.layers), cfg.num_kv_heads, cfg.head_dim, 1, span.dtype)
-        free = max(0, engine.kv_free_bytes) // max(1, per_token)
+        typical = engine.config.default_length  # not linear in length once sliding windows cap a cache
+        per_token = engine.span.cache_bytes(typical) / typical
+        free = max(0, engine.kv_free_bytes) // max(1.0, per_token)
         return Load(active_sessions=len(engine.sessions), free_kv_tokens=int(free), queue_length=engine.queued)
 
     def _serving_fields(self) -> dict[str, Any]:

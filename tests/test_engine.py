@@ -132,6 +132,26 @@ def test_a_bad_step_fails_alone_and_the_good_ones_run_batched(tiny_models: dict[
     assert [p.name for p in tmp_path.iterdir()] == ["throughput.json"]  # written atomically: no temporary left
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral-swa"])
+def test_the_kv_budget_reserves_what_a_sessions_cache_really_holds(family: str, tmp_path: Path) -> None:
+    """MLA caches a latent, a sliding layer only its window: neither is heads x head_dim x length."""
+    from conftest import build_tiny
+
+    model = build_tiny(family, tmp_path / family)
+
+    async def main() -> None:
+        engine = await Engine.load(ServerConfig(model, 0, 2, kv_budget_bytes=1 << 24))
+        try:
+            session = await engine.open("", 0, 2, 64)
+            assert engine.config.kv_budget_bytes - engine.kv_free_bytes == session.cache.nbytes
+            engine.close(session)
+            assert engine.kv_free_bytes == engine.config.kv_budget_bytes
+        finally:
+            await engine.aclose()
+
+    asyncio.run(main())
+
+
 def test_loading_a_span_does_not_block_the_event_loop(tiny_models: dict[str, Path]) -> None:
     loaded_on: list[str] = []
 

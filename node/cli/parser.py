@@ -53,7 +53,9 @@ _seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "second
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)"
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="compute dtype (default: the config's, else the embedding's; FP8 and MXFP4 are dequantized to it)",
     )
     parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
     parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
@@ -268,9 +270,7 @@ def _add_front_door(sub: Any, common: argparse.ArgumentParser) -> None:
     api.add_argument(
         "--default-max-tokens", type=_positive, default=256, help="for chat requests without max_tokens (256)"
     )
-    api.add_argument(
-        "--json-events", action="store_true", help="also print machine-readable events on stdout (ready)"
-    )
+    api.add_argument("--json-events", action="store_true", help="also print machine-readable events on stdout (ready)")
 
     chat = sub.add_parser(
         "chat",

@@ -223,8 +223,7 @@ class Engine:
             raise Overloaded(
                 f"server is full: {len(self.sessions)} sessions open (limit {self.config.max_sessions})",
             )
-        cfg = self.span.cfg
-        need = KVCache.bytes_for(last - first, cfg.num_kv_heads, cfg.head_dim, length, self.span.dtype)
+        need = self.span.cache_bytes(length, (first, last))  # right for MLA latents and sliding windows too
         if self._kv_bytes + need > self.config.kv_budget_bytes:
             raise Overloaded(
                 f"KV cache budget exhausted: {need} bytes needed, {self.config.kv_budget_bytes - self._kv_bytes} free",

@@ -8,7 +8,8 @@ three explicit steps: `dispatch` (which rows go to which expert), `run_experts` 
 expert over its rows) and `combine` (weighted sums per token), so a dispatch to another
 peer's experts can slot in between. Both accumulate each token's
 expert outputs in ascending expert order, so they agree bit for bit, and with
-transformers' eager experts.
+transformers' eager experts. The expert weights may be quantized (`kernels.quant`): each
+expert's matmuls then go through the quantized `linear`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.quant import Weight, linear
 
 __all__ = [
     "Activation",
@@ -54,20 +57,20 @@ def route(
 
 def _expert(
     x: torch.Tensor,  # [n, H]
-    gate_up: torch.Tensor,  # [2I, H]
-    down: torch.Tensor,  # [H, I]
+    gate_up: Weight,  # [2I, H]
+    down: Weight,  # [H, I]
     act: Activation,
 ) -> torch.Tensor:
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act(gate) * up, down)  # [n, H]
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return linear(act(gate) * up, down)  # [n, H]
 
 
 def experts_reference(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
+    gate_up: Weight,  # [E, 2I, H]
+    down: Weight,  # [E, H, I]
     act: Activation,
 ) -> torch.Tensor:
     """One-hot dispatch over every expert: the definition the fast path must match."""
@@ -109,8 +112,8 @@ def dispatch(ids: torch.Tensor) -> Dispatch:  # ids [T, k]
 def run_experts(
     x: torch.Tensor,  # [T, H]
     plan: Dispatch,
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
+    gate_up: Weight,  # [E, 2I, H]
+    down: Weight,  # [E, H, I]
     act: Activation,
 ) -> list[torch.Tensor]:
     """Each hit expert over its token rows: one [n_i, H] output per expert of the plan."""
@@ -133,8 +136,8 @@ def experts_grouped(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: torch.Tensor,  # [E, 2I, H]
-    down: torch.Tensor,  # [E, H, I]
+    gate_up: Weight,  # [E, 2I, H]
+    down: Weight,  # [E, H, I]
     act: Activation,
 ) -> torch.Tensor:
     """dispatch -> experts -> combine, visiting only the experts that were hit (same sums as the reference)."""
@@ -146,8 +149,8 @@ def experts_forward(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: Weight,
+    down: Weight,
     act: Activation,
 ) -> torch.Tensor:
     """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""

@@ -18,6 +18,7 @@ from kernels.cache import KVCache
 from kernels.config import ModelConfig
 from kernels.errors import ShapeError
 from kernels.moe import experts_forward, route
+from kernels.quant import QuantTensor, as_weight
 
 __all__ = ["Attention", "DecoderLayer", "DenseMLP", "MoEBlock", "RMSNorm", "Rotary", "SpanModel"]
 
@@ -121,8 +122,8 @@ class MoEBlock(nn.Module):
         self.cfg = cfg
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.router = nn.Parameter(torch.empty(e, h))  # [E, H]
-        self.gate_up = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
-        self.down = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
+        self.gate_up: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, 2 * i, h))  # [E, 2I, H]
+        self.down: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, h, i))  # [E, H, I]
         self.act: Callable[[torch.Tensor], torch.Tensor] = F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
@@ -131,7 +132,8 @@ class MoEBlock(nn.Module):
         weights, ids = route(
             flat, self.router, self.cfg.top_k, self.cfg.norm_topk_prob, self.cfg.router_weights_in_model_dtype
         )  # [B*T, k] each
-        out = experts_forward(flat, ids, weights, self.gate_up, self.down, self.act)  # [B*T, H]
+        gate_up, down = as_weight(self.gate_up), as_weight(self.down)  # quantized or not
+        out = experts_forward(flat, ids, weights, gate_up, down, self.act)  # [B*T, H]
         return out.reshape(shape)
 
 
@@ -162,6 +164,8 @@ class SpanModel(nn.Module):
     returns hidden states ``[B, T, H]`` or, on the last span, logits ``[B, T', V]`` where
     ``T' = 1`` if ``last_only`` else ``T``.
     """
+
+    quantization = "none"  # set by kernels.quant.quantize_span: "none" | "int8" | "int4"
 
     def __init__(self, cfg: ModelConfig, start: int, end: int) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels import ModelConfig, SpanModel, UnsupportedModelError
+from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, quantize_span
 from shards.errors import CheckpointError, SpanSpecError
 
 __all__ = ["Checkpoint", "DTYPES", "model_config_from_hf"]
@@ -236,13 +236,18 @@ class Checkpoint:
                 handles[file] = safe_open(str(file), framework="pt")
             yield handles[file].get_tensor(name)
 
-    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None) -> SpanModel:
-        """Build layers [start, end) with their weights, reading only the tensors they need."""
+    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none") -> SpanModel:
+        """Build layers [start, end) with their weights, reading only the tensors they need.
+
+        `quantize` ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded.
+        """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
                 f"layers {start}:{end} are not inside the model's {self.config.num_layers} layers"
                 f" (valid: 0 <= START < END <= {self.config.num_layers})"
             )
+        if quantize not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {quantize!r} (known: {', '.join(QUANT_MODES)})")
         with torch.device("meta"):
             span = SpanModel(self.config, start, end)
         state: dict[str, torch.Tensor] = {}
@@ -254,5 +259,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {want}")
             state[name] = tensor if dtype is None else tensor.to(dtype)
         span.load_state_dict(state, assign=True, strict=True)
+        state.clear()  # the span holds the only reference: quantizing then frees each weight
         span.rotary = type(span.rotary)(self.config.head_dim, self.config.rope_theta)  # real buffer, fp32
+        quantize_span(span, quantize)
         return span.eval()

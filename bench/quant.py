@@ -9,7 +9,8 @@ shown (this machine is shared and noisy: compare ratios, not times).
 
 Quality, on the demo model (SmolLM2-135M upcycled to 4 experts, a real language model):
 perplexity on bench/text.txt (public-domain English), per-layer relative error of the
-hidden states, and greedy agreement with bf16 over the first 32 tokens of 8 prompts.
+hidden states, and greedy agreement with bf16 over the first 32 tokens of 8 prompts (fp32,
+unquantized, shows for scale how far greedy decoding moves under rounding alone).
 
     python bench/quant.py                 # both parts
     python bench/quant.py --small         # a small random model instead of the bench model
@@ -39,7 +40,7 @@ from kernels import SpanModel, layer_errors, weight_bytes_per_token  # noqa: E40
 from shards import Checkpoint  # noqa: E402
 
 MODES = ("none", "int8", "int4")
-LABEL = {"none": "bf16", "int8": "int8", "int4": "int4"}
+LABEL = {"none": "bf16", "int8": "int8", "int4": "int4", "fp32": "fp32"}
 TEXT = ROOT / "bench" / "text.txt"
 PROMPTS = (
     "The capital of France is",
@@ -136,6 +137,39 @@ def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]
     return summary
 
 
+def profile(folder: Path, args: argparse.Namespace) -> None:
+    """Per-op profile (torch.profiler) of decode steps after the prompt, at each precision."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    checkpoint = Checkpoint(folder)
+    cfg = checkpoint.config
+    prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    steps = 8
+    for mode in MODES:
+        span = checkpoint.load_span(0, cfg.num_layers, dtype=torch.bfloat16, quantize=mode)
+        cache = span.new_cache(args.prompt + steps + 4)
+        token = span(prompt, cache, 0, last_only=True)[0, -1].argmax()
+        position = args.prompt
+        for _ in range(2):  # warm-up
+            token = span(token.view(1, 1), cache, position, last_only=True)[0, -1].argmax()
+            position += 1
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            for _ in range(steps):
+                token = span(token.view(1, 1), cache, position, last_only=True)[0, -1].argmax()
+                position += 1
+            elapsed = (time.perf_counter() - started) / steps
+        events = prof.key_averages()
+        calls = sum(e.count for e in events) / steps
+        print(
+            f"\nprofile {LABEL[mode]}: {elapsed * 1e3:.1f} ms per decode step under the profiler,"
+            f" {calls:.0f} recorded ops per step; self CPU time per op (sums over {steps} steps):"
+        )
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+        del span
+
+
 def perplexity(span: SpanModel, ids: torch.Tensor, window: int) -> float:
     """exp(mean next-token NLL) over `ids` [N], in non-overlapping windows, each from an empty cache."""
     total, count = 0.0, 0
@@ -171,6 +205,8 @@ def quality(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float
     checkpoint = Checkpoint(folder)
     cfg = checkpoint.config
     spans = {mode: checkpoint.load_span(0, cfg.num_layers, dtype=torch.bfloat16, quantize=mode) for mode in MODES}
+    # fp32, unquantized: how far greedy decoding moves under rounding alone, for scale
+    spans["fp32"] = checkpoint.load_span(0, cfg.num_layers, dtype=torch.float32)
     ids = torch.tensor(tokenizer(TEXT.read_text())["input_ids"])
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
     ppl = {mode: perplexity(span, ids, args.window) for mode, span in spans.items()}
@@ -182,7 +218,7 @@ def quality(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float
     )
     print(f"{'weights':8} {'perplexity':>10} {'x bf16':>7} {'same tokens':>11} {'same prefix':>11} {'all same':>8}")
     summary: dict[str, dict[str, float]] = {}
-    for mode in MODES:
+    for mode in (*MODES, "fp32"):
         pairs = list(zip(outputs[mode], outputs["none"], strict=True))
         same = statistics.mean(sum(a == b for a, b in zip(x, y, strict=True)) / len(y) for x, y in pairs)
         prefix = statistics.mean(_common_prefix(x, y) / len(y) for x, y in pairs)
@@ -209,7 +245,7 @@ def quality(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float
             f" {'met' if x <= limit else 'NOT met'}"
         )
     print(f"\nsample (prompt {PROMPTS[0]!r}):")
-    for mode in MODES:
+    for mode in (*MODES, "fp32"):
         print(f"  {LABEL[mode]}: {tokenizer.decode(outputs[mode][0])!r}")
     return summary
 
@@ -225,6 +261,8 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench")
     parser.add_argument("--demo", type=Path, help="the demo model folder (default: build or reuse the cached one)")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print a per-op profile of decode steps")
+    parser.add_argument("--profile-rows", type=int, default=15, help="ops per profile table (default 15)")
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
 
@@ -234,6 +272,8 @@ def main() -> int:
         print(f"building/reusing {name} model in {args.cache / name} ...", flush=True)
         folder = build(args.cache / name, SMALL if args.small else BENCH, torch.bfloat16)
         summary["speed"] = speed(folder, args)
+        if args.profile:
+            profile(folder, args)
     if not args.skip_quality:
         from node.demo_model import build_demo_model
 

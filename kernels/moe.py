@@ -126,9 +126,14 @@ def combine(
     weights: torch.Tensor,  # [T, k]
     out: torch.Tensor,  # [T, H] zeros: the sum lands here
 ) -> torch.Tensor:
-    """Weight each expert's rows and add them up per token, experts ascending (the reference's sums)."""
+    """Weight each expert's rows and add them up per token, experts ascending (the reference's sums).
+
+    An expert's rows are distinct tokens, so an accumulating ``index_put_`` does the reference's
+    ``index_add_`` sums; on the CPU ``index_add_`` goes parallel even for one row and costs
+    ~0.1-1.4 ms per call on 2 busy cores (32 calls per token on the bench model), this ~5 us.
+    """
     for y, token, slot in zip(outputs, plan.tokens, plan.slots, strict=True):
-        out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
+        out.index_put_((token,), (y * weights[token, slot, None]).to(out.dtype), accumulate=True)
     return out
 
 

@@ -22,6 +22,22 @@ from kernels.moe import (
     route_topk_softmax,
     run_experts,
 )
+from kernels.quant import (
+    QUANT_MODES,
+    Int4Weight,
+    Int8Weight,
+    QuantLinear,
+    QuantTensor,
+    dequantize,
+    layer_errors,
+    linear,
+    linear_fast,
+    linear_reference,
+    quantize,
+    quantize_span,
+    relative_error,
+    weight_bytes_per_token,
+)
 from kernels.span import SpanModel
 
 __all__ = [
@@ -31,9 +47,14 @@ __all__ = [
     "RopeConfig",
     "Dispatch",
     "CacheFullError",
+    "Int4Weight",
+    "Int8Weight",
     "KVCache",
     "KernelError",
     "ModelConfig",
+    "QUANT_MODES",
+    "QuantLinear",
+    "QuantTensor",
     "ShapeError",
     "SpanModel",
     "UnsupportedModelError",
@@ -41,15 +62,24 @@ __all__ = [
     "attention_sdpa",
     "attention_sinks",
     "combine",
+    "dequantize",
     "dispatch",
     "experts_forward",
     "experts_grouped",
     "experts_reference",
+    "layer_errors",
+    "linear",
+    "linear_fast",
+    "linear_reference",
+    "quantize",
+    "quantize_span",
+    "relative_error",
     "route",
     "route_sigmoid_group",
     "route_softmax_group",
     "route_topk_softmax",
     "run_experts",
+    "weight_bytes_per_token",
 ]
 
 MOEMESH_KERNELS = True  # marker: tests assert `import kernels` resolves to this package

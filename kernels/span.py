@@ -27,6 +27,7 @@ from kernels.moe import (
     route_softmax_group,
     route_topk_softmax,
 )
+from kernels.quant import QuantLinear, QuantTensor, as_weight, scales_of
 
 __all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock", "RMSNorm", "Rotary", "SpanModel"]
 
@@ -343,8 +344,8 @@ class MoEBlock(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(e)) if cfg.router_bias else None  # [E]
         self.score_bias = nn.Parameter(torch.empty(e)) if cfg.router == "sigmoid_group" else None  # [E]
         if cfg.expert_style == "gpt_oss":
-            self.gate_up = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I], gate/up interleaved
-            self.down = nn.Parameter(torch.empty(e, i, h))  # [E, I, H]
+            self.gate_up: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I], interleaved
+            self.down: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, i, h))  # [E, I, H]
             self.gate_up_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, 2 * i))
             self.down_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, h))
         else:
@@ -384,7 +385,8 @@ class MoEBlock(nn.Module):
         act: ExpertAct = F.silu
         if self.gate_up_bias is not None and self.down_bias is not None:
             act = ClampedSwiGLU(self.gate_up_bias, self.down_bias, self.cfg.swiglu_alpha, self.cfg.swiglu_limit)
-        out = experts_forward(flat, ids, weights, self.gate_up, self.down, act)  # [B*T, H]
+        gate_up, down = as_weight(self.gate_up), as_weight(self.down)  # quantized or not
+        out = experts_forward(flat, ids, weights, gate_up, down, act)  # [B*T, H]
         if shared is not None:
             if self.shared_gate is not None:
                 shared = F.sigmoid(self.shared_gate(flat)) * shared
@@ -423,6 +425,8 @@ class SpanModel(nn.Module):
     returns hidden states ``[B, T, H]`` or, on the last span, logits ``[B, T', V]`` where
     ``T' = 1`` if ``last_only`` else ``T``.
     """
+
+    quantization = "none"  # set by kernels.quant.quantize_span: "none" | "int8" | "int4"
 
     def __init__(self, cfg: ModelConfig, start: int, end: int) -> None:
         super().__init__()
@@ -477,6 +481,8 @@ class SpanModel(nn.Module):
         layer = self.layers[0]
         assert isinstance(layer, DecoderLayer)
         o_proj = layer.self_attn.o_proj  # norms and routers may stay fp32
+        if isinstance(o_proj, QuantLinear):  # its scales are in the compute dtype, on its device
+            return scales_of(o_proj.weight.value)
         assert isinstance(o_proj, nn.Linear)
         return o_proj.weight
 

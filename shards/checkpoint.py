@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels import ModelConfig, SpanModel, UnsupportedModelError
+from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, quantize_span
 from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from shards.errors import CheckpointError, SpanSpecError
 
@@ -665,17 +665,20 @@ class Checkpoint:
             header["model.embed_tokens.weight"]["dtype"], torch.float32
         )
 
-    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None) -> SpanModel:
+    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none") -> SpanModel:
         """Build layers [start, end) with their weights, reading only the tensors they need.
 
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
-        ones dequantized first, except those transformers itself keeps in fp32.
+        ones dequantized first, except those transformers itself keeps in fp32. `quantize`
+        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded.
         """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
                 f"layers {start}:{end} are not inside the model's {self.config.num_layers} layers"
                 f" (valid: 0 <= START < END <= {self.config.num_layers})"
             )
+        if quantize not in QUANT_MODES:
+            raise ValueError(f"unknown quantization {quantize!r} (known: {', '.join(QUANT_MODES)})")
         cfg = self.config
         compute = dtype or self.compute_dtype
         keep32 = cfg.fp32_params + (cfg.fp32_params_under_fp16 if compute == torch.float16 else ())
@@ -691,6 +694,8 @@ class Checkpoint:
             state[name] = tensor.to(torch.float32 if name.endswith(keep32) else compute)
         span.load_state_dict(state, assign=True, strict=True)
         span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
+        state.clear()  # the span holds the only reference: quantizing then frees each weight
+        quantize_span(span, quantize)
         return span.eval()
 
 

@@ -26,13 +26,14 @@ from kernels import (
 from shards import Checkpoint
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 17])
-def test_grouped_experts_match_reference_bit_for_bit(tokens: int) -> None:
+def test_grouped_experts_match_reference_bit_for_bit(tokens: int, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, 32, generator=g)
-    router = torch.randn(8, 32, generator=g)
-    gate_up = torch.randn(8, 2 * 24, 32, generator=g)
-    down = torch.randn(8, 32, 24, generator=g)
+    x = torch.randn(tokens, 32, generator=g).to(dtype)
+    router = torch.randn(8, 32, generator=g).to(dtype)
+    gate_up = torch.randn(8, 2 * 24, 32, generator=g).to(dtype)
+    down = torch.randn(8, 32, 24, generator=g).to(dtype)
     weights, ids = route(x, router, 2, normalize=True, weights_in_model_dtype=False)
     ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
     fast = experts_grouped(x, ids, weights, gate_up, down, F.silu)

@@ -1,0 +1,387 @@
+"""Weight-only quantization: int8 per output channel, int4 in groups of 32 along the input.
+
+A weight ``[..., N, K]`` (a projection ``[N, K]``, or fused experts ``[E, N, K]``) becomes
+
+- `Int8Weight`: symmetric codes ``int8 [..., N, K]`` and one scale per output channel
+  ``[..., N]``: ``w = codes * scale``;
+- `Int4Weight`: asymmetric 4-bit codes in groups of `INT4_GROUP` along K, two per byte
+  ``uint8 [..., N, K/2]`` in the layout torch's CPU kernel reads, and per group a scale and
+  a zero ``[..., K/G, N, 2]``: ``w = (q - 8) * scale + zero``.
+
+Scales are held in the model's dtype (the kernels take them in the activations' dtype).
+`linear_reference` is the definition: dequantize to fp32, multiply in fp32, round once to
+the activations' dtype. `linear_fast` calls torch's packed CPU kernels
+(``torch._weight_int8pack_mm``, ``torch._weight_int4pack_mm_for_cpu``), which dequantize in
+fp32 inside the matmul; the two agree to fp32 rounding (not bit for bit: the kernels sum in
+another order). `linear` is the dispatcher, and it takes plain tensors too (``F.linear``).
+
+`quantize_span` swaps a loaded span's projections (attention q/k/v/o, dense MLP, the LM
+head) for `QuantLinear` and its fused experts for `QuantTensor`; routers, norms and the
+embedding stay as they are. In "int4" mode the LM head is int8 (as llama.cpp keeps its
+output matrix at higher precision), and any weight whose K is not a multiple of the group
+falls back to int8. Quantization is per tensor, so a span quantized alone equals the same
+layers of a bigger span quantized.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from kernels.span import SpanModel
+
+__all__ = [
+    "INT4_GROUP",
+    "QUANT_MODES",
+    "Int4Weight",
+    "Int8Weight",
+    "QuantLinear",
+    "QuantTensor",
+    "QuantWeight",
+    "Weight",
+    "as_weight",
+    "dequantize",
+    "layer_errors",
+    "linear",
+    "linear_fast",
+    "linear_reference",
+    "pack_int4",
+    "quantize",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_span",
+    "relative_error",
+    "scales_of",
+    "unpack_int4",
+    "weight_bytes_per_token",
+]
+
+QUANT_MODES = ("none", "int8", "int4")
+INT4_N_BLOCK = 32  # output rows per block of torch's int4 CPU kernel
+INT4_GROUP = 32  # torch's CPU kernel takes 32, 64, 128 or 256; 32 is llama.cpp Q4_0's block
+_BLOCK_N = 64  # the int4 CPU kernel's block of output channels (AVX-512 build)
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Weight:
+    """``w [..., N, K] = codes * scales[..., None]``; indexing picks one expert of a stack."""
+
+    codes: torch.Tensor  # [..., N, K] int8
+    scales: torch.Tensor  # [..., N] model dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def __getitem__(self, expert: int) -> Int8Weight:
+        return Int8Weight(self.codes[expert], self.scales[expert])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scales
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Weight:
+    """``w[n, k] = (q[n, k] - 8) * scale[k // G, n] + zero[k // G, n]``, q packed two per byte."""
+
+    packed: torch.Tensor  # [..., N, K/2] uint8, the CPU kernel's layout (see pack_int4)
+    scale_zeros: torch.Tensor  # [..., K/G, N, 2] model dtype: (scale, zero) per group
+    group: int = INT4_GROUP
+
+    @property
+    def shape(self) -> torch.Size:
+        *lead, n, half = self.packed.shape
+        return torch.Size((*lead, n, 2 * half))
+
+    def __getitem__(self, expert: int) -> Int4Weight:
+        return Int4Weight(self.packed[expert], self.scale_zeros[expert], self.group)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.packed, self.scale_zeros
+
+
+QuantWeight = Int8Weight | Int4Weight
+Weight = torch.Tensor | QuantWeight  # what the matmuls of the span and the experts take
+
+
+# ---- int4 packing: the byte layout of torch._convert_weight_to_int4pack_for_cpu --------------
+# Output channels go in blocks of 64: block b is bytes [K, 32] whose low nibble is channel
+# 64b + j and high nibble channel 64b + 32 + j. The N % 64 channels left are bytes [K, r/2],
+# low nibble channel 2j, high nibble 2j + 1. A test checks this against torch's own packer,
+# and the fast path runs only where the two agree (`_int4_layout_ok`).
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes ``[..., N, K]`` in 0..15 (N even) -> ``uint8 [..., N, K/2]`` in the CPU kernel's layout."""
+    *lead, n, k = q.shape
+    q = q.to(torch.uint8)
+    full = n - n % _BLOCK_N
+    block = q[..., :full, :].reshape(*lead, full // _BLOCK_N, 2, _BLOCK_N // 2, k)  # [.., b, half, j, K]
+    head = (block[..., 0, :, :] | block[..., 1, :, :] << 4).transpose(-1, -2)  # [.., b, K, 32]
+    pairs = q[..., full:, :].reshape(*lead, (n - full) // 2, 2, k)  # [.., r/2, 2, K]
+    tail = (pairs[..., 0, :] | pairs[..., 1, :] << 4).transpose(-1, -2)  # [.., K, r/2]
+    flat = torch.cat((head.reshape(*lead, -1), tail.reshape(*lead, -1)), dim=-1)
+    return flat.reshape(*lead, n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: ``uint8 [..., N, K/2]`` -> codes ``uint8 [..., N, K]``."""
+    *lead, n, half = packed.shape
+    k = 2 * half
+    full = n - n % _BLOCK_N
+    flat = packed.reshape(*lead, n * half)
+    head = flat[..., : full * half].reshape(*lead, full // _BLOCK_N, k, _BLOCK_N // 2)  # [.., b, K, 32]
+    head = torch.stack((head & 0xF, head >> 4), dim=-3)  # [.., b, half, K, 32]
+    head = head.transpose(-1, -2).reshape(*lead, full, k)  # [.., full, K]
+    tail = flat[..., full * half :].reshape(*lead, k, (n - full) // 2)  # [.., K, r/2]
+    tail = torch.stack((tail & 0xF, tail >> 4), dim=-1)  # [.., K, r/2, 2]
+    tail = tail.reshape(*lead, k, n - full).transpose(-1, -2)  # [.., r, K]
+    return torch.cat((head, tail), dim=-2)
+
+
+@functools.cache
+def _int4_layout_ok() -> bool:
+    """Whether this build's int4 CPU packer writes the layout of `pack_int4` (probed once)."""
+    q = torch.randint(0, 16, (96, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        theirs = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (RuntimeError, AttributeError):
+        return False
+    return theirs.shape == (96, 32) and torch.equal(theirs, pack_int4(q))
+
+
+# ---- quantize / dequantize --------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Weight:
+    """Symmetric int8 per output channel: scale = max |w| / 127 over each row of K."""
+    w32 = w.detach().float()
+    scales = (w32.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(w.dtype)  # [..., N]
+    codes = torch.round(w32 / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)  # [..., N, K]
+    return Int8Weight(codes.contiguous(), scales.contiguous())
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
+    """Asymmetric int4 in groups of `group` along K: [min, max] of each group onto 0..15."""
+    *lead, n, k = w.shape
+    if k % group or n % 2:
+        raise ValueError(f"int4 needs K a multiple of {group} and N even, got [N, K] = [{n}, {k}]")
+    wg = w.detach().float().reshape(*lead, n, k // group, group)  # [..., N, K/G, G]
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # [..., N, K/G]
+    scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(w.dtype)
+    zero = (lo + 8 * scale.float()).to(w.dtype)  # the value of code 8
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)  # [..., N, K/G, G]
+    scale_zeros = torch.stack((scale, zero), dim=-1).transpose(-2, -3)  # [..., K/G, N, 2]
+    return Int4Weight(pack_int4(q.reshape(*lead, n, k)), scale_zeros.contiguous(), group)
+
+
+def quantize(w: torch.Tensor, mode: str) -> Weight:
+    """`w` [..., N, K] in `mode` ("none" returns it); int4 falls back to int8 where the packed
+    kernel does not take the shape (K a multiple of the group, N a multiple of its 32-row blocks:
+    MLA's small latent projections are not)."""
+    if mode == "none":
+        return w
+    if mode == "int4" and w.shape[-1] % INT4_GROUP == 0 and w.shape[-2] % INT4_N_BLOCK == 0:
+        return quantize_int4(w)
+    if mode in ("int8", "int4"):
+        return quantize_int8(w)
+    raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
+
+
+def scales_of(w: QuantWeight) -> torch.Tensor:
+    """The weight's scales: they carry the compute dtype and the device of the weight."""
+    return w.scales if isinstance(w, Int8Weight) else w.scale_zeros
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight ``[..., N, K]`` the codes stand for, computed in fp32."""
+    if isinstance(w, Int8Weight):
+        return (w.codes.float() * w.scales.float()[..., None]).to(dtype)
+    q = unpack_int4(w.packed).float()  # [..., N, K]
+    *lead, n, k = q.shape
+    sz = w.scale_zeros.float().transpose(-2, -3)  # [..., N, K/G, 2]
+    qg = q.reshape(*lead, n, k // w.group, w.group)
+    return ((qg - 8) * sz[..., 0:1] + sz[..., 1:2]).reshape(*lead, n, k).to(dtype)
+
+
+# ---- the matmul: reference, fast path, dispatcher --------------------------------------------
+
+
+def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N, K] -> [..., N]
+    """Dequantize-then-matmul in fp32, rounded once to x's dtype: the definition."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    return F.linear(x.float(), dequantize(w)).to(x.dtype)
+
+
+def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N, K] -> [..., N]
+    """torch's packed CPU kernels (x on the CPU, in the scales' dtype)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
+    if isinstance(w, Int8Weight):
+        y = torch._weight_int8pack_mm(x2, w.codes, w.scales)  # [M, N]
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group, w.scale_zeros)  # [M, N]
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:
+    scales = w.scales if isinstance(w, Int8Weight) else w.scale_zeros
+    if x.device.type != "cpu" or scales.device.type != "cpu" or x.dtype != scales.dtype:
+        return False
+    return isinstance(w, Int8Weight) or _int4_layout_ok()
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """Dispatcher: ``F.linear`` for plain weights, the packed kernel where it applies, else the reference."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    return linear_fast(x, w) if _fast_applies(x, w) else linear_reference(x, w)
+
+
+# ---- modules that hold quantized weights in a span -------------------------------------------
+
+
+class QuantTensor(nn.Module):
+    """A quantized weight held as buffers (so ``.to()`` and ``state_dict`` see them)."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.kind = "int8" if isinstance(weight, Int8Weight) else "int4"
+        self.group = weight.group if isinstance(weight, Int4Weight) else 0
+        self.data: torch.Tensor
+        self.scales: torch.Tensor
+        self.register_buffer("data", weight.tensors()[0])
+        self.register_buffer("scales", weight.tensors()[1])
+
+    @property
+    def value(self) -> QuantWeight:
+        if self.kind == "int8":
+            return Int8Weight(self.data, self.scales)
+        return Int4Weight(self.data, self.scales, self.group)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.value.shape
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, shape={list(self.shape)}" + (f", group={self.group}" if self.group else "")
+
+
+def as_weight(p: torch.Tensor | QuantTensor) -> Weight:
+    """What the matmuls take: a plain tensor as it is, a `QuantTensor`'s quantized weight."""
+    return p.value if isinstance(p, QuantTensor) else p
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` over a quantized weight: ``linear(x, w) + bias``."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = QuantTensor(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight.value)
+        return y if self.bias is None else y + self.bias
+
+
+def _linears(span: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    for parent in span.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                yield parent, name, child
+
+
+def _expert_holders(span: nn.Module) -> Iterator[nn.Module]:
+    """Modules holding fused experts as ``gate_up [E, 2I, H]`` and ``down [E, H, I]``."""
+    for module in span.modules():
+        gate_up, down = getattr(module, "gate_up", None), getattr(module, "down", None)
+        if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3:
+            if getattr(module, "gate_up_bias", None) is not None:
+                continue  # GPT-OSS: stored transposed with biases (and MXFP4 on disk): kept in the compute dtype
+            yield module
+
+
+@torch.no_grad()
+def quantize_span(span: SpanModel, mode: str) -> None:
+    """Replace the span's projections and fused experts by quantized ones, in place ("none": no-op).
+
+    Each weight is quantized on its own and its full-precision tensor freed, so the peak
+    memory is the loaded span plus one quantized weight.
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
+    if mode == "none":
+        return
+    for parent, name, lin in list(_linears(span)):
+        head_mode = "int8" if name == "lm_head" else mode
+        q = quantize(lin.weight, head_mode)
+        assert not isinstance(q, torch.Tensor)
+        setattr(parent, name, QuantLinear(q, lin.bias))
+    for module in list(_expert_holders(span)):
+        for name in ("gate_up", "down"):
+            q = quantize(getattr(module, name), mode)
+            assert not isinstance(q, torch.Tensor)
+            delattr(module, name)
+            setattr(module, name, QuantTensor(q))
+    span.quantization = mode
+
+
+# ---- what quantization costs and saves -------------------------------------------------------
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weight_bytes_per_token(span: nn.Module) -> int:
+    """Bytes of weights one decode token reads: every weight once, except the experts (top_k of
+    E of them, in expectation) and the embedding (one row)."""
+    total = 0
+    expert_tensors: set[int] = set()
+    for module in span.modules():
+        cfg, gate_up, down = (getattr(module, a, None) for a in ("cfg", "gate_up", "down"))
+        if cfg is None or gate_up is None or down is None:
+            continue
+        tensors = [t for m in (gate_up, down) for t in (m.buffers() if isinstance(m, nn.Module) else [m])]
+        expert_tensors |= {id(t) for t in tensors}
+        total += round(sum(_nbytes(t) for t in tensors) * cfg.top_k / cfg.num_experts)
+    for name, t in chain(span.named_parameters(), span.named_buffers()):
+        if id(t) in expert_tensors or name.endswith("inv_freq"):
+            continue
+        total += t.shape[-1] * t.element_size() if name == "embed_tokens.weight" else _nbytes(t)
+    return total
+
+
+def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||approx - ref|| / ||ref||`` in fp32."""
+    ref32 = ref.float()
+    return float((approx.float() - ref32).norm() / ref32.norm().clamp(min=torch.finfo(torch.float32).tiny))
+
+
+def layer_errors(reference: SpanModel, quantized: SpanModel, x: torch.Tensor) -> list[float]:
+    """Relative error of each layer's output of `quantized` against `reference` on input `x`
+    (one prefill from position 0; errors accumulate down the layers, as in a real forward)."""
+    outputs: list[list[torch.Tensor]] = [[], []]
+    hooks = []
+    for i, span in enumerate((reference, quantized)):
+        for layer in span.layers:
+            hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out.detach())))
+    try:
+        for span in (reference, quantized):
+            span(x, span.new_cache(x.shape[1]), 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [relative_error(r, q) for r, q in zip(outputs[0], outputs[1], strict=True)]

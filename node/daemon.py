@@ -235,6 +235,7 @@ class Daemon:
             end=span.end,
             num_layers=span.cfg.num_layers,
             throughput=throughput,
+            quantization=span.quantization,
         )
         self.serving = Serving(engine, server, address, port, shard)
         self.say(

@@ -59,6 +59,7 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         host=args.host,
         port=args.port,
         dtype=args.dtype,
+        quantize=args.quantize,
         max_sessions=args.max_sessions,
         max_length=args.max_length,
         kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
@@ -110,8 +111,14 @@ def _generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
     elif not args.prompt:
         raise ConfigError("give a prompt, or --ids")
+    from node.client import ClientConfig
+
     with Client(
-        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
+        args.peers or (),
+        bootstrap=args.bootstrap or (),
+        model_folder=args.model,
+        model_id=args.model_id,
+        config=ClientConfig(exact=args.exact),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
@@ -232,7 +239,9 @@ def _api(args: argparse.Namespace) -> int:
     event = _events(args.json_events)
 
     def ready(address: str) -> None:
-        _say(f"OpenAI-compatible API on http://{address}/v1, dashboard http://{address}/, metrics http://{address}/metrics")
+        _say(
+            f"OpenAI-compatible API on http://{address}/v1, dashboard http://{address}/, metrics http://{address}/metrics"
+        )
         event("ready", http_address=address)
 
     client = Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id)

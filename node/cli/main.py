@@ -33,5 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moemesh {args.command}: error: {e}", file=sys.stderr)
         return 2
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,6 +53,13 @@ _seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "second
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--quantize",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization at load: int8 per output channel, int4 in groups of 32 (default none);"
+        " records and Info say it, and clients with --exact avoid quantized peers",
+    )
+    parser.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
         help="compute dtype (default: the config's, else the embedding's; FP8 and MXFP4 are dequantized to it)",
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
+    gen.add_argument(
+        "--exact", action="store_true", help="route only through peers serving unquantized weights (default: mix)"
+    )
     gen.add_argument(
         "--wait",
         type=float,

@@ -70,6 +70,7 @@ class KnownPeers:
     peers: list[PeerView]
     unreachable: tuple[str, ...] = ()  # given addresses that did not answer or serve another model
     refused: tuple[VersionMismatchError, ...] = ()  # peers that speak another protocol version
+    quantized: tuple[str, ...] = ()  # peers left out because their weights are quantized (exact mode)
 
     def left_out(self) -> str:
         """Why peers were left out, to add to a RouteError ("" when none was)."""
@@ -80,6 +81,8 @@ class KnownPeers:
             )
         if self.refused:
             notes.append("another protocol version: " + "; ".join(str(e) for e in self.refused))
+        if self.quantized:
+            notes.append(f"quantized, left out by exact mode: {', '.join(self.quantized)}")
         return "; ".join(notes)
 
 
@@ -259,7 +262,7 @@ class Client:
             if (info.model_id, info.start, info.end) != (model_id, view.start, view.end):
                 log.info("ignoring %s: it now serves %s %d:%d", view.address, info.model_id, info.start, info.end)
                 continue
-            peers.append(replace(view, rtt_s=info.rtt_s))
+            peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization))
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
             raise refused[0]
@@ -295,6 +298,12 @@ class Client:
             known = self._known
         if known is None or refresh:
             known = self._from_swarm() if self.bootstrap else self._from_peers()
+            if self.config.exact:  # full-precision weights only: quantized peers are left out
+                exact = [p for p in known.peers if p.quantization == "none"]
+                if len(exact) < len(known.peers):
+                    log.info("exact: leaving out %d quantized peers", len(known.peers) - len(exact))
+                quantized = tuple(f"{p.peer_id} ({p.quantization})" for p in known.peers if p.quantization != "none")
+                known = replace(known, peers=exact, quantized=quantized)
             with self._lock:
                 self._known = known
         return known

@@ -20,4 +20,5 @@ class ClientConfig:
     retry_backoff_s: float = 0.25  # wait before the 2nd attempt; doubles each time (at most 5 s)
     recovery_deadline_s: float = 120.0  # time to replace one failed hop
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
+    exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path

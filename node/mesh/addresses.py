@@ -52,5 +52,5 @@ def advertised(multiaddrs: Sequence[str], announce_host: str | None, local: Sequ
             out.append(text)
             continue
         hosts = [announce_host] if announce_host else list(local if local is not None else local_ipv4_addresses())
-        out.extend(f"/{_protocol(host)}/{host}/{text[len(prefix):]}" for host in hosts)
+        out.extend(f"/{_protocol(host)}/{host}/{text[len(prefix) :]}" for host in hosts)
     return list(dict.fromkeys(out))

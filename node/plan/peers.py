@@ -61,6 +61,7 @@ class PeerView:
     rtt_s: float = 0.0  # measured network round trip to it; 0: not measured
     max_layers: int = 0  # how many layers it can hold; 0: its current span's length
     protocol_version: int | None = None  # None: the source does not say (the CRDT member)
+    quantization: str = ""  # its weights: "none", "int8", "int4"; "": the source does not say
 
     @property
     def can_hold(self) -> int:
@@ -114,6 +115,7 @@ def peers_from_record(
             num_layers=ad.num_layers,
             rtt_s=rtt_s,
             protocol_version=record.protocol_version,
+            quantization=ad.quantization or "none",
         )
         for ad in record.shards
         if ad.model_id == model_id
@@ -149,6 +151,7 @@ def peer_from_info(address: str, info: InfoResponse, rtt_s: float = 0.0) -> Peer
         num_layers=info.num_layers,
         rtt_s=rtt_s,
         protocol_version=info.protocol_version,
+        quantization=info.quantization or "none",
         model_name=info.model_name,
         vocab_size=info.vocab_size,
         max_length=info.capacity.max_length,

@@ -20,6 +20,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (printed at start)
     dtype: str | None = None  # None: as stored in the checkpoint
+    quantize: str = "none"  # weight-only quantization at load: "none", "int8", "int4" (kernels.quant)
     max_sessions: int = 64
     max_length: int = 8192  # longest session accepted (capped by the model's positions)
     default_length: int = 2048  # when a session does not say

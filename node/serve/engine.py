@@ -69,7 +69,8 @@ def _load_span(config: ServerConfig, progress: Progress | None) -> tuple[SpanMod
     if progress:
         layers = checkpoint.config.num_layers
         progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
-    span = checkpoint.load_span(config.start, config.end, DTYPES[config.dtype] if config.dtype else None)
+    dtype = DTYPES[config.dtype] if config.dtype else None
+    span = checkpoint.load_span(config.start, config.end, dtype, quantize=config.quantize)
     return span, checkpoint.model_id(), checkpoint.name
 
 

@@ -112,6 +112,7 @@ class ShardService:
             dtype=_WIRE_DTYPES[engine.span.dtype],
             version=software_version(),
             protocol_version=PROTOCOL_VERSION,
+            quantization=engine.span.quantization,
             capacity=Capacity(
                 max_sessions=engine.config.max_sessions,
                 active_sessions=len(engine.sessions),

@@ -23,7 +23,8 @@ async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) ->
     (model, device, dtype) was measured before, else measured on the compute thread (the loop
     goes on meanwhile) and cached."""
     span = engine.span
-    key = f"{engine.model_id}|{span.device}|{span.dtype}"
+    quantized = "" if span.quantization == "none" else f"|{span.quantization}"  # the old keys stay valid
+    key = f"{engine.model_id}|{span.device}|{span.dtype}{quantized}"
     cache_file = cache_dir / CACHE_FILE
     cached = _read(cache_file)
     if key in cached:

@@ -1,8 +1,8 @@
 """A daemon in this process, on a thread of its own with its own asyncio loop (for tests).
 
-    with DaemonThread(config) as d:
-        d.ready(timeout=60)          # the "ready" event's fields
-        d.call(d.daemon.move(2, 4))  # run a coroutine on the daemon's loop
+with DaemonThread(config) as d:
+    d.ready(timeout=60)          # the "ready" event's fields
+    d.call(d.daemon.move(2, 4))  # run a coroutine on the daemon's loop
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from typing import Any
 __all__ = ["DaemonProcess", "ServerProcess", "event_of", "local_swarm", "start_daemon", "start_server_process"]
 
 
-
 def event_of(line: str, kind: str) -> dict[str, Any] | None:
     """The fields of a `--json-events` line of `kind` ("ready", "moved", ...), else None."""
     if not line.startswith("{"):

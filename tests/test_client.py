@@ -72,3 +72,23 @@ def test_sampled_generation_is_reproducible_with_a_seed(tiny_models: dict[str, P
                 list(client.generate([], 4))
             with pytest.raises(ConfigError, match="needs the model folder"):
                 list(client.generate("hello", 4))
+
+
+def test_a_raw_prompt_gets_the_bos_the_tokenizer_adds_and_a_chat_prompt_keeps_its_own(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from node.client.text import TextCodec
+
+    vocab = {"<s>": 0, "</s>": 1, "hello": 2, "world": 3, "[UNK]": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{ bos_token }}{% for m in messages %}'
+        '{{ m.content }} {% endfor %}"}'
+    )
+    codec = TextCodec(tmp_path)
+    assert codec.encode("hello world", raw=True) == [0, 2, 3]  # as transformers' tokenizer(prompt)
+    assert codec.encode(codec.chat_prompt("hello")) == [0, 2]  # the template's own BOS, not a second one

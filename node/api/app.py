@@ -122,7 +122,7 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
         body = parse_request(CompletionRequest, await _json(request))
         prompt = body.one_prompt()
         model = await model_of(body)
-        ids = relay.text.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        ids = relay.text.encode(prompt, raw=True) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ApiError("the prompt encodes to no tokens", param="prompt")
         generation = relay.start(job(body, ids, body.token_limit() or 16))  # 16: OpenAI's default here

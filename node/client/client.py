@@ -374,7 +374,7 @@ class Client:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
         if isinstance(prompt, str):
-            ids = self.text.encode(self.text.chat_prompt(prompt) if chat else prompt)
+            ids = self.text.encode(self.text.chat_prompt(prompt)) if chat else self.text.encode(prompt, raw=True)
         else:
             ids = [int(i) for i in prompt]
         if not ids:

@@ -92,8 +92,10 @@ class TextCodec:
         value = self.config.get(key) or ""
         return str(value.get("content", "") if isinstance(value, dict) else value)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, raw: bool = False) -> list[int]:
+        """Token ids of `text`. A `raw` prompt gets the special tokens the tokenizer adds (its BOS,
+        as `tokenizer(prompt)` does in transformers); a rendered chat template already holds its own."""
+        return list(self.tokenizer.encode(text, add_special_tokens=raw).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

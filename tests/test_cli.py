@@ -103,3 +103,23 @@ def test_version_and_logging_flags_on_every_subcommand() -> None:
     for command in (["info", "x:1"], ["status", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/x"], ["build-demo-model"]):
         args = parser.parse_args([command[0], "-vv", "-q", *command[1:]])
         assert (args.verbose, args.quiet) == (2, 1)
+
+
+def test_a_port_in_use_is_an_error_not_a_shared_listener(tiny_models: dict[str, Path]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another gRPC server holds it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "node", "serve", "--model", str(tiny_models["llama"]), "--layers", "0:4"]
+            + ["--port", str(port)],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "in use" in result.stderr and "Traceback" not in result.stderr

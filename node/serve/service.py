@@ -203,10 +203,14 @@ async def start_server(engine: Engine) -> tuple[grpc.aio.Server, int]:
     server with the bound port. The caller stops it: `await server.stop(grace)`."""
     config = engine.config
     engine.start()
-    server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
+    # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and share it.
+    server = grpc.aio.server(options=[*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers([ShardService(engine).handler()])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError:  # grpc's way of saying the address is taken
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
+        raise OSError(f"cannot listen on {config.host}:{config.port}: the port is in use (or the host is not ours)")
     await server.start()
     return server, port

@@ -66,6 +66,7 @@ class DaemonConfig:
     swarm: SwarmConfig = field(default_factory=SwarmConfig)
     auto_layers: bool = False  # choose the span from the swarm state (server.start/end are ignored)
     max_layers: int = 0  # with auto_layers: layers this daemon holds (0: the whole model)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one; None: off)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Daemon:
         self.serving: Serving | None = None
         self.advert = Advert()
         self.addresses: list[str] = []
+        self.metrics_address = ""
         self.lifecycle = Lifecycle()  # signals, drain and grace: the same as `moemesh serve`
         self._announcing: asyncio.Task[None] | None = None
         self._bridge = TrioThread()
@@ -111,6 +113,10 @@ class Daemon:
     def stop(self) -> None:
         """Stop gracefully; a second call cuts the grace period short (open sessions move now)."""
         self.lifecycle.on_signal()
+
+    @property
+    def agent(self) -> SwarmAgent | None:
+        return self._agent
 
     @property
     def peer_id(self) -> str:
@@ -129,6 +135,7 @@ class Daemon:
             self.say(f"created identity {identity.path}")
         elif config.identity is None:
             self.say(f"identity {identity.path}")
+        metrics = self._start_metrics()
         try:
             if config.server is not None and not config.auto_layers:
                 await self._start_serving(config.server)
@@ -157,6 +164,9 @@ class Daemon:
                 await serving.engine.aclose()
             self._bridge.stop()
             identity.release()
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             if handle_signals:
                 self.lifecycle.uninstall()
 
@@ -210,6 +220,15 @@ class Daemon:
             log.warning("withdrawing the record failed (it expires in %g s): %r", self.config.ttl_s, e)
         if drained is not None:
             await drained
+
+    def _start_metrics(self) -> Any:
+        if self.config.metrics_port is None:
+            return None
+        from node.swarm.metrics import serve_metrics
+
+        server, self.metrics_address = serve_metrics(self, self.config.mesh.listen_host, self.config.metrics_port)
+        self.say(f"metrics on http://{self.metrics_address}/metrics")
+        return server
 
     # -- serving --------------------------------------------------------------------------
 
@@ -306,6 +325,7 @@ class Daemon:
             "grpc_address": serving.grpc_address if serving is not None else None,
             "model_id": shard.model_id if shard is not None else None,
             "layers": [shard.start, shard.end] if shard is not None else None,
+            "metrics_address": self.metrics_address or None,
         }
 
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:

@@ -193,3 +193,18 @@ def test_two_daemons_on_one_machine_without_identity_form_a_swarm(tmp_path: Path
             second.stop()
     finally:
         first.stop()
+
+
+def test_the_daemon_serves_prometheus_metrics_of_its_state(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import dataclasses
+    import urllib.request
+
+    config = dataclasses.replace(_auto_config(tiny_models["mixtral"], tmp_path, "metrics", 2), metrics_port=0)
+    with DaemonThread(config) as d:
+        ready = d.ready(timeout=120)
+        with urllib.request.urlopen(f"http://{ready['metrics_address']}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    assert "moemesh_sessions 0.0" in text
+    assert 'moemesh_served_layers{model_id="' in text and 'quantization="none"} 2.0' in text
+    assert "moemesh_swarm_members 1.0" in text and 'moemesh_reachability{state="unknown"}' in text
+    assert 'moemesh_sync_bytes_total{direction="out"}' in text

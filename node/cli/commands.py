@@ -183,6 +183,7 @@ def _daemon(args: argparse.Namespace) -> int:
         ),
         auto_layers=auto,
         max_layers=args.max_layers or 0,
+        metrics_port=args.metrics_port,
     )
     asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
     return 0

@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
     daemon.add_argument("--p2p-port", type=_port, default=0, help="libp2p TCP port (default: any free one)")
     daemon.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)",
+    )
+    daemon.add_argument(
         "--announce-host",
         help="host others dial for gRPC and libp2p (default: --host; with 0.0.0.0, every address of this machine)",
     )

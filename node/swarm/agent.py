@@ -68,6 +68,8 @@ class SwarmAgent:
         self._rtts_written: dict[str, float] = {}
         self._renewed_at = 0.0
         self._tasks: asyncio.TaskGroup | None = None  # the daemon's: pushes and moves run in it
+        self.sync_bytes_in = 0  # sync frames received (metrics)
+        self.sync_bytes_out = 0  # sync frames we opened conversations with (metrics)
         self._imbalanced_for = 0
         self._cooldown = 0
         self._moving = False
@@ -147,6 +149,7 @@ class SwarmAgent:
     # -- sync --------------------------------------------------------------------------------
 
     async def _on_frame(self, sender: str, data: bytes) -> bytes | None:
+        self.sync_bytes_in += len(data)
         try:
             answer = self.replica.receive(decode_frame(data), sender)  # per-peer limits by its authenticated id
         except BadUpdateError as e:
@@ -166,6 +169,7 @@ class SwarmAgent:
     async def _exchange(self, peer_id: str, addrs: list[str], frame: bytes | None = None) -> None:
         assert self.wire is not None
         first = frame if frame is not None else encode_frame(self.replica.pull())
+        self.sync_bytes_out += len(first)
         rtt = await self.bridge.call(self.wire.exchange, peer_id, addrs, first)
         if rtt is not None and frame is None:
             ms = rtt * 1000

@@ -48,10 +48,28 @@ def test_a_record_becomes_one_view_per_span_of_the_model() -> None:
     views = peers_from_record("pidA", r, "m", rtt_s=0.002)
     assert views == [
         PeerView(
-            "pidA", 0, 2, 50.0, address="10.0.0.1:7001", model_id="m", num_layers=4, rtt_s=0.002, protocol_version=1
+            "pidA",
+            0,
+            2,
+            50.0,
+            address="10.0.0.1:7001",
+            model_id="m",
+            num_layers=4,
+            rtt_s=0.002,
+            protocol_version=1,
+            quantization="none",  # a record without the field: full precision
         ),
         PeerView(
-            "pidA", 2, 4, 25.0, address="10.0.0.1:7001", model_id="m", num_layers=4, rtt_s=0.002, protocol_version=1
+            "pidA",
+            2,
+            4,
+            25.0,
+            address="10.0.0.1:7001",
+            model_id="m",
+            num_layers=4,
+            rtt_s=0.002,
+            protocol_version=1,
+            quantization="none",  # a record without the field: full precision
         ),
     ]
     assert views[0].block_seconds == pytest.approx(0.02)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from node.testing.launch import ServerProcess, local_swarm
+from node.tls import pinned_channel
 from protocol import make_tensor
 from protocol.shard_pb2 import (
     CloseSession,
@@ -37,7 +38,7 @@ def servers(tiny_models: dict[str, Path]) -> Iterator[list[ServerProcess]]:
 @pytest.fixture(scope="module")
 def channels(servers: list[ServerProcess]) -> Iterator[list[grpc.Channel]]:
     opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    chans = [grpc.insecure_channel(s.address, options=opts) for s in servers]
+    chans = [pinned_channel(s.address, s.fingerprint, opts) for s in servers]
     yield chans
     for c in chans:
         c.close()

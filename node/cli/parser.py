@@ -16,18 +16,48 @@ EXAMPLES = """\
 examples:
   moemesh serve --model ~/models/mixtral-tiny --layers 0:8 --port 7001
   moemesh serve --model ~/models/mixtral-tiny --layers 8:16 --port 7002
-  moemesh generate --peers 127.0.0.1:7001,127.0.0.1:7002 --model ~/models/mixtral-tiny "Hello"
-  moemesh info 127.0.0.1:7001
+  moemesh generate --peers 127.0.0.1:7001#FINGERPRINT,127.0.0.1:7002#FINGERPRINT --model ~/models/mixtral-tiny "Hello"
+  moemesh info 127.0.0.1:7001 --fingerprint FINGERPRINT   (each `serve` prints its TLS fingerprint)
 """
 
 
 def _peers(text: str) -> list[str]:
     peers = [p.strip() for p in text.split(",") if p.strip()]
     for p in peers:
-        host, sep, port = p.rpartition(":")
+        address, pinned, fingerprint = p.partition("#")
+        host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port")
+            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port or host:port#fingerprint")
+        if pinned and not _is_fingerprint(fingerprint):
+            raise argparse.ArgumentTypeError(f"peer {p!r}: {fingerprint!r} is not a SHA-256 fingerprint (64 hex)")
     return peers
+
+
+def _is_fingerprint(text: str) -> bool:
+    fp = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    return len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)
+
+
+def _fingerprint(text: str) -> str:
+    if not _is_fingerprint(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return text
+
+
+def _add_client_tls_options(parser: argparse.ArgumentParser) -> None:
+    """How a client trusts the peers it is given by address (peers found in the DHT are pinned
+    to their signed records' fingerprints)."""
+    parser.add_argument(
+        "--fingerprint",
+        type=_fingerprint,
+        help="the TLS fingerprint `moemesh serve` printed, for the one peer given without #fingerprint"
+        " (default: trust on first use, with a warning)",
+    )
+    parser.add_argument(
+        "--insecure-lan",
+        action="store_true",
+        help="dial plaintext gRPC to peers given without a fingerprint (a trusted LAN only)",
+    )
 
 
 def _number(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
@@ -77,6 +107,12 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also print machine-readable events on stdout, one JSON object per line (ready, moved, stopping)",
     )
+    parser.add_argument(
+        "--insecure-lan",
+        action="store_true",
+        help="serve plaintext gRPC, unauthenticated and unencrypted: only on a LAN you trust"
+        " (default: TLS with a fresh certificate whose fingerprint is printed and put in the signed record)",
+    )
 
 
 def _add_logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
@@ -124,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
     where = gen.add_mutually_exclusive_group(required=True)
-    where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
+    where.add_argument(
+        "--peers", type=_peers, help="comma-separated host:port#fingerprint (or host:port) of serving peers"
+    )
     where.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="find peers in the swarm's DHT (repeatable)"
     )
@@ -143,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep looking for a full route this long (peers still starting); default 0",
     )
+    _add_client_tls_options(gen)
 
     daemon = sub.add_parser(
         "daemon",
@@ -222,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info", parents=[common], help="show what peers serve", description="Ask peers for their model and span."
     )
-    info.add_argument("peers", nargs="+", help="host:port of each peer")
+    info.add_argument("peers", nargs="+", help="host:port#fingerprint (or host:port) of each peer")
+    _add_client_tls_options(info)
 
     demo = sub.add_parser(
         "build-demo-model",

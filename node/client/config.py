@@ -21,3 +21,4 @@ class ClientConfig:
     recovery_deadline_s: float = 120.0  # time to replace one failed hop
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
+    insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS

@@ -31,3 +31,4 @@ class ServerConfig:
     batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
     idle_timeout_s: float = 300.0  # a session with no request for this long is closed
     grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
+    insecure_lan: bool = False  # serve plaintext gRPC (a trusted LAN only); default: TLS with a pinned certificate

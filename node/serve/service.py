@@ -19,6 +19,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 from node.errors import (
+    ConfigError,
     Draining,
     IdleTimeout,
     InvalidRequest,
@@ -29,6 +30,7 @@ from node.errors import (
     WrongModel,
 )
 from node.serve.engine import Engine, Session
+from node.tls import Certificate
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
 from protocol.shard_pb2 import (
     Capacity,
@@ -197,14 +199,24 @@ class ShardService:
         )
 
 
-async def start_server(engine: Engine) -> tuple[grpc.aio.Server, int]:
+async def start_server(engine: Engine, certificate: Certificate | None = None) -> tuple[grpc.aio.Server, int]:
     """Bind and start the gRPC server over `engine` (its scheduler started too); returns the
-    server with the bound port. The caller stops it: `await server.stop(grace)`."""
+    server with the bound port. The caller stops it: `await server.stop(grace)`.
+
+    It serves TLS with `certificate` (whose fingerprint the caller announces); plaintext only
+    when the config says `insecure_lan`, and never both: a plaintext client of a TLS port
+    fails its handshake."""
     config = engine.config
+    if certificate is None and not config.insecure_lan:
+        raise ConfigError("serving gRPC needs a TLS certificate (or insecure_lan for a trusted LAN)")
     engine.start()
     server = grpc.aio.server(options=grpc_options(config.max_message_bytes))
     server.add_generic_rpc_handlers([ShardService(engine).handler()])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    where = f"{config.host}:{config.port}"
+    if config.insecure_lan or certificate is None:
+        port = server.add_insecure_port(where)
+    else:
+        port = server.add_secure_port(where, certificate.server_credentials())
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     await server.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from conftest import load_reference, moemesh_status, wait_for
@@ -13,6 +14,8 @@ from conftest import load_reference, moemesh_status, wait_for
 from node.client import Client
 from node.errors import RouteError
 from node.testing.launch import DaemonProcess, start_daemon
+from node.tls import pinned_channel
+from protocol.shard_pb2 import InfoRequest, InfoResponse
 
 pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
 
@@ -85,7 +88,25 @@ def test_client_with_only_the_bootstrap_address_matches_transformers(
     with Client(bootstrap=[swarm["boot"].multiaddr]) as client:
         _, hops = client.route()
         assert hops[0].start == 0 and hops[-1].end == 4
+        by_id = {d.peer_id: d for d in swarm.values()}
+        assert [h.address for h in hops] == [by_id[h.peer].pinned for h in hops]  # pinned by the signed records
+        assert all(len(by_id[h.peer].fingerprint) == 64 for h in hops)
         assert list(client.generate(prompt, 12, stop_at_eos=False)) == expected
+
+
+def test_a_daemons_grpc_port_refuses_plaintext(swarm: dict[str, DaemonProcess]) -> None:
+    a = swarm["a"]
+    with grpc.insecure_channel(a.grpc_address) as channel:
+        info = channel.unary_unary(
+            "/moemesh.v1.Shard/Info",
+            request_serializer=InfoRequest.SerializeToString,
+            response_deserializer=InfoResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            info(InfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pinned_channel(a.grpc_address, a.fingerprint) as channel:
+        assert channel.unary_unary("/moemesh.v1.Shard/Info")(InfoRequest().SerializeToString(), timeout=10)
 
 
 def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -> None:

@@ -60,6 +60,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         dtype=args.dtype,
         max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client or 0,
+        max_queued_per_client=args.max_queued_per_client,
         max_length=args.max_length,
         kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
         max_message_bytes=args.max_message_mb * 1024**2,

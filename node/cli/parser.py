@@ -86,6 +86,17 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: as stored)"
     )
     parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    parser.add_argument(
+        "--max-sessions-per-client",
+        type=_positive,
+        help="sessions one client (connection) may hold (default: a quarter of --max-sessions)",
+    )
+    parser.add_argument(
+        "--max-queued-per-client",
+        type=_positive,
+        default=32,
+        help="steps and Forwards one client may have waiting for compute; more are refused (default 32)",
+    )
     parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
     parser.add_argument("--kv-budget-mb", type=_megabytes, default=4096, help="memory for all KV caches (default 4096)")
     parser.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")

@@ -34,7 +34,7 @@ from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
 from node.errors import Draining, InvalidRequest, OutOfRange, Overloaded, RequestError, SessionStateError, WrongModel
 from node.serve.codec import from_message, to_message
 from node.serve.config import ServerConfig
-from node.serve.scheduler import Batch, BatchResult, Scheduler
+from node.serve.scheduler import Batch, BatchResult, QueuedStep, Scheduler
 from protocol import InvalidTensorError
 from protocol.shard_pb2 import Tensor
 from shards import DTYPES, Checkpoint
@@ -55,6 +55,7 @@ class Session:
     closed: bool = False
     decoding: bool = False  # its last step was one token: the next one is due soon
     last_done: float = 0.0  # when its last step finished (monotonic)
+    client: str = ""  # who opened it (the gRPC peer): its share of sessions and its turn in the scheduler
 
 
 def _compute_thread() -> ThreadPoolExecutor:
@@ -197,28 +198,38 @@ class Engine:
 
     # -- stateless forward ------------------------------------------------------------------
 
-    async def forward(self, model_id: str, start: int, end: int, msg: Tensor, last_only: bool) -> Tensor:
-        first, last = self.local_layers(model_id, start, end)
+    async def forward(
+        self, model_id: str, start: int, end: int, msg: Tensor, last_only: bool, client: str = ""
+    ) -> Tensor:
+        """A stateless prefill; it waits for `client`'s turn in the scheduler like a session step."""
+        layers = self.local_layers(model_id, start, end)
+        if self._scheduler_task is None:
+            raise RuntimeError("the engine is not started: call Engine.start() in the serving loop")
+        return await self.scheduler.submit_forward(client, layers, msg, last_only)
 
-        def compute() -> Tensor:
-            x = self.decode_input(msg, first)
-            if x.shape[1] > self.max_length:
-                raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
-            cache = self.span.new_cache(x.shape[1], layers=(first, last))
-            out = self.span(x, cache, 0, last_only=last_only, layers=(first, last))
-            return to_message(out.float() if self.emits_logits(last) else out)
-
-        return await self.run(compute)
+    def _forward(self, step: QueuedStep) -> Tensor:
+        """Runs on the compute thread: one Forward, with a cache of its own that is dropped after."""
+        first, last = step.layers
+        x = self.decode_input(step.msg, first)
+        if x.shape[1] > self.max_length:
+            raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
+        cache = self.span.new_cache(x.shape[1], layers=(first, last))
+        out = self.span(x, cache, 0, last_only=step.last_only, layers=(first, last))
+        return to_message(out.float() if self.emits_logits(last) else out)
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
+    async def open(self, model_id: str, start: int, end: int, max_length: int, client: str = "") -> Session:
         first, last = self.local_layers(model_id, start, end)
         if self.draining:
             raise Draining("server is shutting down: open the session on another peer")
         length = max_length or min(self.config.default_length, self.max_length)
         if length > self.max_length:
             raise OutOfRange(f"max_length {length} exceeds this server's limit {self.max_length}")
+        share = self.config.sessions_per_client
+        held = sum(1 for s in self.sessions.values() if s.client == client)
+        if held >= share:
+            raise Overloaded(f"this client holds {held} sessions, its share of this server: close one first")
         if len(self.sessions) >= self.config.max_sessions:
             raise Overloaded(
                 f"server is full: {len(self.sessions)} sessions open (limit {self.config.max_sessions})",
@@ -235,7 +246,7 @@ class Engine:
         except BaseException:
             self._kv_bytes -= need
             raise
-        session = Session(f"{next(self._ids)}-{secrets.token_hex(6)}", first, last, cache)
+        session = Session(f"{next(self._ids)}-{secrets.token_hex(6)}", first, last, cache, client=client)
         self.sessions[session.id] = session
         log.debug("session %s opened: layers %d:%d, max_length %d", session.id, start, end, length)
         return session
@@ -272,11 +283,18 @@ class Engine:
         return await self.run(self.execute, batch)
 
     def execute(self, batch: Batch) -> BatchResult:
-        """Runs on the compute thread: check every step, run the good ones together."""
+        """Runs on the compute thread: check every step, run the good ones together (a Forward alone)."""
+        if len(batch.steps) == 1 and batch.steps[0].session is None:
+            try:
+                return BatchResult((self._forward(batch.steps[0]),))
+            except RequestError as e:
+                return BatchResult((e,))
         outputs: dict[int, Tensor | RequestError] = {}  # by index in the batch
         ready: list[tuple[int, Session, torch.Tensor]] = []  # (index in the batch, session, input)
         for i, s in enumerate(batch.steps):
             try:
+                if s.session is None:
+                    raise InvalidRequest("a Forward cannot run batched")  # the scheduler never does this
                 if s.session.closed:
                     raise SessionStateError(f"session {s.session.id} is closed")
                 x = self.decode_input(s.msg, s.session.first)

@@ -29,6 +29,7 @@ class ServerConfig:
     torch_threads: int | None = None
     max_batch: int = 16  # decode steps of this many sessions run as one forward
     batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
+    slice_tokens: int = 64  # a Forward of this many tokens or more runs one layer per round (others go between)
     idle_timeout_s: float = 300.0  # a session with no request for this long is closed
     grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
     # What one client (one connection: its gRPC peer) may hold, so that no client can take the server:

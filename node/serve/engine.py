@@ -58,6 +58,14 @@ class Session:
     client: str = ""  # who opened it (the gRPC peer): its share of sessions and its turn in the scheduler
 
 
+@dataclass(frozen=True)
+class _Sliced:
+    """A Forward run layer by layer: its input to `next_layer` (token ids before the first)."""
+
+    hidden: torch.Tensor
+    next_layer: int
+
+
 def _compute_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
 
@@ -207,14 +215,31 @@ class Engine:
             raise RuntimeError("the engine is not started: call Engine.start() in the serving loop")
         return await self.scheduler.submit_forward(client, layers, msg, last_only)
 
-    def _forward(self, step: QueuedStep) -> Tensor:
-        """Runs on the compute thread: one Forward, with a cache of its own that is dropped after."""
+    def _forward(self, step: QueuedStep) -> Tensor | None:
+        """Runs on the compute thread: a Forward, with throwaway caches. A long one runs one layer
+        per call (None: more to run; its hidden states wait in `step.progress`), so that other
+        clients' steps run between its layers; the result is the same bit for bit, as through
+        a pipeline of one-layer hops."""
         first, last = step.layers
-        x = self.decode_input(step.msg, first)
-        if x.shape[1] > self.max_length:
-            raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
-        cache = self.span.new_cache(x.shape[1], layers=(first, last))
-        out = self.span(x, cache, 0, last_only=step.last_only, layers=(first, last))
+        if step.progress is None:
+            x = self.decode_input(step.msg, first)
+            if x.shape[1] > self.max_length:
+                raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
+            if x.shape[1] < self.config.slice_tokens:
+                cache = self.span.new_cache(x.shape[1], layers=(first, last))
+                out = self.span(x, cache, 0, last_only=step.last_only, layers=(first, last))
+                return to_message(out.float() if self.emits_logits(last) else out)
+            step.progress = _Sliced(x, first)
+        sliced: _Sliced = step.progress
+        layer = sliced.next_layer
+        cache = self.span.new_cache(sliced.hidden.shape[1], layers=(layer, layer + 1))
+        out = self.span(
+            sliced.hidden, cache, 0, last_only=step.last_only and layer + 1 == last, layers=(layer, layer + 1)
+        )
+        if layer + 1 < last:
+            step.progress = _Sliced(out, layer + 1)
+            return None
+        step.progress = None
         return to_message(out.float() if self.emits_logits(last) else out)
 
     # -- sessions ---------------------------------------------------------------------------
@@ -289,7 +314,7 @@ class Engine:
                 return BatchResult((self._forward(batch.steps[0]),))
             except RequestError as e:
                 return BatchResult((e,))
-        outputs: dict[int, Tensor | RequestError] = {}  # by index in the batch
+        outputs: dict[int, Tensor | RequestError | None] = {}  # by index in the batch
         ready: list[tuple[int, Session, torch.Tensor]] = []  # (index in the batch, session, input)
         for i, s in enumerate(batch.steps):
             try:

@@ -10,9 +10,18 @@ queue, and each round goes to the client with work that was served longest ago, 
 that queued a hundred prefills has one of them run, then everyone else's next step goes
 first (a client that sends one step at a time is not sent to the back for having had an
 empty queue in between).
-A decode batch fills its seats round-robin too (one step per client per pass). Work is not
-preempted, so a well-behaved client waits at most one round of each other client between
-its steps, however much they queued; and each client may queue at most
+A decode batch fills its seats round-robin too (one step per client per pass). A round is
+not preempted, so two things keep a long one from standing in a short step's way:
+
+- a long Forward runs one layer per round (the engine keeps its progress on the step, and
+  `update` puts it back at the head of its client's queue): other clients' steps go
+  between its layers, and the result is bit-identical (a pipeline of one-layer hops);
+- before a long round, the scheduler waits briefly (a fraction `batch_wait` of the last long
+  round's compute time) for the sessions of other clients that just got an answer and
+  whose next step is on its way, as it does for a decode batch.
+
+So a well-behaved client waits about one layer of another client's prefill per step,
+however much that client queued; and each client may queue at most
 `config.max_queued_per_client` steps (more is Overloaded, RESOURCE_EXHAUSTED on the wire).
 
 One round (`Scheduler.step`, like vLLM's `EngineCore.step`), with dataclasses between the parts:
@@ -34,7 +43,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node.errors import Overloaded, RequestError
 from protocol.shard_pb2 import Tensor
@@ -58,6 +67,7 @@ class QueuedStep:
     future: asyncio.Future[Tensor] = field(repr=False)
     client: str = ""  # who asked (the gRPC peer): whose turn it takes
     layers: tuple[int, int] = (0, 0)  # local layers [first, last) it runs through
+    progress: Any = field(default=None, repr=False)  # the engine's partial work on a Forward run in slices
 
     def __post_init__(self) -> None:
         if self.session is not None:
@@ -67,10 +77,7 @@ class QueuedStep:
     @property
     def batchable(self) -> bool:  # a session's one new token: [1, 1] ids or [1, 1, H] hidden states
         return (
-            self.session is not None
-            and len(self.msg.shape) >= 2
-            and self.msg.shape[0] == 1
-            and self.msg.shape[1] == 1
+            self.session is not None and len(self.msg.shape) >= 2 and self.msg.shape[0] == 1 and self.msg.shape[1] == 1
         )
 
 
@@ -87,11 +94,12 @@ class Batch:
 class BatchResult:
     """What executing a batch gave, step by step (in the batch's order)."""
 
-    outputs: tuple[Tensor | RequestError, ...] = ()  # each step's output, or why it was refused
+    # each step's output, or why it was refused; None: a slice of it ran, queue it again for the rest
+    outputs: tuple[Tensor | RequestError | None, ...] = ()
     error: BaseException | None = None  # the whole batch failed (a bug): every step fails with it
     batched: int = 0  # steps that ran together in one batched forward (statistics)
 
-    def outcome(self, i: int) -> Tensor | BaseException:
+    def outcome(self, i: int) -> Tensor | BaseException | None:
         return self.error if self.error is not None else self.outputs[i]
 
 
@@ -110,6 +118,7 @@ class Scheduler:
         self._round = 0
         self._wake = asyncio.Event()
         self._decode_s = 0.0  # compute time of the last decode batch
+        self._long_s = 0.0  # compute time of the last other round (a prefill, a slice of a Forward)
         self.batched_steps = 0  # statistics: decode steps run batched with other sessions' steps
 
     @property
@@ -165,6 +174,7 @@ class Scheduler:
     async def step(self) -> None:
         """One round: wait for due sessions, schedule a batch, execute it, settle its steps."""
         await self.wait_for_due()
+        await self.wait_for_others()
         batch = self.schedule()
         if batch is None:
             return
@@ -190,6 +200,33 @@ class Scheduler:
                 return
             recent = time.monotonic() - 2 * self._decode_s - 0.05
             due = [s for s in self._sessions.values() if s.decoding and s.last_done > recent and s.id not in queued]
+            remaining = deadline - loop.time()
+            if not due or remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def wait_for_others(self) -> None:
+        """Before a long round (a prefill, a slice of a Forward): wait briefly for the sessions of
+        other clients that just got an answer and have not sent their next step yet, so that a
+        client that queued a lot does not take the compute thread in the moment between two
+        steps of one that did not. The wait is a fraction of the last long round's compute time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.batch_wait * self._long_s
+        while self._queues:
+            head = self._head()
+            if head.batchable:
+                return
+            queued = {s.session.id for s in self._all() if s.session is not None}
+            recent = time.monotonic() - 2 * self._decode_s - 0.05
+            due = [
+                s
+                for s in self._sessions.values()
+                if s.client != head.client and not s.closed and s.last_done > recent and s.id not in queued
+            ]
             remaining = deadline - loop.time()
             if not due or remaining <= 0:
                 return
@@ -277,6 +314,8 @@ class Scheduler:
         """Settle each step's future, and record when its session stepped (who is due next)."""
         if batch.decode:
             self._decode_s = finished - started
+        else:
+            self._long_s = finished - started
         self.batched_steps += result.batched
         for i, s in enumerate(batch.steps):
             if s.session is not None:
@@ -284,7 +323,9 @@ class Scheduler:
             if s.future.done():
                 continue
             outcome = result.outcome(i)
-            if isinstance(outcome, BaseException):
+            if outcome is None:  # a slice ran: the rest at its client's next turn, before its other steps
+                self._queues.setdefault(s.client, deque()).appendleft(s)
+            elif isinstance(outcome, BaseException):
                 s.future.set_exception(outcome)
             else:
                 s.future.set_result(outcome)

@@ -27,9 +27,9 @@ __all__ = ["FloodResult", "victim_slowdown"]
 @dataclass(frozen=True)
 class FloodResult:
     unloaded_s: float  # the victim's generation alone (median of the runs)
-    loaded_s: float  # the same generation under the flood
+    loaded_s: float  # the same generation under the flood (median of as many runs, one after another)
     queued_at_start: int  # steps the server had queued when the victim started
-    flood_left: int  # flood requests not yet answered when the victim finished
+    flood_left: int  # flood requests not yet answered when the victim's last run finished
     flood_refused: int  # flood requests the server refused (RESOURCE_EXHAUSTED past the client's share)
 
     @property
@@ -82,7 +82,7 @@ def victim_slowdown(
                 if queued + refused >= requests // 2:
                     break
                 time.sleep(0.005)
-            loaded = _generate(victim, prompt, victim_tokens)
+            loaded = statistics.median(_generate(victim, prompt, victim_tokens) for _ in range(runs))
             left = sum(1 for f in futures if not f.done())
         finally:
             for f in futures:

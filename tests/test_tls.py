@@ -188,5 +188,27 @@ def test_plaintext_only_on_a_trusted_lan(tiny_models: dict[str, Path], pair: lis
             plain = _tokens(client)
         with Client([pair[0].pinned], config=ClientConfig(insecure_lan=True)) as client:
             assert _tokens(client) == plain  # a pinned peer is still dialed over TLS
+        # A record without a fingerprint (a daemon with --insecure-lan) is used only by a LAN client.
+        with Client([lan.address], config=ClientConfig(insecure_lan=True)) as client:
+            model_id = client.info(lan.address).model_id
+        shard = ShardAd(model_id=model_id, model_name="tiny", start=0, end=4, num_layers=4)
+        record = make_record(
+            create_new_key_pair(),
+            grpc_addresses=[lan.address],
+            p2p_addresses=[],
+            shards=[shard],
+            ttl_s=60,
+            seq=1,
+            reachability=Reachability.REACHABILITY_PUBLIC,
+        )
+        records = _Records(model_id, {peer_id_of(record): record})
+        for config, usable in ((ClientConfig(), False), (ClientConfig(insecure_lan=True), True)):
+            with Client(bootstrap=["/ip4/127.0.0.1/tcp/9"], config=config) as client:
+                client._swarm = lambda: records  # type: ignore[method-assign]
+                if usable:
+                    assert _tokens(client) == plain
+                else:
+                    with pytest.raises(RouteError):
+                        client.route()
     finally:
         lan.stop()

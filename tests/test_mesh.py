@@ -118,6 +118,7 @@ def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -
     assert set(serving) == {swarm[n].peer_id for n in "abcd"}
     a = serving[swarm["a"].peer_id]
     assert (a["start"], a["end"]) == (0, 2) and a["grpc_addresses"] == [swarm["a"].grpc_address]
+    assert a["tls_fingerprint"] == swarm["a"].fingerprint
     assert a["throughput"] > 0 and a["protocol_version"] == 1 and 0 <= a["record_age_s"] < LONG_TTL
     assert view["bootstrap_only_peers"] == [swarm["boot"].peer_id]
 

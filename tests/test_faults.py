@@ -66,7 +66,7 @@ def _generate(
     with Client(bootstrap=[swarm["head"].multiaddr], config=CONFIG) as client:
         model_id, hops = client.route()
         assert [(h.start, h.end) for h in hops] == [(0, 2), (2, 4)]
-        victim = next(d for d in swarm.values() if d.grpc_address == hops[1].address)
+        victim = next(d for d in swarm.values() if d.pinned == hops[1].address)  # host:port#fingerprint
         tokens = []
         for i, token in enumerate(
             client.generate(PROMPT, TOKENS, sampling=sampling, stop_at_eos=False, route=(model_id, hops))

@@ -251,14 +251,13 @@ class Engine:
         length = max_length or min(self.config.default_length, self.max_length)
         if length > self.max_length:
             raise OutOfRange(f"max_length {length} exceeds this server's limit {self.max_length}")
-        share = self.config.sessions_per_client
-        held = sum(1 for s in self.sessions.values() if s.client == client)
-        if held >= share:
-            raise Overloaded(f"this client holds {held} sessions, its share of this server: close one first")
         if len(self.sessions) >= self.config.max_sessions:
             raise Overloaded(
                 f"server is full: {len(self.sessions)} sessions open (limit {self.config.max_sessions})",
             )
+        held = sum(1 for s in self.sessions.values() if s.client == client)
+        if held >= self.config.sessions_per_client:
+            raise Overloaded(f"this client holds {held} sessions, its share of this server: close one first")
         cfg = self.span.cfg
         need = KVCache.bytes_for(last - first, cfg.num_kv_heads, cfg.head_dim, length, self.span.dtype)
         if self._kv_bytes + need > self.config.kv_budget_bytes:

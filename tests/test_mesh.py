@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import load_reference, moemesh_status, wait_for
 
-from node.client import Client
+from node.client import Client, ClientConfig
 from node.errors import RouteError
 from node.testing.launch import DaemonProcess, start_daemon
 from node.tls import pinned_channel
@@ -149,3 +149,27 @@ def test_killed_and_stopped_daemons_leave_the_view(
     swarm["d"].process.wait(30)
     with Client(bootstrap=[boot]) as client, pytest.raises(RouteError, match="layers 2:4 of 4"):
         client.route()
+
+
+def test_a_plaintext_daemon_is_used_only_by_a_lan_client(
+    swarm: dict[str, DaemonProcess], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from shards import Checkpoint
+
+    folder = tiny_models["qwen3_moe"]  # another model: the other tests' routes are not touched
+    boot = swarm["boot"].multiaddr
+    lan = start_daemon(
+        ["--model", str(folder), "--layers", "0:4", "--bootstrap", boot, "--identity", str(tmp_path / "lan.key")]
+        + ["--insecure-lan"]
+    )
+    try:
+        assert lan.fingerprint == "" and any("PLAINTEXT" in line for line in lan.log)
+        model_id = Checkpoint(folder).model_id()
+        prompt = [4, 8, 15, 16]
+        with Client(bootstrap=[boot], model_id=model_id, config=ClientConfig(insecure_lan=True)) as client:
+            assert list(client.generate(prompt, 5, stop_at_eos=False)) == _reference_tokens(folder, prompt, 5)
+        with Client(bootstrap=[boot], model_id=model_id) as client, pytest.raises(RouteError):
+            client.route()  # the same record, found: it names no certificate, so this client will not dial it
+    finally:
+        lan.terminate()
+        lan.stop()

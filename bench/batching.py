@@ -68,10 +68,10 @@ def kill_stall(folder: Path, layers: int, prompt: list[int], tokens: int) -> tup
     """Generate through one of two servers of the whole model; SIGKILL it halfway. Returns
     (median token interval, the interval that held the recovery, steps replayed)."""
     with local_swarm(folder, [(0, layers), (0, layers)]) as servers:
-        with Client([s.address for s in servers]) as client:
+        with Client([s.pinned for s in servers]) as client:
             model_id, _ = client.route()
             victim = servers[0]
-            route = (model_id, [Hop(victim.address, 0, layers, victim.address)])
+            route = (model_id, [Hop(victim.pinned, 0, layers, victim.pinned)])
             stamps = [time.perf_counter()]
             for i, _ in enumerate(client.generate(prompt, tokens, stop_at_eos=False, route=route)):
                 stamps.append(time.perf_counter())
@@ -103,16 +103,16 @@ def main() -> int:
 
     rounds: list[dict[int, float]] = []
     with local_swarm(folder, [(0, layers)]) as (server,):
-        aggregate_decode(server.address, 2, prompt, 2)  # warm-up
+        aggregate_decode(server.pinned, 2, prompt, 2)  # warm-up
         for r in range(args.repeat):
-            rounds.append({n: aggregate_decode(server.address, n, prompt, args.tokens) for n in counts})
+            rounds.append({n: aggregate_decode(server.pinned, n, prompt, args.tokens) for n in counts})
             print(
                 f"round {r + 1}/{args.repeat}: "
                 + ", ".join(f"{n} sessions {v:.1f} tok/s" for n, v in rounds[-1].items()),
                 flush=True,
             )
-        with Client([server.address]) as client:
-            info = client.info(server.address)
+        with Client([server.pinned]) as client:
+            info = client.info(server.pinned)
     print(f"\n{name}: {layers} layers on one server, prompt {args.prompt}, {args.tokens} decode tokens per session")
     print(f"{'sessions':>8} {'aggregate tok/s':>16} {'x 1 session':>12}")
     summary: dict[str, float] = {}

@@ -156,7 +156,7 @@ def main() -> int:
         runners[HF] = HFRunner(folder, "grouped_mm")
         for parts in (1, 2, 3):
             servers = stack.enter_context(local_swarm(folder, split_evenly(layers, parts), env=env))
-            client = stack.enter_context(Client([s.address for s in servers]))
+            client = stack.enter_context(Client([s.pinned for s in servers]))
             runners[ONE if parts == 1 else f"moemesh, {parts}-span pipeline"] = SwarmRunner(client)
         for run in runners.values():
             run(prompt, 2)  # warm-up

@@ -40,6 +40,7 @@ from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
 from node.mesh.tunnel import TunnelConfig, install_server
 from node.serve.lifecycle import Lifecycle
 from node.swarm.agent import SwarmAgent, SwarmConfig
+from node.tls import Certificate, make_certificate
 from protocol import software_version
 from protocol.mesh_pb2 import Reachability, ShardAd
 
@@ -107,6 +108,7 @@ class Daemon:
         self._agent: SwarmAgent | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._key_pair: Any = None
+        self.certificate: Certificate | None = None  # our gRPC TLS certificate (its fingerprint is in our record)
 
     # -- control --------------------------------------------------------------------------
 
@@ -136,6 +138,8 @@ class Daemon:
         elif config.identity is None:
             self.say(f"identity {identity.path}")
         metrics = self._start_metrics()
+        if config.server is not None and not config.server.insecure_lan:
+            self.certificate = make_certificate()  # one for the process: a move keeps the fingerprint
         try:
             if config.server is not None and not config.auto_layers:
                 await self._start_serving(config.server)
@@ -239,7 +243,7 @@ class Daemon:
 
         engine = await Engine.load(server_config, progress=self.say)  # on its compute thread: the loop goes on
         try:
-            server, port = await start_server(engine)
+            server, port = await start_server(engine, self.certificate)
         except BaseException:
             await engine.aclose()
             raise
@@ -257,9 +261,10 @@ class Daemon:
             quantization=span.quantization,
         )
         self.serving = Serving(engine, server, address, port, shard)
+        tls = f"TLS fingerprint {self.certificate.fingerprint}" if self.certificate else "PLAINTEXT (--insecure-lan)"
         self.say(
             f"serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
-            f" on {address}, {throughput:.1f} tokens/s per block"
+            f" on {address}, {throughput:.1f} tokens/s per block, {tls}"
         )
 
     def _tunnel_target(self) -> tuple[str, int] | None:
@@ -326,6 +331,7 @@ class Daemon:
             "model_id": shard.model_id if shard is not None else None,
             "layers": [shard.start, shard.end] if shard is not None else None,
             "metrics_address": self.metrics_address or None,
+            "tls_fingerprint": self.certificate.fingerprint if self.certificate is not None else None,
         }
 
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
@@ -383,6 +389,7 @@ class Daemon:
             reachability=fresh.reachability,
             circuit_addresses=fresh.circuit_addresses,
             relay=fresh.relay,
+            tls_fingerprint=self.certificate.fingerprint if serving is not None and self.certificate else "",
         )
         advert.issued_at = time.monotonic()
         signed, keys = sign_record(record, self._key_pair), self._provider_keys()

@@ -33,7 +33,7 @@ def main() -> int:
             print(f"demo:   layers {s.layers[0]}:{s.layers[1]} on {s.address} (pid {s.process.pid})")
         print(f"\nuser> {args.prompt}\nassistant> ", end="", flush=True)
         started, count = time.monotonic(), 0
-        with Client([s.address for s in servers], model_folder=model) as client:
+        with Client([s.pinned for s in servers], model_folder=model) as client:
             for piece in client.generate_text(args.prompt, args.max_new_tokens, chat=True):
                 print(piece, end="", flush=True)
                 count += 1

@@ -19,6 +19,7 @@ MoemeshError
 ├── PeerError              talking to a peer failed
 │   ├── PeerUnavailable    the peer broke it: unreachable, or the connection broke
 │   ├── PeerTimeout        it timed out: no answer before the deadline
+│   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
 │   └── PeerRefused        it answered with an error status (code and message kept)
 └── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
     ├── InvalidRecord      a peer record that must not be believed
@@ -47,6 +48,7 @@ __all__ = [
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",
+    "PeerUntrusted",
     "RequestError",
     "RouteError",
     "SessionClosed",
@@ -138,6 +140,11 @@ class PeerUnavailable(PeerError):
 
 class PeerTimeout(PeerError):
     """The peer did not answer in time."""
+
+
+class PeerUntrusted(PeerError):
+    """The peer answered with a TLS certificate other than the one pinned for it (a record's
+    fingerprint, or `host:port#fingerprint`): someone else holds its address."""
 
 
 class PeerRefused(PeerError):

@@ -35,7 +35,7 @@ class ShardAd(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., throughput: _Optional[float] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
-    __slots__ = ("peer_id", "public_key", "grpc_addresses", "p2p_addresses", "shards", "protocol_version", "software_version", "seq", "issued_at_ms", "expires_at_ms", "withdrawn", "reachability", "circuit_addresses", "relay")
+    __slots__ = ("peer_id", "public_key", "grpc_addresses", "p2p_addresses", "shards", "protocol_version", "software_version", "seq", "issued_at_ms", "expires_at_ms", "withdrawn", "reachability", "circuit_addresses", "relay", "tls_fingerprint")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class PeerRecord(_message.Message):
     REACHABILITY_FIELD_NUMBER: _ClassVar[int]
     CIRCUIT_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     RELAY_FIELD_NUMBER: _ClassVar[int]
+    TLS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     peer_id: bytes
     public_key: bytes
     grpc_addresses: _containers.RepeatedScalarFieldContainer[str]
@@ -64,7 +65,8 @@ class PeerRecord(_message.Message):
     reachability: Reachability
     circuit_addresses: _containers.RepeatedScalarFieldContainer[str]
     relay: bool
-    def __init__(self, peer_id: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., p2p_addresses: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[ShardAd, _Mapping]]] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., seq: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., withdrawn: _Optional[bool] = ..., reachability: _Optional[_Union[Reachability, str]] = ..., circuit_addresses: _Optional[_Iterable[str]] = ..., relay: _Optional[bool] = ...) -> None: ...
+    tls_fingerprint: str
+    def __init__(self, peer_id: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., grpc_addresses: _Optional[_Iterable[str]] = ..., p2p_addresses: _Optional[_Iterable[str]] = ..., shards: _Optional[_Iterable[_Union[ShardAd, _Mapping]]] = ..., protocol_version: _Optional[int] = ..., software_version: _Optional[str] = ..., seq: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., withdrawn: _Optional[bool] = ..., reachability: _Optional[_Union[Reachability, str]] = ..., circuit_addresses: _Optional[_Iterable[str]] = ..., relay: _Optional[bool] = ..., tls_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SignedPeerRecord(_message.Message):
     __slots__ = ("record", "signature")

@@ -45,7 +45,7 @@ def _alone(client: Client, prompt: list[int]) -> tuple[list[int], float]:
 
 def test_sixteen_concurrent_clients_get_exactly_their_tokens_alone(tiny_models: dict[str, Path]) -> None:
     with local_swarm(tiny_models["qwen3_moe"], [(0, 2), (2, 4)]) as servers:
-        addresses = [s.address for s in servers]
+        addresses = [s.pinned for s in servers]
         with Client(addresses) as client:
             alone = [_alone(client, _prompt(i)) for i in range(CLIENTS)]
         # Batched rows differ from a lone row by float rounding (~1e-6); the comparison is
@@ -77,36 +77,36 @@ def test_a_client_that_goes_away_frees_its_session(tiny_models: dict[str, Path])
     with local_swarm(tiny_models["mixtral"], [(0, 4)], extra_args=["--idle-timeout", "2"]) as (server,):
         config = ClientConfig(max_retries=2, retry_backoff_s=0.1)
         # closed without closing its session (the channel goes: the server sees a cancel)
-        client = Client([server.address])
+        client = Client([server.pinned])
         session = client.session(32)
         session.step([1, 2, 3])
-        assert _active(server.address) == 1
+        assert _active(server.pinned) == 1
         client.close()
-        wait_for(lambda: _active(server.address) == 0, 10, "freeing a cancelled session", every=0.1)
+        wait_for(lambda: _active(server.pinned) == 0, 10, "freeing a cancelled session", every=0.1)
 
         # a client process killed mid-session
         script = (
             "import sys, time\n"
             "from node.client import Client\n"
-            f"s = Client([{server.address!r}]).session(32)\n"
+            f"s = Client([{server.pinned!r}]).session(32)\n"
             "s.step([1, 2, 3]); print('open', flush=True); time.sleep(60)\n"
         )
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "open"
-            assert _active(server.address) == 1
+            assert _active(server.pinned) == 1
             proc.kill()
         finally:
             proc.kill()
             proc.wait(10)
-        wait_for(lambda: _active(server.address) == 0, 10, "freeing a killed client's session", every=0.1)
+        wait_for(lambda: _active(server.pinned) == 0, 10, "freeing a killed client's session", every=0.1)
 
         # a client that keeps its stream open but sends nothing: closed after --idle-timeout
-        with Client([server.address], config=config) as client:
+        with Client([server.pinned], config=config) as client:
             session = client.session(32)
             session.step([1, 2, 3])
-            assert _active(server.address) == 1
-            wait_for(lambda: _active(server.address) == 0, 10, "closing an idle session", every=0.1)
+            assert _active(server.pinned) == 1
+            wait_for(lambda: _active(server.pinned) == 0, 10, "closing an idle session", every=0.1)
             with pytest.raises(RouteError, match="no request for 2 s.* no known peer serves layers 0:4"):
                 session.step([4])  # its only peer: nowhere to move the session
 
@@ -117,9 +117,9 @@ def test_a_peer_without_room_is_skipped_for_another(tiny_models: dict[str, Path]
     small = start_server_process(model, (0, 4), extra_args=["--max-sessions", "1", "--kv-budget-mb", "0.1"])
     try:
         with local_swarm(model, [(0, 4)]) as (spare,):
-            with Client([small.address, spare.address]) as client:
+            with Client([small.pinned, spare.address]) as client:
                 model_id, _ = client.route()
-                on_small = (model_id, [Hop(small.address, 0, 4, small.address)])
+                on_small = (model_id, [Hop(small.pinned, 0, 4, small.pinned)])
                 with client.session(200, route=on_small) as session:  # does not fit its KV budget
                     assert [h.address for h in session.hops] == [spare.address]
                 assert "KV cache budget exhausted" in client.recoveries[-1]
@@ -134,14 +134,14 @@ def test_a_peer_without_room_is_skipped_for_another(tiny_models: dict[str, Path]
 
 def test_sigterm_lets_open_sessions_finish_and_refuses_new_ones(tiny_models: dict[str, Path]) -> None:
     with local_swarm(tiny_models["mixtral"], [(0, 4)], extra_args=["--grace", "60"]) as (server,):
-        with Client([server.address], config=ClientConfig(max_retries=1)) as client:
+        with Client([server.pinned], config=ClientConfig(max_retries=1)) as client:
             route = client.route()
             expected = list(client.generate([5, 6, 7], 8, stop_at_eos=False, route=route))
             tokens = []
             generation = client.generate([5, 6, 7], 8, stop_at_eos=False, route=route)
             tokens.append(next(generation))
             server.process.terminate()
-            wait_for(lambda: client.info(server.address).draining, 10, "draining", every=0.1)
+            wait_for(lambda: client.info(server.pinned).draining, 10, "draining", every=0.1)
             with pytest.raises(RouteError, match="shutting down: open the session on another peer"):
                 client.session(16, route=route)  # refused, and there is no other peer
             tokens.extend(generation)  # the open session finishes on the draining server

@@ -58,15 +58,16 @@ def test_generate_errors(tiny_models: dict[str, Path]) -> None:
 
 def test_generate_and_info_against_a_live_swarm(tiny_models: dict[str, Path]) -> None:
     with local_swarm(tiny_models["mixtral"], [(0, 3), (3, 4)]) as servers:
-        peers = ",".join(s.address for s in servers)
+        peers = ",".join(s.pinned for s in servers)
         result = moemesh("generate", "--peers", peers, "--ids", "5,6,7", "--max-new-tokens", "5")
         assert result.returncode == 0, result.stderr
         tokens = result.stdout.split()
         assert len(tokens) == 5 and all(0 <= int(t) < 256 for t in tokens)
-        info = moemesh("info", *(s.address for s in servers))
+        info = moemesh("info", *(s.pinned for s in servers))
         assert info.returncode == 0 and "layers 0:3 of 4" in info.stdout and "layers 3:4 of 4" in info.stdout
         # Only the first span: the route misses layers 3:4 and says so.
-        partial = moemesh("generate", "--peers", servers[0].address, "--ids", "1")
+        head = servers[0]
+        partial = moemesh("generate", "--peers", head.address, "--fingerprint", head.fingerprint, "--ids", "1")
         _fails_cleanly(partial, "no known peer serves layers 3:4 of 4")
 
 

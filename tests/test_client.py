@@ -61,7 +61,7 @@ def test_greedy_and_seeded_sampling() -> None:
 
 def test_sampled_generation_is_reproducible_with_a_seed(tiny_models: dict[str, Path]) -> None:
     with local_swarm(tiny_models["qwen3_moe"], [(0, 2), (2, 4)]) as servers:
-        with Client([s.address for s in servers]) as client:
+        with Client([s.pinned for s in servers]) as client:
             sampling = Sampling(temperature=0.8, top_p=0.9, seed=42)
             one = list(client.generate([3, 1, 4, 1, 5], 12, sampling=sampling, stop_at_eos=False))
             two = list(client.generate([3, 1, 4, 1, 5], 12, sampling=sampling, stop_at_eos=False))

@@ -23,6 +23,7 @@ from node.serve.config import ServerConfig
 from node.swarm.agent import SwarmConfig
 from node.testing.inprocess import DaemonThread
 from node.testing.launch import DaemonProcess, start_daemon
+from node.tls import pinned_channel
 from protocol import grpc_options
 from protocol.shard_pb2 import InfoRequest, InfoResponse
 
@@ -40,8 +41,13 @@ def _auto_config(model: Path, tmp: Path, name: str, max_layers: int) -> DaemonCo
     )
 
 
-def _info(address: str) -> InfoResponse:
-    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+def _info(address: str, fingerprint: str | None) -> InfoResponse:
+    """Info over TLS pinned to `fingerprint`; None: over plaintext (which a daemon refuses)."""
+    if fingerprint is None:
+        channel = grpc.insecure_channel(address, options=grpc_options())
+    else:
+        channel = pinned_channel(address, fingerprint, grpc_options())
+    with channel:
         call = channel.unary_unary(
             "/moemesh.v1.Shard/Info",
             request_serializer=InfoRequest.SerializeToString,
@@ -89,13 +95,20 @@ def test_the_tunnel_endpoint_follows_the_grpc_server_of_an_auto_daemon_across_a_
     with DaemonThread(_auto_config(tiny_models["mixtral"], tmp_path, "auto", 2)) as d:
         ready = d.ready(timeout=120)
         assert ready["layers"] == [0, 2]
+        fingerprint = ready["tls_fingerprint"]
         with SwarmReader([ready["multiaddrs"][0]], traversal=True) as reader:
             record = reader.everyone().records[ready["peer_id"]]
+            assert record.tls_fingerprint == fingerprint  # signed: only this daemon can answer with it
             tunnel = reader.tunnel(record)  # gRPC over a libp2p stream, as a client behind NAT reaches it
-            assert (_info(tunnel).start, _info(tunnel).end) == (0, 2)
+            # TLS end to end through the tunnel (the relay would see ciphertext), pinned to the record
+            assert (_info(tunnel, fingerprint).start, _info(tunnel, fingerprint).end) == (0, 2)
+            for address in (ready["grpc_address"], tunnel):  # plaintext is refused, directly and tunnelled
+                with pytest.raises(grpc.RpcError) as refused:
+                    _info(address, None)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             d.call(d.daemon.move(2, 4))
             assert d.daemon.serving is not None and d.daemon.serving.shard.start == 2
-            info = _info(tunnel)  # a new connection: it must reach the new server on its new port
+            info = _info(tunnel, fingerprint)  # a new connection: the new server, with the same certificate
             assert (info.start, info.end) == (2, 4)
 
 

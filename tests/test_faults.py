@@ -66,7 +66,7 @@ def _generate(
     with Client(bootstrap=[swarm["head"].multiaddr], config=CONFIG) as client:
         model_id, hops = client.route()
         assert [(h.start, h.end) for h in hops] == [(0, 2), (2, 4)]
-        victim = next(d for d in swarm.values() if d.grpc_address == hops[1].address)
+        victim = next(d for d in swarm.values() if d.pinned == hops[1].address)  # host:port#fingerprint
         tokens = []
         for i, token in enumerate(
             client.generate(PROMPT, TOKENS, sampling=sampling, stop_at_eos=False, route=(model_id, hops))
@@ -138,7 +138,7 @@ def test_lost_layers_move_to_a_chain_of_smaller_peers(tiny_models: dict[str, Pat
     """The one peer holding every layer dies; two peers holding halves take over, each rebuilt
     from the replayed steps (the second from the first's replayed outputs)."""
     with local_swarm(tiny_models["qwen3_moe"], [(0, 4), (0, 2), (2, 4)]) as (whole, head, tail):
-        with Client([s.address for s in (whole, head, tail)], config=CONFIG) as client:
+        with Client([s.pinned for s in (whole, head, tail)], config=CONFIG) as client:
             model_id, _ = client.route()
             on_whole = (model_id, [Hop(whole.address, 0, 4, whole.address)])
             expected = list(client.generate(PROMPT, 32, stop_at_eos=False, route=on_whole))
@@ -150,4 +150,4 @@ def test_lost_layers_move_to_a_chain_of_smaller_peers(tiny_models: dict[str, Pat
                     whole.process.wait(10)
             assert tokens == expected
             (note,) = client.recoveries
-            assert f"to {head.address} [0:2], {tail.address} [2:4], 10 steps replayed" in note, note
+            assert f"to {head.pinned} [0:2], {tail.pinned} [2:4], 10 steps replayed" in note, note

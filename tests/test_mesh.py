@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from conftest import load_reference, moemesh_status, wait_for
 
-from node.client import Client
+from node.client import Client, ClientConfig
 from node.errors import RouteError
 from node.testing.launch import DaemonProcess, start_daemon
+from node.tls import pinned_channel
+from protocol.shard_pb2 import InfoRequest, InfoResponse
 
 pytestmark = pytest.mark.slow  # processes on loopback: minutes (`make test-quick` skips)
 
@@ -85,7 +88,25 @@ def test_client_with_only_the_bootstrap_address_matches_transformers(
     with Client(bootstrap=[swarm["boot"].multiaddr]) as client:
         _, hops = client.route()
         assert hops[0].start == 0 and hops[-1].end == 4
+        by_id = {d.peer_id: d for d in swarm.values()}
+        assert [h.address for h in hops] == [by_id[h.peer].pinned for h in hops]  # pinned by the signed records
+        assert all(len(by_id[h.peer].fingerprint) == 64 for h in hops)
         assert list(client.generate(prompt, 12, stop_at_eos=False)) == expected
+
+
+def test_a_daemons_grpc_port_refuses_plaintext(swarm: dict[str, DaemonProcess]) -> None:
+    a = swarm["a"]
+    with grpc.insecure_channel(a.grpc_address) as channel:
+        info = channel.unary_unary(
+            "/moemesh.v1.Shard/Info",
+            request_serializer=InfoRequest.SerializeToString,
+            response_deserializer=InfoResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            info(InfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pinned_channel(a.grpc_address, a.fingerprint) as channel:
+        assert channel.unary_unary("/moemesh.v1.Shard/Info")(InfoRequest().SerializeToString(), timeout=10)
 
 
 def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -> None:
@@ -97,6 +118,7 @@ def test_status_json_describes_the_live_swarm(swarm: dict[str, DaemonProcess]) -
     assert set(serving) == {swarm[n].peer_id for n in "abcd"}
     a = serving[swarm["a"].peer_id]
     assert (a["start"], a["end"]) == (0, 2) and a["grpc_addresses"] == [swarm["a"].grpc_address]
+    assert a["tls_fingerprint"] == swarm["a"].fingerprint
     assert a["throughput"] > 0 and a["protocol_version"] == 1 and 0 <= a["record_age_s"] < LONG_TTL
     assert view["bootstrap_only_peers"] == [swarm["boot"].peer_id]
 
@@ -127,3 +149,27 @@ def test_killed_and_stopped_daemons_leave_the_view(
     swarm["d"].process.wait(30)
     with Client(bootstrap=[boot]) as client, pytest.raises(RouteError, match="layers 2:4 of 4"):
         client.route()
+
+
+def test_a_plaintext_daemon_is_used_only_by_a_lan_client(
+    swarm: dict[str, DaemonProcess], tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from shards import Checkpoint
+
+    folder = tiny_models["qwen3_moe"]  # another model: the other tests' routes are not touched
+    boot = swarm["boot"].multiaddr
+    lan = start_daemon(
+        ["--model", str(folder), "--layers", "0:4", "--bootstrap", boot, "--identity", str(tmp_path / "lan.key")]
+        + ["--insecure-lan"]
+    )
+    try:
+        assert lan.fingerprint == "" and any("PLAINTEXT" in line for line in lan.log)
+        model_id = Checkpoint(folder).model_id()
+        prompt = [4, 8, 15, 16]
+        with Client(bootstrap=[boot], model_id=model_id, config=ClientConfig(insecure_lan=True)) as client:
+            assert list(client.generate(prompt, 5, stop_at_eos=False)) == _reference_tokens(folder, prompt, 5)
+        with Client(bootstrap=[boot], model_id=model_id) as client, pytest.raises(RouteError):
+            client.route()  # the same record, found: it names no certificate, so this client will not dial it
+    finally:
+        lan.terminate()
+        lan.stop()

@@ -24,6 +24,7 @@ from node.plan.peers import (
 )
 from node.plan.placement import block_capacity, propose_move
 from node.plan.routing import best_chain
+from node.tls import make_certificate
 from protocol import PROTOCOL_VERSION, VersionMismatchError
 from protocol.mesh_pb2 import PeerRecord, Reachability, ShardAd
 from protocol.shard_pb2 import Capacity, InfoRequest, InfoResponse
@@ -184,16 +185,18 @@ class _InfoOnly(ShardServicer):
 
 @pytest.fixture
 def info_server() -> Iterator[Callable[[InfoResponse], str]]:
-    """Start in-process gRPC servers answering Info: append an InfoResponse, get its address."""
+    """Start in-process gRPC servers answering Info over TLS: append an InfoResponse, get its
+    pinned address (host:port#fingerprint)."""
     servers: list[grpc.Server] = []
+    certificate = make_certificate()
 
     def start(answer: InfoResponse) -> str:
         server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
         add_ShardServicer_to_server(_InfoOnly(answer), server)
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_secure_port("127.0.0.1:0", certificate.server_credentials())
         server.start()
         servers.append(server)
-        return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{port}#{certificate.fingerprint}"
 
     yield start
     for server in servers:

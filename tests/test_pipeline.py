@@ -58,7 +58,7 @@ def test_logits_and_greedy_tokens_match_transformers(
     ref = load_reference(tiny_models[family])
     ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(3))
     expected = _reference_logits(ref, ids)
-    with Client([s.address for s in servers]) as client:
+    with Client([s.pinned for s in servers]) as client:
         _, hops = client.route()
         assert [(h.start, h.end) for h in hops] == [s.layers for s in servers]
         with client.session(32) as session:
@@ -80,7 +80,7 @@ def test_concurrent_sessions_do_not_disturb_each_other(
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 256, (1, 14), generator=gen) for _ in range(2)]
     expected = [_reference_logits(ref, p) for p in prompts]
-    with Client([s.address for s in servers]) as client:
+    with Client([s.pinned for s in servers]) as client:
         # Interleaved steps of two sessions on the same servers.
         with client.session(32) as one, client.session(32) as two:
             for i, (a, b) in enumerate(CHUNKS):

@@ -45,6 +45,22 @@ def test_a_genuine_record_verifies() -> None:
     RecordValidator().validate(peer_key(pid), sign_record(_record(kp), kp))
 
 
+def test_the_tls_fingerprint_is_signed_with_the_record() -> None:
+    kp = create_new_key_pair()
+    ad = ShardAd(model_id="m", model_name="tiny", start=0, end=2, num_layers=4)
+    fingerprint = "ab" * 32
+    record = make_record(
+        kp, grpc_addresses=["127.0.0.1:1"], p2p_addresses=[], shards=[ad], ttl_s=60, seq=1, tls_fingerprint=fingerprint
+    )
+    signed = SignedPeerRecord.FromString(sign_record(record, kp))
+    assert verify_record(signed.SerializeToString()).tls_fingerprint == fingerprint
+    body = PeerRecord.FromString(signed.record)
+    body.tls_fingerprint = "cd" * 32  # someone on the way swaps in their own certificate
+    swapped = SignedPeerRecord(record=body.SerializeToString(), signature=signed.signature)
+    with pytest.raises(InvalidRecord, match="bad signature"):
+        verify_record(swapped.SerializeToString())
+
+
 def test_a_tampered_record_or_signature_is_rejected() -> None:
     kp = create_new_key_pair()
     signed = SignedPeerRecord.FromString(sign_record(_record(kp), kp))

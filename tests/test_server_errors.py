@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from node.testing.launch import ServerProcess, local_swarm
+from node.tls import pinned_channel
 from protocol import make_tensor
 from protocol.shard_pb2 import (
     CloseSession,
@@ -29,7 +31,7 @@ HIDDEN = 64
 
 @pytest.fixture(scope="module")
 def servers(tiny_models: dict[str, Path]) -> Iterator[list[ServerProcess]]:
-    args = ["--max-message-mb", "1", "--max-length", "32", "--max-sessions", "3"]
+    args = ["--max-message-mb", "1", "--max-length", "32", "--max-sessions", "3", "--max-sessions-per-client", "2"]
     with local_swarm(tiny_models["mixtral"], [(0, 2), (2, 4)], extra_args=args) as procs:
         yield procs
 
@@ -37,7 +39,7 @@ def servers(tiny_models: dict[str, Path]) -> Iterator[list[ServerProcess]]:
 @pytest.fixture(scope="module")
 def channels(servers: list[ServerProcess]) -> Iterator[list[grpc.Channel]]:
     opts = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    chans = [grpc.insecure_channel(s.address, options=opts) for s in servers]
+    chans = [pinned_channel(s.address, s.fingerprint, opts) for s in servers]
     yield chans
     for c in chans:
         c.close()
@@ -182,24 +184,46 @@ def test_session_past_its_max_length(channels: list[grpc.Channel]) -> None:
     _still_serving(first)
 
 
-def test_full_server_refuses_new_sessions_then_recovers(channels: list[grpc.Channel]) -> None:
-    first = channels[0]
-    call = first.stream_stream(
+def _connection(server: ServerProcess) -> grpc.Channel:
+    """A channel with a connection of its own: the server sees another client."""
+    return pinned_channel(server.address, server.fingerprint, [("grpc.use_local_subchannel_pool", 1)])
+
+
+def _hold_session(channel: grpc.Channel) -> tuple[queue.SimpleQueue[SessionRequest | None], Iterator[SessionResponse]]:
+    """Open a session on `channel` and keep its stream open (put None to half-close it)."""
+    call = channel.stream_stream(
         "/moemesh.v1.Shard/InferenceSession",
         request_serializer=SessionRequest.SerializeToString,
         response_deserializer=SessionResponse.FromString,
     )
-    import queue
+    q: queue.SimpleQueue[SessionRequest | None] = queue.SimpleQueue()
+    q.put(_open(0, 2))
+    it = call(iter(q.get, None), timeout=30)
+    assert next(it).HasField("opened")
+    return q, it
 
-    held = []
-    for _ in range(3):
-        q: queue.SimpleQueue[SessionRequest | None] = queue.SimpleQueue()
-        q.put(_open(0, 2))
-        it = call(iter(q.get, None), timeout=30)
-        assert next(it).HasField("opened")
-        held.append((q, it))
-    _refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server is full", _session, first, [_open(0, 2)])
+
+def test_one_client_cannot_take_every_session(servers: list[ServerProcess]) -> None:
+    greedy, other, third = (_connection(servers[0]) for _ in range(3))
+    held = [_hold_session(greedy), _hold_session(greedy)]  # its share: 2 of the 3
+    _refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "its share of this server", _session, greedy, [_open(0, 2)])
+    held.append(_hold_session(other))  # another client still gets one
+    _refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server is full", _session, third, [_open(0, 2)])
     for q, it in held:
         q.put(None)  # half-close: the server frees the session
         assert list(it) == []
-    assert _session(first, [_open(0, 2)])[0].HasField("opened")
+    assert _session(greedy, [_open(0, 2)])[0].HasField("opened")
+    for channel in (greedy, other, third):
+        channel.close()
+
+
+def test_full_server_refuses_new_sessions_then_recovers(servers: list[ServerProcess]) -> None:
+    clients = [_connection(servers[0]) for _ in range(4)]
+    held = [_hold_session(c) for c in clients[:3]]  # one each: 3 clients fill the server
+    _refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "server is full", _session, clients[3], [_open(0, 2)])
+    for q, it in held:
+        q.put(None)  # half-close: the server frees the session
+        assert list(it) == []
+    assert _session(clients[3], [_open(0, 2)])[0].HasField("opened")
+    for channel in clients:
+        channel.close()

@@ -61,6 +61,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         quantize=args.quantize,
         max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client or 0,
+        max_queued_per_client=args.max_queued_per_client,
         max_length=args.max_length,
         kv_budget_bytes=int(args.kv_budget_mb * 1024**2),
         max_message_bytes=args.max_message_mb * 1024**2,
@@ -68,7 +70,17 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         max_batch=args.max_batch,
         grace_s=args.grace,
         idle_timeout_s=max(args.idle_timeout, 0.1),
+        insecure_lan=args.insecure_lan,
     )
+
+
+def _pinned(peers: list[str], fingerprint: str | None) -> list[str]:
+    """The peers, with --fingerprint pinned to the one peer given without #fingerprint."""
+    if fingerprint is None:
+        return peers
+    if len(peers) != 1 or "#" in peers[0]:
+        raise ConfigError("--fingerprint goes with one peer given without one; pin others as host:port#fingerprint")
+    return [f"{peers[0]}#{fingerprint}"]
 
 
 # libgomp's idle workers spin ~300k iterations before sleeping. A serving peer is idle
@@ -81,11 +93,14 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
     _need_torch("moemesh serve")
     from node.serve.lifecycle import serve
+    from node.tls import make_certificate
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
     config = _server_config(args)
     event = _events(args.json_events)
+    certificate = None if config.insecure_lan else make_certificate()
+    fingerprint = certificate.fingerprint if certificate is not None else None
 
     def ready(engine: Engine, port: int) -> None:
         span = engine.span
@@ -93,14 +108,25 @@ def _serve(args: argparse.Namespace) -> int:
             f"serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
             f" of {span.cfg.num_layers} on {args.host}:{port}"
         )
-        event("ready", grpc_address=f"{args.host}:{port}", model_id=engine.model_id, layers=[span.start, span.end])
+        if fingerprint is None:
+            _say("PLAINTEXT gRPC (--insecure-lan): anyone on the network can read and run requests")
+        else:
+            _say(f"TLS fingerprint {fingerprint} (clients: --peers {args.host}:{port}#{fingerprint})")
+        event(
+            "ready",
+            grpc_address=f"{args.host}:{port}",
+            model_id=engine.model_id,
+            layers=[span.start, span.end],
+            tls_fingerprint=fingerprint,
+        )
 
-    asyncio.run(serve(config, ready, progress=lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)))
+    progress = lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    asyncio.run(serve(config, ready, progress=progress, certificate=certificate))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from node.client import Client, Sampling
+    from node.client import Client, ClientConfig, Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ids: list[int] | None = None
@@ -111,14 +137,13 @@ def _generate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
     elif not args.prompt:
         raise ConfigError("give a prompt, or --ids")
-    from node.client import ClientConfig
 
     with Client(
-        args.peers or (),
+        _pinned(args.peers, args.fingerprint) if args.peers else (),
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(exact=args.exact),
+        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
@@ -207,13 +232,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from node.client import Client
+    from node.client import Client, ClientConfig
 
-    with Client(args.peers) as client:
-        for address in args.peers:
+    peers = _pinned(args.peers, args.fingerprint)
+    with Client(peers, config=ClientConfig(insecure_lan=args.insecure_lan)) as client:
+        for address in peers:
             i = client.info(address)
             print(
-                f"{address}: {i.model_name} ({i.model_id}) layers {i.start}:{i.end} of {i.num_layers},"
+                f"{address.partition('#')[0]}: {i.model_name} ({i.model_id})"
+                f" layers {i.start}:{i.end} of {i.num_layers},"
                 f" max length {i.max_length}, version {i.version}"
             )
     return 0

@@ -16,18 +16,48 @@ EXAMPLES = """\
 examples:
   moemesh serve --model ~/models/mixtral-tiny --layers 0:8 --port 7001
   moemesh serve --model ~/models/mixtral-tiny --layers 8:16 --port 7002
-  moemesh generate --peers 127.0.0.1:7001,127.0.0.1:7002 --model ~/models/mixtral-tiny "Hello"
-  moemesh info 127.0.0.1:7001
+  moemesh generate --peers 127.0.0.1:7001#FINGERPRINT,127.0.0.1:7002#FINGERPRINT --model ~/models/mixtral-tiny "Hello"
+  moemesh info 127.0.0.1:7001 --fingerprint FINGERPRINT   (each `serve` prints its TLS fingerprint)
 """
 
 
 def _peers(text: str) -> list[str]:
     peers = [p.strip() for p in text.split(",") if p.strip()]
     for p in peers:
-        host, sep, port = p.rpartition(":")
+        address, pinned, fingerprint = p.partition("#")
+        host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port")
+            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port or host:port#fingerprint")
+        if pinned and not _is_fingerprint(fingerprint):
+            raise argparse.ArgumentTypeError(f"peer {p!r}: {fingerprint!r} is not a SHA-256 fingerprint (64 hex)")
     return peers
+
+
+def _is_fingerprint(text: str) -> bool:
+    fp = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    return len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)
+
+
+def _fingerprint(text: str) -> str:
+    if not _is_fingerprint(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return text
+
+
+def _add_client_tls_options(parser: argparse.ArgumentParser) -> None:
+    """How a client trusts the peers it is given by address (peers found in the DHT are pinned
+    to their signed records' fingerprints)."""
+    parser.add_argument(
+        "--fingerprint",
+        type=_fingerprint,
+        help="the TLS fingerprint `moemesh serve` printed, for the one peer given without #fingerprint"
+        " (default: trust on first use, with a warning)",
+    )
+    parser.add_argument(
+        "--insecure-lan",
+        action="store_true",
+        help="dial plaintext gRPC to peers given without a fingerprint (a trusted LAN only)",
+    )
 
 
 def _number(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
@@ -65,6 +95,17 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (default: the config's, else the embedding's; FP8 and MXFP4 are dequantized to it)",
     )
     parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    parser.add_argument(
+        "--max-sessions-per-client",
+        type=_positive,
+        help="sessions one client (connection) may hold (default: a quarter of --max-sessions)",
+    )
+    parser.add_argument(
+        "--max-queued-per-client",
+        type=_positive,
+        default=32,
+        help="steps and Forwards one client may have waiting for compute; more are refused (default 32)",
+    )
     parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
     parser.add_argument("--kv-budget-mb", type=_megabytes, default=4096, help="memory for all KV caches (default 4096)")
     parser.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
@@ -85,6 +126,12 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         "--json-events",
         action="store_true",
         help="also print machine-readable events on stdout, one JSON object per line (ready, moved, stopping)",
+    )
+    parser.add_argument(
+        "--insecure-lan",
+        action="store_true",
+        help="serve plaintext gRPC, unauthenticated and unencrypted: only on a LAN you trust"
+        " (default: TLS with a fresh certificate whose fingerprint is printed and put in the signed record)",
     )
 
 
@@ -133,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
     where = gen.add_mutually_exclusive_group(required=True)
-    where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
+    where.add_argument(
+        "--peers", type=_peers, help="comma-separated host:port#fingerprint (or host:port) of serving peers"
+    )
     where.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="find peers in the swarm's DHT (repeatable)"
     )
@@ -155,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep looking for a full route this long (peers still starting); default 0",
     )
+    _add_client_tls_options(gen)
 
     daemon = sub.add_parser(
         "daemon",
@@ -240,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info", parents=[common], help="show what peers serve", description="Ask peers for their model and span."
     )
-    info.add_argument("peers", nargs="+", help="host:port of each peer")
+    info.add_argument("peers", nargs="+", help="host:port#fingerprint (or host:port) of each peer")
+    _add_client_tls_options(info)
 
     _add_front_door(sub, common)
 

@@ -1,8 +1,14 @@
 """The client SDK: find a chain of peers covering every layer, then stream generated tokens.
 
-    with Client(["127.0.0.1:7001", "127.0.0.1:7002"], model_folder="~/model") as client:
+    with Client(["127.0.0.1:7001#3f2a...", "127.0.0.1:7002#91bc..."], model_folder="~/model") as client:
         for piece in client.generate_text("What is a mixture of experts?", max_new_tokens=64):
             print(piece, end="", flush=True)
+
+Every channel is TLS pinned to a certificate fingerprint (`node.tls`): the one a peer's
+signed record names, or the one given as `host:port#fingerprint`. A peer address given
+without one is trusted on first use, with a warning. A peer whose certificate is not the
+pinned one is refused like a peer that is down (PeerUntrusted): routes go around it.
+Plaintext only with `ClientConfig(insecure_lan=True)`, and only to peers without a pin.
 
 Imports no torch: hidden states are relayed between hops as the bytes they arrived as,
 and only the last hop's fp32 logits are decoded (with numpy) to pick the next token.
@@ -31,9 +37,10 @@ from node.client.config import ClientConfig
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
-from node.errors import ConfigError, MoemeshError, PeerError, RouteError
+from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
 from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
 from node.plan.routing import Hop, best_chain
+from node.tls import TLS_NAME, channel_credentials, normalize_fingerprint, split_pin
 from protocol import VersionMismatchError, grpc_options
 
 if TYPE_CHECKING:
@@ -89,8 +96,10 @@ class KnownPeers:
 class Client:
     """Finds peers covering a model, from a list of addresses or from the swarm's DHT.
 
-    Either `peers` ("host:port" of serving peers) or `bootstrap` (libp2p multiaddrs of any
-    daemon of the swarm; the client joins the DHT as a client and reads signed records).
+    Either `peers` ("host:port#fingerprint", or "host:port" to trust on first use) or
+    `bootstrap` (libp2p multiaddrs of any daemon of the swarm; the client joins the DHT as a
+    client and reads signed records, and pins each peer to its record's fingerprint).
+    A peer's address in routes and errors is the string it was dialed by, pin included.
     """
 
     def __init__(
@@ -104,6 +113,8 @@ class Client:
     ) -> None:
         if not peers and not bootstrap:
             raise ConfigError("give peer addresses (host:port) or a bootstrap multiaddr")
+        for peer in peers:
+            split_pin(peer)  # ConfigError now for a malformed fingerprint
         self.peers = list(peers)
         self.bootstrap = list(bootstrap)
         self.model_id = model_id
@@ -114,6 +125,8 @@ class Client:
         self._channel_paths: dict[str, str] = {}  # tunnel address -> the path when its channel was made
         self._old_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()  # sessions of one client may run in several threads
+        self._failures: dict[str, PeerError] = {}  # address -> why it last did not answer Info
+        self._first_seen: dict[str, str] = {}  # address given without a pin -> the fingerprint trusted on first use
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
@@ -127,6 +140,9 @@ class Client:
     # -- channels ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.Channel:
+        """The channel to `address` ("host:port#fingerprint" or "host:port"), made on first use:
+        TLS pinned to the fingerprint (PeerUntrusted when the peer presents another
+        certificate, PeerUnavailable when it answers no TLS), plaintext only with insecure_lan."""
         reader, pid = self._reader, self._tunnelled.get(address)
         path = reader.path(pid) if reader is not None and pid is not None else ""
         with self._lock:
@@ -136,11 +152,27 @@ class Client:
                     # on for the sessions still using it.
                     self._old_channels.append(self._channels.pop(address))
                 self._channel_paths[address] = path
-            if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(
-                    address, options=grpc_options(self.config.max_message_bytes)
-                )
+            if address in self._channels:
+                return self._channels[address]
+        channel = self._dial(address)  # a TLS handshake: not under the lock
+        with self._lock:
+            if address in self._channels:  # another thread dialed it meanwhile
+                channel.close()
+            else:
+                self._channels[address] = channel
             return self._channels[address]
+
+    def _dial(self, address: str) -> grpc.Channel:
+        target, pin = split_pin(address)
+        options = grpc_options(self.config.max_message_bytes)
+        if not pin and self.config.insecure_lan:
+            return grpc.insecure_channel(target, options=options)
+        with self._lock:
+            pin = pin or self._first_seen.get(address, "")
+        credentials, seen = channel_credentials(target, pin, self.config.info_timeout_s)
+        with self._lock:
+            self._first_seen.setdefault(address, seen)
+        return grpc.secure_channel(target, credentials, options=[*options, ("grpc.ssl_target_name_override", TLS_NAME)])
 
     def close(self) -> None:
         with self._lock:
@@ -179,8 +211,12 @@ class Client:
         for address, future in futures.items():
             try:
                 answers[address] = future.result()
+            except PeerUntrusted as e:
+                log.warning("refusing peer: %s", e)
+                self._failures[address] = e
             except PeerError as e:
                 log.info("peer unavailable: %s", e)
+                self._failures[address] = e
         return answers
 
     def paths(self) -> dict[str, str]:
@@ -203,19 +239,34 @@ class Client:
             return self._reader
 
     def _address_of(self, pid: str, record: PeerRecord) -> str | None:
-        """The peer's direct gRPC address, or a local tunnel to it when it is behind NAT."""
+        """The peer's direct gRPC address, or a local tunnel to it when it is behind NAT, pinned to
+        the fingerprint its signed record names ("host:port#fingerprint"): only the signer can
+        answer there. A record without one is used only with insecure_lan."""
         from protocol.mesh_pb2 import Reachability
 
+        pin = record.tls_fingerprint
+        if pin:
+            try:
+                pin = normalize_fingerprint(pin)
+            except ConfigError:
+                log.info("ignoring %s: its record's TLS fingerprint is malformed", pid)
+                return None
+        elif not self.config.insecure_lan:
+            log.info("ignoring %s: it serves plaintext gRPC (pass insecure_lan on a trusted LAN)", pid)
+            return None
         if record.reachability != Reachability.REACHABILITY_PRIVATE:
-            return record.grpc_addresses[0] if record.grpc_addresses else None
+            if not record.grpc_addresses:
+                return None
+            return f"{record.grpc_addresses[0]}#{pin}" if pin else str(record.grpc_addresses[0])
         if not record.circuit_addresses:
             log.info("ignoring %s: it is behind NAT and has no relay", pid)
             return None
         try:
-            address = self._swarm().tunnel(record)
+            address = self._swarm().tunnel(record)  # TLS goes through it end to end
         except MoemeshError as e:
             log.info("ignoring %s: %s", pid, e)
             return None
+        address = f"{address}#{pin}" if pin else address
         self._tunnelled[address] = pid
         return address
 
@@ -284,7 +335,8 @@ class Client:
             model_id = next(iter(models), "")
         failures = [address for address in self.peers if address not in answers]
         if not answers:
-            raise RouteError("no peer answered" + (f" (tried {', '.join(failures)})" if failures else ""))
+            why = [str(self._failures[a]) if a in self._failures else a for a in failures]
+            raise RouteError("no peer answered" + (f" ({'; '.join(why)})" if why else ""))
         peers = [i for i in infos if i.model_id == model_id]
         answered = {p.address for p in peers} | {e.peer for e in refused}
         unreachable = tuple(a for a in self.peers if a not in answered)

@@ -69,6 +69,7 @@ def make_record(
     reachability: Reachability = Reachability.REACHABILITY_UNKNOWN,
     circuit_addresses: Sequence[str] = (),
     relay: bool = False,
+    tls_fingerprint: str = "",
 ) -> PeerRecord:
     issued = now_ms()
     return PeerRecord(
@@ -86,6 +87,7 @@ def make_record(
         reachability=reachability,
         circuit_addresses=list(circuit_addresses),
         relay=relay,
+        tls_fingerprint=tls_fingerprint,
     )
 
 

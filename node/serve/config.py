@@ -30,5 +30,19 @@ class ServerConfig:
     torch_threads: int | None = None
     max_batch: int = 16  # decode steps of this many sessions run as one forward
     batch_wait: float = 0.25  # a batch may wait this fraction of the last one's compute time for due steps
+    slice_tokens: int = 64  # a Forward of this many tokens or more runs one layer per round (others go between)
     idle_timeout_s: float = 300.0  # a session with no request for this long is closed
     grace_s: float = 30.0  # on shutdown: how long open sessions may finish before they are told to move
+    # What one client (one connection: its gRPC peer) may hold, so that no client can take the server:
+    max_sessions_per_client: int = 0  # open sessions; 0: a quarter of max_sessions (at least 1)
+    max_queued_per_client: int = 32  # steps and Forwards waiting for compute
+    max_inflight_bytes_per_client: int = 0  # request bytes being served; 0: max_message_bytes
+    insecure_lan: bool = False  # serve plaintext gRPC (a trusted LAN only); default: TLS with a pinned certificate
+
+    @property
+    def sessions_per_client(self) -> int:
+        return self.max_sessions_per_client or max(1, self.max_sessions // 4)
+
+    @property
+    def inflight_bytes_per_client(self) -> int:
+        return self.max_inflight_bytes_per_client or self.max_message_bytes

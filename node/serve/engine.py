@@ -34,7 +34,7 @@ from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
 from node.errors import Draining, InvalidRequest, OutOfRange, Overloaded, RequestError, SessionStateError, WrongModel
 from node.serve.codec import from_message, to_message
 from node.serve.config import ServerConfig
-from node.serve.scheduler import Batch, BatchResult, Scheduler
+from node.serve.scheduler import Batch, BatchResult, QueuedStep, Scheduler
 from protocol import InvalidTensorError
 from protocol.shard_pb2 import Tensor
 from shards import DTYPES, Checkpoint
@@ -55,6 +55,15 @@ class Session:
     closed: bool = False
     decoding: bool = False  # its last step was one token: the next one is due soon
     last_done: float = 0.0  # when its last step finished (monotonic)
+    client: str = ""  # who opened it (the gRPC peer): its share of sessions and its turn in the scheduler
+
+
+@dataclass(frozen=True)
+class _Sliced:
+    """A Forward run layer by layer: its input to `next_layer` (token ids before the first)."""
+
+    hidden: torch.Tensor
+    next_layer: int
 
 
 def _compute_thread() -> ThreadPoolExecutor:
@@ -198,22 +207,45 @@ class Engine:
 
     # -- stateless forward ------------------------------------------------------------------
 
-    async def forward(self, model_id: str, start: int, end: int, msg: Tensor, last_only: bool) -> Tensor:
-        first, last = self.local_layers(model_id, start, end)
+    async def forward(
+        self, model_id: str, start: int, end: int, msg: Tensor, last_only: bool, client: str = ""
+    ) -> Tensor:
+        """A stateless prefill; it waits for `client`'s turn in the scheduler like a session step."""
+        layers = self.local_layers(model_id, start, end)
+        if self._scheduler_task is None:
+            raise RuntimeError("the engine is not started: call Engine.start() in the serving loop")
+        return await self.scheduler.submit_forward(client, layers, msg, last_only)
 
-        def compute() -> Tensor:
-            x = self.decode_input(msg, first)
+    def _forward(self, step: QueuedStep) -> Tensor | None:
+        """Runs on the compute thread: a Forward, with throwaway caches. A long one runs one layer
+        per call (None: more to run; its hidden states wait in `step.progress`), so that other
+        clients' steps run between its layers; the result is the same bit for bit, as through
+        a pipeline of one-layer hops."""
+        first, last = step.layers
+        if step.progress is None:
+            x = self.decode_input(step.msg, first)
             if x.shape[1] > self.max_length:
                 raise OutOfRange(f"{x.shape[1]} tokens exceed max length {self.max_length}")
-            cache = self.span.new_cache(x.shape[1], layers=(first, last))
-            out = self.span(x, cache, 0, last_only=last_only, layers=(first, last))
-            return to_message(out.float() if self.emits_logits(last) else out)
-
-        return await self.run(compute)
+            if x.shape[1] < self.config.slice_tokens:
+                cache = self.span.new_cache(x.shape[1], layers=(first, last))
+                out = self.span(x, cache, 0, last_only=step.last_only, layers=(first, last))
+                return to_message(out.float() if self.emits_logits(last) else out)
+            step.progress = _Sliced(x, first)
+        sliced: _Sliced = step.progress
+        layer = sliced.next_layer
+        cache = self.span.new_cache(sliced.hidden.shape[1], layers=(layer, layer + 1))
+        out = self.span(
+            sliced.hidden, cache, 0, last_only=step.last_only and layer + 1 == last, layers=(layer, layer + 1)
+        )
+        if layer + 1 < last:
+            step.progress = _Sliced(out, layer + 1)
+            return None
+        step.progress = None
+        return to_message(out.float() if self.emits_logits(last) else out)
 
     # -- sessions ---------------------------------------------------------------------------
 
-    async def open(self, model_id: str, start: int, end: int, max_length: int) -> Session:
+    async def open(self, model_id: str, start: int, end: int, max_length: int, client: str = "") -> Session:
         first, last = self.local_layers(model_id, start, end)
         if self.draining:
             raise Draining("server is shutting down: open the session on another peer")
@@ -224,6 +256,9 @@ class Engine:
             raise Overloaded(
                 f"server is full: {len(self.sessions)} sessions open (limit {self.config.max_sessions})",
             )
+        held = sum(1 for s in self.sessions.values() if s.client == client)
+        if held >= self.config.sessions_per_client:
+            raise Overloaded(f"this client holds {held} sessions, its share of this server: close one first")
         need = self.span.cache_bytes(length, (first, last))  # right for MLA latents and sliding windows too
         if self._kv_bytes + need > self.config.kv_budget_bytes:
             raise Overloaded(
@@ -235,7 +270,7 @@ class Engine:
         except BaseException:
             self._kv_bytes -= need
             raise
-        session = Session(f"{next(self._ids)}-{secrets.token_hex(6)}", first, last, cache)
+        session = Session(f"{next(self._ids)}-{secrets.token_hex(6)}", first, last, cache, client=client)
         self.sessions[session.id] = session
         log.debug("session %s opened: layers %d:%d, max_length %d", session.id, start, end, length)
         return session
@@ -272,11 +307,18 @@ class Engine:
         return await self.run(self.execute, batch)
 
     def execute(self, batch: Batch) -> BatchResult:
-        """Runs on the compute thread: check every step, run the good ones together."""
-        outputs: dict[int, Tensor | RequestError] = {}  # by index in the batch
+        """Runs on the compute thread: check every step, run the good ones together (a Forward alone)."""
+        if len(batch.steps) == 1 and batch.steps[0].session is None:
+            try:
+                return BatchResult((self._forward(batch.steps[0]),))
+            except RequestError as e:
+                return BatchResult((e,))
+        outputs: dict[int, Tensor | RequestError | None] = {}  # by index in the batch
         ready: list[tuple[int, Session, torch.Tensor]] = []  # (index in the batch, session, input)
         for i, s in enumerate(batch.steps):
             try:
+                if s.session is None:
+                    raise InvalidRequest("a Forward cannot run batched")  # the scheduler never does this
                 if s.session.closed:
                     raise SessionStateError(f"session {s.session.id} is closed")
                 x = self.decode_input(s.msg, s.session.first)

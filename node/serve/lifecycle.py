@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
+    from node.tls import Certificate
 
 __all__ = ["SIGNALS", "Lifecycle", "serve"]
 
@@ -117,17 +118,19 @@ async def serve(
     config: ServerConfig,
     on_ready: Callable[[Engine, int], Awaitable[None] | None] | None = None,
     progress: Callable[[str], None] | None = None,
+    certificate: Certificate | None = None,
 ) -> None:
     """`moemesh serve`: load the span (the loop keeps running), serve it over gRPC until SIGINT
     or SIGTERM, then drain: refuse new sessions, let open ones finish within the grace period,
-    tell the rest to move, and return. `on_ready(engine, port)` is called once it listens."""
+    tell the rest to move, and return. `on_ready(engine, port)` is called once it listens.
+    It serves TLS with `certificate` (see `start_server`; plaintext only with `insecure_lan`)."""
     from node.serve.engine import Engine
     from node.serve.service import start_server
 
     engine = await Engine.load(config, progress)
     try:
         with Lifecycle() as lifecycle:
-            server, port = await start_server(engine)
+            server, port = await start_server(engine, certificate)
             try:
                 if on_ready is not None:
                     maybe: Any = on_ready(engine, port)

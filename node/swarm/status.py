@@ -46,6 +46,7 @@ def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict
                         "start": view.start,
                         "end": view.end,
                         "grpc_addresses": list(record.grpc_addresses),
+                        "tls_fingerprint": record.tls_fingerprint,  # "": plaintext (--insecure-lan)
                         "p2p_addresses": list(record.p2p_addresses),
                         "throughput": round(view.throughput, 3),
                         "quantization": view.quantization or "none",

@@ -49,6 +49,12 @@ class ServerProcess:
     address: str
     layers: tuple[int, int]
     log: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # its TLS certificate's; "" when it serves plaintext (--insecure-lan)
+
+    @property
+    def pinned(self) -> str:
+        """What a client dials it by: `host:port#fingerprint` (plain `host:port` without TLS)."""
+        return f"{self.address}#{self.fingerprint}" if self.fingerprint else self.address
 
     def stop(self, timeout: float = 10.0) -> None:
         _stop(self.process, timeout)
@@ -116,6 +122,7 @@ def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], dea
     for line in _lines(lines, server.log, deadline, f"server for layers {server.layers}"):
         if (ready := event_of(line, "ready")) is not None:
             server.address = ready["grpc_address"]
+            server.fingerprint = ready.get("tls_fingerprint") or ""
             return
 
 
@@ -164,6 +171,12 @@ class DaemonProcess:
     grpc_address: str = ""
     started: float = 0.0
     advertised_after_s: float = 0.0
+    fingerprint: str = ""  # its gRPC TLS certificate's (in its signed record); "" without TLS
+
+    @property
+    def pinned(self) -> str:
+        """Its gRPC address as a client dials it: `host:port#fingerprint`."""
+        return f"{self.grpc_address}#{self.fingerprint}" if self.fingerprint else self.grpc_address
 
     def terminate(self) -> None:
         """SIGTERM: a clean stop (the daemon withdraws its record)."""
@@ -202,6 +215,7 @@ def start_daemon(
             if (ready := event_of(line, "ready")) is not None:
                 daemon.peer_id, daemon.multiaddr = ready["peer_id"], ready["multiaddrs"][0]
                 daemon.grpc_address = ready["grpc_address"] or ""
+                daemon.fingerprint = ready.get("tls_fingerprint") or ""
                 daemon.advertised_after_s = time.monotonic() - started
                 return daemon
         raise AssertionError("unreachable: _lines ends only by raising")

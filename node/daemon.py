@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -35,14 +34,14 @@ from node.mesh.addresses import WILDCARDS, advertised, local_ipv4_addresses
 from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
-from node.mesh.nat import NatConfig, NatState, reachability_name
-from node.mesh.records import ALL_PEERS_KEY, block_key, make_record, sign_record
+from node.mesh.nat import NatConfig
 from node.mesh.tunnel import TunnelConfig, install_server
 from node.serve.lifecycle import Lifecycle
+from node.swarm.advertiser import Advert, Advertiser, Offer
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from node.tls import Certificate, make_certificate
 from protocol import software_version
-from protocol.mesh_pb2 import Reachability, ShardAd
+from protocol.mesh_pb2 import ShardAd
 
 if TYPE_CHECKING:
     import grpc
@@ -81,15 +80,6 @@ class Serving:
     shard: ShardAd
 
 
-@dataclass
-class Advert:
-    """What the daemon last told the DHT."""
-
-    seq: int = 0
-    issued_at: float = 0.0  # monotonic: the record's expiry counts from here
-    nat: NatState = field(default_factory=lambda: NatState(0, Reachability.REACHABILITY_UNKNOWN, (), False))
-
-
 class Daemon:
     """A volunteer's node. `run()` until `stop()` (or SIGINT/SIGTERM through the lifecycle)."""
 
@@ -98,11 +88,10 @@ class Daemon:
         self.say = say
         self.event = events or (lambda kind, **fields: None)  # machine-readable events (launch helpers read them)
         self.serving: Serving | None = None
-        self.advert = Advert()
         self.addresses: list[str] = []
         self.metrics_address = ""
         self.lifecycle = Lifecycle()  # signals, drain and grace: the same as `moemesh serve`
-        self._announcing: asyncio.Task[None] | None = None
+        self._advertiser: Advertiser | None = None
         self._bridge = TrioThread()
         self._node: MeshNode | None = None
         self._agent: SwarmAgent | None = None
@@ -192,14 +181,16 @@ class Daemon:
             start, end = await self._auto_span(agent)
             await self._start_serving(replace(config.server, start=start, end=end))
         agent.update_member(**self._serving_fields())
-        await self._publish()
-        self.say(f"advertised {len(self._provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
+        self._advertiser = advertiser = Advertiser(
+            self._bridge, node, self._key_pair, config.ttl_s, self.addresses, self._offer, self.say
+        )
+        await advertiser.publish(tasks)
+        self.say(f"advertised {len(advertiser.provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
         self.event("ready", **self._ready_fields())
-        republisher = tasks.create_task(self._keep_published(), name="moemesh-republish")
+        republisher = tasks.create_task(advertiser.run(tasks), name="moemesh-republish")
         await self.lifecycle.stop_requested()
         republisher.cancel()  # a DHT put can hang for tens of seconds on peers that died: never wait for it
-        if self._announcing is not None:
-            self._announcing.cancel()
+        advertiser.stop()
         rounds.cancel()
         await self._shutdown(agent)
 
@@ -356,74 +347,17 @@ class Daemon:
 
     # -- the DHT record -------------------------------------------------------------------
 
-    def _provider_keys(self) -> list[str]:
-        serving = self.serving
-        shards = [serving.shard] if serving is not None and serving.shard.model_id else []
-        return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
-
     async def _publish(self, withdrawn: bool = False) -> None:
-        """Issue a new signed record and push it to the DHT servers we know (bounded: a few seconds).
+        if self._advertiser is not None:
+            await self._advertiser.publish(self._tasks, withdrawn)
 
-        The full Kademlia put and provider announcements follow in a task of their own, one at
-        a time: with a black-holed peer they take tens of seconds, and the next record must
-        not wait for them (its expiry counts from its issue time)."""
-        node, advert = self._node, self.advert
-        assert node is not None
-        advert.seq = max(advert.seq + 1, time.time_ns())
-        fresh = await self._bridge.call(node.nat_state)
-        if (fresh.reachability, fresh.relay) != (advert.nat.reachability, advert.nat.relay):
-            relaying = ", relaying" if fresh.relay else ""
-            self.say(f"reachability: {reachability_name(fresh.reachability)}{relaying}")
-        if fresh.circuit_addresses != advert.nat.circuit_addresses:
-            self.say(f"reachable through relays at: {', '.join(fresh.circuit_addresses) or 'none'}")
-        advert.nat = fresh
-        serving = self.serving
-        record = make_record(
-            self._key_pair,
-            grpc_addresses=[serving.grpc_address] if serving is not None else [],
-            p2p_addresses=self.addresses,
-            shards=[serving.shard] if serving is not None and serving.shard.model_id else [],
-            ttl_s=self.config.ttl_s,
-            seq=advert.seq,
-            withdrawn=withdrawn,
-            reachability=fresh.reachability,
-            circuit_addresses=fresh.circuit_addresses,
-            relay=fresh.relay,
-            tls_fingerprint=self.certificate.fingerprint if serving is not None and self.certificate else "",
-        )
-        advert.issued_at = time.monotonic()
-        signed, keys = sign_record(record, self._key_pair), self._provider_keys()
-        started = time.monotonic()
-        await self._bridge.call(node.publish, signed, keys, False)
-        log.info("pushed %s record in %.2f s", "a withdrawn" if withdrawn else "our", time.monotonic() - started)
-        if not withdrawn and self._tasks is not None and (self._announcing is None or self._announcing.done()):
-            self._announcing = self._tasks.create_task(self._announce(signed, keys), name="moemesh-announce")
+    @property
+    def advert(self) -> Advert:
+        return self._advertiser.advert if self._advertiser is not None else Advert()
 
-    async def _announce(self, signed: bytes, keys: list[str]) -> None:
-        assert self._node is not None
-        started = time.monotonic()
-        try:
-            await self._bridge.call(self._node.publish, signed, keys, True)
-        except ValueError:  # the DHT refuses an older record: a newer one was issued meanwhile, announced next
-            log.info("a newer record was issued while announcing this one: it is announced next")
-            return
-        except (OSError, RuntimeError) as e:  # the next record's announcement retries
-            log.warning("announcing our record in the DHT failed: %s", e)
-            return
-        log.info("announced our record in the DHT in %.2f s", time.monotonic() - started)
-
-    async def _keep_published(self) -> None:
-        """A new record every ttl/3 after the last one was issued, and at once when our
-        reachability or relays change, so a record never expires while its daemon lives."""
-        node = self._node
-        assert node is not None
-        while True:
-            due = self.advert.issued_at + self.config.ttl_s / 3
-            await asyncio.sleep(max(0.0, min(1.0, due - time.monotonic())))
-            fresh = await self._bridge.call(node.nat_state)
-            if fresh.version == self.advert.nat.version and time.monotonic() < due:
-                continue
-            try:
-                await self._publish()
-            except (OSError, RuntimeError) as e:  # keep serving; the next round retries
-                log.warning("republishing the record failed: %s", e)
+    def _offer(self) -> Offer:
+        serving, cert = self.serving, self.certificate
+        if serving is None:
+            return Offer((), (), "")
+        shards = (serving.shard,) if serving.shard.model_id else ()
+        return Offer((serving.grpc_address,), shards, cert.fingerprint if cert is not None else "")

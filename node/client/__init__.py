@@ -8,8 +8,9 @@ config.py    ClientConfig
 text.py      the tokenizer and chat template (imported only with a model folder)
 """
 
-from node.client.client import Client, plan_route
+from node.client.client import Client
 from node.client.config import ClientConfig
+from node.client.known import plan_route
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession, SessionHost
 from node.plan.peers import PeerInfo, PeerView

@@ -26,71 +26,33 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from node.client.channels import Channels
 from node.client.config import ClientConfig
+from node.client.known import KnownPeers
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
 from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
 from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
 from node.plan.routing import Hop, best_chain
-from node.tls import TLS_NAME, channel_credentials, normalize_fingerprint, split_pin
-from protocol import VersionMismatchError, grpc_options
+from node.tls import normalize_fingerprint, split_pin
+from protocol import VersionMismatchError
 
 if TYPE_CHECKING:
     from node.client.text import TextCodec
     from node.mesh.reader import SwarmReader
     from protocol.mesh_pb2 import PeerRecord
 
-__all__ = ["Client", "KnownPeers", "plan_route"]
+__all__ = ["Client"]
 
 log = logging.getLogger(__name__)
-
-
-def plan_route(peers: Sequence[PeerView]) -> list[Hop]:
-    """The chain of the given peers with the fewest round trips (measured RTTs when known).
-
-    Peers may overlap; a hop runs a sub-span of its peer's span. Peers that speak another
-    protocol version are left out (VersionMismatchError when that leaves none). Raises
-    RouteError naming the layers that no peer serves.
-    """
-    if not peers:
-        raise RouteError("no peer answered")
-    usable, refused = compatible(peers)
-    if not usable:
-        raise refused[0]
-    return best_chain(usable, peers[0].num_layers)
-
-
-@dataclass(frozen=True)
-class KnownPeers:
-    """What the client found out: the model, and every peer able to run some of its layers."""
-
-    model_id: str
-    num_layers: int
-    peers: list[PeerView]
-    unreachable: tuple[str, ...] = ()  # given addresses that did not answer or serve another model
-    refused: tuple[VersionMismatchError, ...] = ()  # peers that speak another protocol version
-    quantized: tuple[str, ...] = ()  # peers left out because their weights are quantized (exact mode)
-
-    def left_out(self) -> str:
-        """Why peers were left out, to add to a RouteError ("" when none was)."""
-        notes = []
-        if self.unreachable:
-            notes.append(
-                "unreachable: " + "; ".join(f"{a} did not answer or serves another model" for a in self.unreachable)
-            )
-        if self.refused:
-            notes.append("another protocol version: " + "; ".join(str(e) for e in self.refused))
-        if self.quantized:
-            notes.append(f"quantized, left out by exact mode: {', '.join(self.quantized)}")
-        return "; ".join(notes)
 
 
 class Client:
@@ -119,14 +81,11 @@ class Client:
         self.bootstrap = list(bootstrap)
         self.model_id = model_id
         self.config = config or ClientConfig()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels = Channels(self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan)
         self._reader: SwarmReader | None = None  # kept open: it carries the tunnels to peers behind NAT
         self._tunnelled: dict[str, str] = {}  # loopback address of a tunnel -> peer id
-        self._channel_paths: dict[str, str] = {}  # tunnel address -> the path when its channel was made
-        self._old_channels: list[grpc.Channel] = []
         self._lock = threading.Lock()  # sessions of one client may run in several threads
         self._failures: dict[str, PeerError] = {}  # address -> why it last did not answer Info
-        self._first_seen: dict[str, str] = {}  # address given without a pin -> the fingerprint trusted on first use
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
@@ -144,44 +103,13 @@ class Client:
         TLS pinned to the fingerprint (PeerUntrusted when the peer presents another
         certificate, PeerUnavailable when it answers no TLS), plaintext only with insecure_lan."""
         reader, pid = self._reader, self._tunnelled.get(address)
-        path = reader.path(pid) if reader is not None and pid is not None else ""
-        with self._lock:
-            if address in self._tunnelled:
-                if address in self._channels and path != self._channel_paths[address]:
-                    # The path changed (a hole punch): new connections take it; the old channel lives
-                    # on for the sessions still using it.
-                    self._old_channels.append(self._channels.pop(address))
-                self._channel_paths[address] = path
-            if address in self._channels:
-                return self._channels[address]
-        channel = self._dial(address)  # a TLS handshake: not under the lock
-        with self._lock:
-            if address in self._channels:  # another thread dialed it meanwhile
-                channel.close()
-            else:
-                self._channels[address] = channel
-            return self._channels[address]
-
-    def _dial(self, address: str) -> grpc.Channel:
-        target, pin = split_pin(address)
-        options = grpc_options(self.config.max_message_bytes)
-        if not pin and self.config.insecure_lan:
-            return grpc.insecure_channel(target, options=options)
-        with self._lock:
-            pin = pin or self._first_seen.get(address, "")
-        credentials, seen = channel_credentials(target, pin, self.config.info_timeout_s)
-        with self._lock:
-            self._first_seen.setdefault(address, seen)
-        return grpc.secure_channel(target, credentials, options=[*options, ("grpc.ssl_target_name_override", TLS_NAME)])
+        path = reader.path(pid) if reader is not None and pid is not None else None
+        return self._channels.get(address, path)
 
     def close(self) -> None:
         with self._lock:
-            channels = [*self._channels.values(), *self._old_channels]
-            self._channels.clear()
-            self._old_channels.clear()
             reader, self._reader = self._reader, None
-        for channel in channels:
-            channel.close()
+        self._channels.close()
         if reader is not None:
             reader.__exit__(None, None, None)
         self._pool.shutdown(wait=False, cancel_futures=True)

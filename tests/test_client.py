@@ -92,3 +92,25 @@ def test_a_raw_prompt_gets_the_bos_the_tokenizer_adds_and_a_chat_prompt_keeps_it
     codec = TextCodec(tmp_path)
     assert codec.encode("hello world", raw=True) == [0, 2, 3]  # as transformers' tokenizer(prompt)
     assert codec.encode(codec.chat_prompt("hello")) == [0, 2]  # the template's own BOS, not a second one
+
+
+def test_the_sdk_prints_nothing_to_stderr_by_default() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from libp2p.peer.id import ID\n"
+        "from node.client import Client\n"
+        "from node.errors import MeshError\n"
+        "from node.mesh.identity import ephemeral_identity\n"
+        "pid = ID.from_pubkey(ephemeral_identity().public_key).to_base58()\n"
+        "try:\n"
+        "    with Client(bootstrap=[f'/ip4/127.0.0.1/tcp/9/p2p/{pid}']) as client:\n"
+        "        client.route()\n"
+        "except MeshError:\n"
+        "    print('refused')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "refused", result.stderr
+    assert result.stderr == ""  # libp2p's own "Failed to open TCP stream" lines stay quiet

@@ -41,7 +41,7 @@ from node.mesh.record import RecordConfig, RecordProtocol
 from node.mesh.records import peer_key
 from protocol.mesh_pb2 import Reachability
 
-__all__ = ["Installer", "MeshConfig", "MeshNode", "Piece", "noise_only_host"]
+__all__ = ["Installer", "MeshConfig", "MeshNode", "Piece", "noise_only_host", "quiet_libp2p"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ def _multiaddr(text: str) -> Multiaddr:
     return addr
 
 
+def quiet_libp2p() -> None:
+    """py-libp2p's logger has no handler and does not propagate, so its routine warnings about
+    unreachable peers reach stderr through logging's last resort (hundreds of lines for one
+    SDK client). Unless the application gave it a handler, it gets a NullHandler; set
+    `logging.getLogger("libp2p").propagate = True` to see its records in your own logging."""
+    logger = logging.getLogger("libp2p")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
 class MeshNode:
     """A libp2p host and its protocols; `serve` is started in the trio thread's nursery.
 
@@ -104,6 +114,7 @@ class MeshNode:
         *,
         protocols: Sequence[Installer] = (),
     ) -> None:
+        quiet_libp2p()
         self.key_pair = key_pair
         self.config = config
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,191 +21,14 @@ from safetensors import safe_open
 
 from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, quantize_span
 from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
+from kernels.rope import yarn_mscale
 from shards.errors import CheckpointError, SpanSpecError
+from shards.families import FAMILY_DEFAULTS
 
 __all__ = ["Checkpoint", "DTYPES", "FAMILY_DEFAULTS", "model_config_from_hf"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Each family's own defaults for a key its config.json leaves out: transformers 5.24's config
-# class defaults (a test reads them back from transformers), not one guess for all families.
-_SHAPES: dict[str, Any] = dict(attention_bias=False, mlp_bias=False, tie_word_embeddings=False, hidden_act="silu")
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        _SHAPES,
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=None,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-    ),
-    "mixtral": dict(
-        _SHAPES,
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        rope_theta=1e6,
-        sliding_window=None,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-    ),
-    "qwen3_moe": dict(
-        _SHAPES,
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        use_sliding_window=False,
-        num_experts=128,
-        num_experts_per_tok=8,
-        moe_intermediate_size=768,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-    ),
-    "qwen2_moe": dict(
-        _SHAPES,
-        vocab_size=151936,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=32768,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        use_sliding_window=False,
-        max_window_layers=28,
-        num_experts=60,
-        num_experts_per_tok=4,
-        moe_intermediate_size=1408,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        shared_expert_intermediate_size=5632,
-        qkv_bias=True,
-    ),
-    "olmoe": dict(
-        _SHAPES,
-        vocab_size=50304,
-        hidden_size=2048,
-        intermediate_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=None,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        num_experts=64,
-        num_experts_per_tok=8,
-        norm_topk_prob=False,
-        clip_qkv=None,
-    ),
-    "granitemoe": dict(
-        _SHAPES,
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=None,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        embedding_multiplier=1.0,
-        residual_multiplier=1.0,
-        attention_multiplier=1.0,
-        logits_scaling=1.0,
-    ),
-    "deepseek_v3": dict(
-        _SHAPES,
-        vocab_size=129280,
-        hidden_size=7168,
-        intermediate_size=18432,
-        num_hidden_layers=61,
-        num_attention_heads=128,
-        num_key_value_heads=128,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        moe_intermediate_size=2048,
-        n_routed_experts=256,
-        n_shared_experts=1,
-        num_experts_per_tok=8,
-        routed_scaling_factor=2.5,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=8,
-        topk_group=4,
-        first_k_dense_replace=3,
-        norm_topk_prob=True,
-        rope_interleave=True,
-    ),
-    "deepseek_v2": dict(
-        _SHAPES,
-        vocab_size=102400,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=None,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        moe_intermediate_size=1407,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=None,
-        routed_scaling_factor=1.0,
-        kv_lora_rank=512,
-        q_lora_rank=1536,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        qk_nope_head_dim=128,
-        n_group=None,
-        topk_group=None,
-        topk_method="greedy",
-        first_k_dense_replace=0,
-    ),
-    "gpt_oss": dict(
-        _SHAPES,
-        vocab_size=201088,
-        hidden_size=2880,
-        intermediate_size=2880,
-        num_hidden_layers=36,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        head_dim=64,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=131072,
-        rope_theta=150000.0,
-        attention_bias=True,
-        sliding_window=128,
-        num_local_experts=128,
-        num_experts_per_tok=4,
-        swiglu_alpha=1.702,
-        swiglu_limit=7.0,
-    ),
-}
 SUPPORTED_FAMILIES = tuple(FAMILY_DEFAULTS)
 # GPT-OSS's rope when its config names none (transformers' GptOssConfig.__post_init__)
 _GPT_OSS_ROPE: dict[str, Any] = dict(
@@ -447,7 +269,7 @@ def _deepseek(get: _Reader, family: str, rope: RopeConfig, layers: int) -> dict[
     scale = mla.qk_head_dim**-0.5
     if rope.rope_type != "default" and rope.mscale_all_dim:  # transformers' yarn_apply_mscale
         assert rope.factor is not None
-        mscale = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        mscale = yarn_mscale(rope.factor, rope.mscale_all_dim)
         scale = scale * mscale * mscale
     experts = int(get("n_routed_experts"))
     return dict(
@@ -465,10 +287,6 @@ def _deepseek(get: _Reader, family: str, rope: RopeConfig, layers: int) -> dict[
         routed_scaling_factor=float(get("routed_scaling_factor")),
         shared_expert_size=int(get("moe_intermediate_size")) * int(get("n_shared_experts") or 0),
     )
-
-
-def _yarn_mscale(scale: float, mscale: float) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

@@ -32,14 +32,17 @@ from multiaddr import Multiaddr
 from crdt import Load, Member
 from node.mesh.addresses import WILDCARDS, advertised, local_ipv4_addresses
 from node.mesh.bridge import TrioThread, unwrap
-from node.mesh.host import MeshConfig, MeshNode
+from node.mesh.host import Installer, MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
 from node.mesh.nat import NatConfig
 from node.mesh.tunnel import TunnelConfig, install_server
+from node.mesh.weights import WeightsConfig
+from node.mesh.weights import install as install_weights
 from node.serve.lifecycle import Lifecycle
 from node.swarm.advertiser import Advert, Advertiser, Offer
 from node.swarm.agent import SwarmAgent, SwarmConfig
 from node.tls import Certificate, make_certificate
+from node.weights.keeper import WeightsKeeper, WeightsPlan
 from protocol import software_version
 from protocol.mesh_pb2 import ShardAd
 
@@ -67,6 +70,9 @@ class DaemonConfig:
     auto_layers: bool = False  # choose the span from the swarm state (server.start/end are ignored)
     max_layers: int = 0  # with auto_layers: layers this daemon holds (0: the whole model)
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one; None: off)
+    weights: WeightsPlan = field(default_factory=WeightsPlan)  # a model id: fetch spans from peers (node.weights)
+    layers: str = ""  # with weights.model_id and not auto_layers: the --layers text (the model is known later)
+    serve_weights: WeightsConfig = field(default_factory=WeightsConfig)  # what we serve of our weights to peers
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class Daemon:
         self._tasks: asyncio.TaskGroup | None = None
         self._key_pair: Any = None
         self.certificate: Certificate | None = None  # our gRPC TLS certificate (its fingerprint is in our record)
+        self.weights = WeightsKeeper(config.weights, say)
 
     # -- control --------------------------------------------------------------------------
 
@@ -130,12 +137,13 @@ class Daemon:
         if config.server is not None and not config.server.insecure_lan:
             self.certificate = make_certificate()  # one for the process: a move keeps the fingerprint
         try:
-            if config.server is not None and not config.auto_layers:
+            if config.server is not None and not config.auto_layers and not self.weights.remote:
                 await self._start_serving(config.server)
             self._bridge.start()
             # A NAT'd peer is reached through the tunnel endpoint, whichever span (and port) it serves later.
             tunnel = partial(install_server, config=TunnelConfig(), target=self._tunnel_target)
-            protocols = [tunnel] if config.server is not None else []
+            weights = partial(install_weights, config=config.serve_weights, holding=self.weights.holding)
+            protocols: list[Installer] = [tunnel, weights] if config.server is not None else []
             self._node = node = MeshNode(key_pair, config.mesh, config.nat, protocols=protocols)
             self._key_pair = key_pair
             listening = await self._bridge.call(self._bridge.start_service, node.serve)
@@ -177,7 +185,7 @@ class Daemon:
         )
         await agent.start(tasks)
         rounds = tasks.create_task(agent.run(), name="moemesh-swarm-rounds")
-        if config.server is not None and config.auto_layers:
+        if config.server is not None and (config.auto_layers or self.weights.remote):
             start, end = await self._auto_span(agent)
             await self._start_serving(replace(config.server, start=start, end=end))
         agent.update_member(**self._serving_fields())
@@ -185,7 +193,8 @@ class Daemon:
             self._bridge, node, self._key_pair, config.ttl_s, self.addresses, self._offer, self.say
         )
         await advertiser.publish(tasks)
-        self.say(f"advertised {len(advertiser.provider_keys()) - 1} blocks, record ttl {config.ttl_s:g} s")
+        blocks = sum(ad.end - ad.start for ad in self._offer().shards)
+        self.say(f"advertised {blocks} blocks, record ttl {config.ttl_s:g} s")
         self.event("ready", **self._ready_fields())
         republisher = tasks.create_task(advertiser.run(tasks), name="moemesh-republish")
         await self.lifecycle.stop_requested()
@@ -232,7 +241,15 @@ class Daemon:
         from node.serve.service import start_server
         from node.serve.throughput import measure_throughput
 
+        if self.weights.remote:  # fetch the span's tensors first (those we lack), verified
+            assert self._node is not None and self._agent is not None
+            folder = await self.weights.fetch(
+                self._bridge, self._node, server_config.start, server_config.end, self._model_peers
+            )
+            server_config = replace(server_config, model=folder)
         engine = await Engine.load(server_config, progress=self.say)  # on its compute thread: the loop goes on
+        if not self.weights.remote and self.weights.holding() is None:
+            await self.weights.serve_folder(server_config.model)  # peers may fetch our tensors
         try:
             server, port = await start_server(engine, self.certificate)
         except BaseException:
@@ -325,17 +342,34 @@ class Daemon:
             "tls_fingerprint": self.certificate.fingerprint if self.certificate is not None else None,
         }
 
+    def _model_peers(self) -> dict[str, tuple[str, ...]]:
+        """Peers of our model in the swarm state (serving or loading it) and their libp2p addresses."""
+        agent, model_id = self._agent, self.config.weights.model_id
+        if agent is None:
+            return {}
+        members = agent.members().items()
+        return {pid: m.p2p_addresses for pid, m in members if m.model_id == model_id and pid != self.peer_id}
+
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
-        """Pick the weakest window of the swarm's view and claim it (state "loading") before loading it."""
-        from shards import Checkpoint
+        """Pick the span (the weakest window of the swarm's view, or --layers of a fetched model) and
+        claim it (state "loading") before loading it."""
+        from shards import Checkpoint, parse_layers
 
         server = self.config.server
-        assert server is not None
-        checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
-        num_layers = checkpoint.config.num_layers
-        model_id = checkpoint.model_id()
+        assert server is not None and self._node is not None
+        if self.weights.remote:
+            manifest = await self.weights.manifest(self._bridge, self._node, self._model_peers)
+            num_layers, model_id = manifest.num_layers, manifest.model_id
+        else:
+            checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
+            num_layers = checkpoint.config.num_layers
+            model_id = await asyncio.get_running_loop().run_in_executor(None, checkpoint.model_id)
         length = min(self.config.max_layers or num_layers, num_layers)
-        start, end = agent.choose_span(model_id, num_layers, length)
+        if self.config.auto_layers:
+            start, end = agent.choose_span(model_id, num_layers, length)
+        else:
+            start, end = parse_layers(self.config.layers, num_layers)
+            length = end - start
         served = len(agent.servers(model_id))
         self.say(
             f"placement: layers {start}:{end} of {num_layers} (the weakest window; {served} peers serve this model)"
@@ -360,4 +394,5 @@ class Daemon:
         if serving is None:
             return Offer((), (), "")
         shards = (serving.shard,) if serving.shard.model_id else ()
-        return Offer((serving.grpc_address,), shards, cert.fingerprint if cert is not None else "")
+        fingerprint = cert.fingerprint if cert is not None else ""
+        return Offer((serving.grpc_address,), shards, fingerprint, tuple(self.weights.provider_keys()))

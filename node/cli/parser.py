@@ -334,6 +334,7 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
         help="disk quota for fetched weights in GB (default: none); spans not served are evicted to make room",
     )
     parser.add_argument("--test-corrupt-weights", action="store_true", help=argparse.SUPPRESS)  # tests only
+    parser.add_argument("--test-weights-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
 
 
 def _add_swarm_options(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,7 @@ class WeightsConfig:
     idle_timeout_s: float = 30.0  # a stream with no request for this long is closed
     request_timeout_s: float = 60.0  # client side: one answer
     corrupt: bool = False  # tests only: flip a byte of every tensor chunk served
+    delay_s: float = 0.0  # tests only: wait this long before each chunk served (a slow provider)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ class WeightsServer:
         except OSError as e:
             log.warning("reading %s for a peer: %s", path, e)
             return WeightsResponse(error="cannot read it here")
+        if self.config.delay_s:
+            await trio.sleep(self.config.delay_s)
         if self.config.corrupt and not chunk.file and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         self.served_bytes += len(data)

@@ -150,8 +150,13 @@ class SpanFetch:
         choices = [u for name, u in self.remaining.items() if name not in self.taken and group_of(name) in held]
         if not choices:
             return None
-        choices.sort(key=lambda u: not u[0].done.get(u[1].name))
-        gf, t = choices[0]
+        holders: dict[str, int] = {}
+        for p, g in self.providers.items():
+            if self._alive(p):
+                for group in g:
+                    holders[group] = holders.get(group, 0) + 1
+        # resumed tensors first (half there already), then the rarest: what only this provider holds
+        gf, t = min(choices, key=lambda u: (not u[0].done.get(u[1].name), holders.get(u[0].group, 0)))
         self.taken.add(t.name)
         return gf, t
 

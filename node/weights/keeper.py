@@ -55,8 +55,9 @@ Members = Callable[[], Mapping[str, Sequence[str]]]  # peers of the model in the
 
 
 class WeightsKeeper:
-    def __init__(self, plan: WeightsPlan, say: Callable[[str], None]) -> None:
+    def __init__(self, plan: WeightsPlan, say: Callable[[str], None], event: Callable[..., None] | None = None) -> None:
         self.plan, self.say = plan, say
+        self.event = event or (lambda kind, **fields: None)
         self._holding: Holding | None = None
         self.cache: ModelCache | None = None
         self.banned: set[str] = set()  # providers that sent bytes that did not verify
@@ -117,6 +118,7 @@ class WeightsKeeper:
                 _, holds = await bridge.call(
                     find_manifest, node.host, manifest.model_id, peers, self.plan.fetch.weights, self.banned
                 )
+                self.event("fetching", layers=[start, end], providers={p: list(g) for p, g in holds.items()})
                 try:
                     report = await bridge.call(
                         _transfer, node, cache, groups, holds, self.plan.fetch, bar, self._group_done, self.banned
@@ -128,6 +130,16 @@ class WeightsKeeper:
                     await asyncio.sleep(2.0)
                     continue
                 self.last_report = report
+                self.event(
+                    "fetched",
+                    layers=[start, end],
+                    bytes=report.bytes,
+                    seconds=report.seconds,
+                    by_provider=report.by_provider,
+                    banned=sorted(report.banned),
+                    dropped=sorted(report.dropped),
+                    folder=str(cache.root),
+                )
                 rate = report.bytes / max(report.seconds, 1e-6) / 1e6
                 self.say(
                     f"fetched layers {start}:{end}: {report.bytes / 1e6:.1f} MB in {report.seconds:.2f} s"

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,7 @@ class ModelCache:
     def write_index(self) -> None:
         """The index of every complete group, so `Checkpoint(root)` sees exactly what is verified."""
         weight_map = {name: file.name for name, (file, _, _) in local_tensors(self.root).items()}
-        tmp = self.root / "model.safetensors.index.json.tmp"
+        tmp = self.root / f".index.{os.getpid()}.{threading.get_ident()}.tmp"  # groups may finish at once
         tmp.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
         os.replace(tmp, self.root / "model.safetensors.index.json")
 

@@ -192,9 +192,10 @@ class SpanFetch:
                 await self._finish(gf)
 
     async def _finish(self, gf: GroupFile) -> None:
+        if self.files.pop(gf.group, None) is None:
+            return  # another worker's last tensor finished it meanwhile
         await trio.to_thread.run_sync(gf.finish)
         await trio.to_thread.run_sync(self.cache.write_index)
-        self.files.pop(gf.group, None)
         self.on_group(gf.group)
 
     async def _fetch_files(self) -> None:

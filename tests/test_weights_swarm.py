@@ -1,0 +1,139 @@
+"""Daemons that start with nothing but a model id fetch their spans from peers, verified, and serve.
+
+Real `moemesh daemon` processes on loopback: A holds the whole checkpoint, E too but serves
+corrupted bytes (a test flag); B and C hold only the model id. Then a swarm of two slow
+providers, one killed while a third daemon fetches from both.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import load_reference
+
+from node.client import Client
+from node.testing.launch import DaemonProcess, event_of, start_daemon
+from shards import Checkpoint
+from shards.manifest import load_manifest, local_tensors
+
+pytestmark = pytest.mark.slow
+
+
+def _reference_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
+    ref = load_reference(folder)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = ref.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _event(daemon: DaemonProcess, kind: str) -> dict[str, Any]:
+    found = [e for line in daemon.log if (e := event_of(line, kind)) is not None]
+    assert found, f"no {kind} event in:\n" + "\n".join(daemon.log[-30:])
+    return found[-1]
+
+
+@pytest.fixture(scope="module")
+def fetched(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("weights")
+    folder = tiny_models["mixtral"]
+    model_id = Checkpoint(folder).model_id()
+    started: dict[str, DaemonProcess] = {}
+
+    def daemon(name: str, *args: str) -> DaemonProcess:
+        started[name] = d = start_daemon(
+            [*args, "--identity", str(tmp / f"{name}.key"), "--cache-dir", str(tmp / f"cache-{name}")]
+        )
+        return d
+
+    try:
+        a = daemon("a", "--model", str(folder), "--layers", "0:4")
+        e = daemon("e", "--model", str(folder), "--layers", "0:4", "--bootstrap", a.multiaddr, "--test-corrupt-weights")
+        b = daemon("b", "--model", model_id, "--layers", "0:3", "--bootstrap", a.multiaddr)
+        daemon("c", "--model", model_id, "--layers", "2:4", "--bootstrap", e.multiaddr, b.multiaddr)
+        yield {"folder": folder, "model_id": model_id, "tmp": tmp, **started}
+    finally:
+        for d in started.values():
+            d.terminate()
+        for d in started.values():
+            d.stop()
+
+
+def test_daemons_with_only_the_model_id_serve_the_reference_tokens(fetched: dict[str, Any]) -> None:
+    b, c = fetched["b"], fetched["c"]
+    assert _event(b, "ready")["model_id"] == _event(c, "ready")["model_id"] == fetched["model_id"]
+    prompt = [5, 17, 99, 3, 250, 42]
+    with Client([b.pinned, c.pinned]) as client:  # B serves 0:3, C 2:4: only fetched weights on the route
+        _, hops = client.route()
+        assert {h.address for h in hops} == {b.pinned, c.pinned}
+        assert list(client.generate(prompt, 10, stop_at_eos=False)) == _reference_tokens(fetched["folder"], prompt, 10)
+
+
+def test_a_cache_holds_exactly_its_spans_tensors(fetched: dict[str, Any]) -> None:
+    manifest = load_manifest(fetched["folder"])
+    cache = fetched["tmp"] / "cache-b" / "weights" / fetched["model_id"]
+    held = local_tensors(cache)
+    wanted = manifest.tensors_of(manifest.groups_for_span(0, 3))
+    assert set(held) == {t.name for t in wanted}
+    data_bytes = sum(length for _, _, length in held.values())
+    assert data_bytes == sum(t.length for t in wanted) < manifest.total_bytes
+    done = _event(fetched["b"], "fetched")
+    wasted = sum(done["by_provider"].get(p, 0) for p in done["banned"])  # E's corrupted tensors, fetched again
+    assert done["bytes"] - wasted == data_bytes  # every other byte fetched once
+    on_disk = sum(p.stat().st_size for p in cache.glob("*.safetensors"))
+    assert data_bytes < on_disk < data_bytes + 4096 * len(list(cache.glob("*.safetensors")))  # headers only
+
+
+def test_c_fetched_from_b_too_and_banned_the_corrupting_provider(fetched: dict[str, Any]) -> None:
+    a, b, c, e = (fetched[n] for n in "abce")
+    done = _event(c, "fetched")
+    assert b.peer_id in done["by_provider"]  # layer 2 came (partly) from B, which fetched it itself
+    assert e.peer_id in done["banned"]  # E's bytes did not verify: banned, and C came up anyway
+    assert set(done["by_provider"]) <= {a.peer_id, b.peer_id, e.peer_id}
+
+
+def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str, Any]) -> None:
+    folder, tmp, model_id = fetched["folder"], fetched["tmp"], fetched["model_id"]
+    slow = ["--test-weights-delay", "0.1"]  # 0.1 s per chunk served: the transfer takes seconds
+    started: list[DaemonProcess] = []
+    try:  # a swarm of its own, so that only these two provide
+        k1 = start_daemon(["--model", str(folder), "--layers", "0:4", "--identity", str(tmp / "k1.key"), *slow])
+        started.append(k1)
+        k2 = start_daemon(
+            ["--model", str(folder), "--layers", "0:4", "--identity", str(tmp / "k2.key"), "--bootstrap", k1.multiaddr]
+            + slow
+        )
+        started.append(k2)
+
+        def kill_k1_once_fetching(line: str) -> None:
+            if event_of(line, "fetching") is not None:
+                threading.Timer(1.0, k1.kill).start()  # a few tensors in
+
+        g = start_daemon(
+            ["--model", model_id, "--layers", "0:4", "--identity", str(tmp / "g.key"), "--cache-dir", str(tmp / "g")]
+            + ["--bootstrap", k1.multiaddr],
+            on_line=kill_k1_once_fetching,
+        )
+        started.append(g)
+        done = _event(g, "fetched")
+        assert k1.peer_id in done["dropped"] and done["by_provider"].get(k1.peer_id, 0) > 0
+        assert done["by_provider"][k2.peer_id] > 0
+        manifest = load_manifest(folder)
+        assert done["bytes"] >= manifest.total_bytes  # everything arrived, verified, despite the kill
+    finally:
+        for d in started:
+            d.kill()
+        for d in started:
+            d.stop()

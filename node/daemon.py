@@ -342,13 +342,11 @@ class Daemon:
             "tls_fingerprint": self.certificate.fingerprint if self.certificate is not None else None,
         }
 
-    def _model_peers(self) -> dict[str, tuple[str, ...]]:
-        """Peers of our model in the swarm state (serving or loading it) and their libp2p addresses."""
-        agent, model_id = self._agent, self.config.weights.model_id
-        if agent is None:
-            return {}
-        members = agent.members().items()
-        return {pid: m.p2p_addresses for pid, m in members if m.model_id == model_id and pid != self.peer_id}
+    def _model_peers(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The swarm state's peers (but us): the model each serves or loads, and its libp2p addresses."""
+        agent = self._agent
+        members = agent.members().items() if agent is not None else ()
+        return {pid: (m.model_id, m.p2p_addresses) for pid, m in members if pid != self.peer_id}
 
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
         """Pick the span (the weakest window of the swarm's view, or --layers of a fetched model) and

@@ -11,9 +11,10 @@ import pytest
 import torch
 import trio
 
-from node.errors import DiskQuota
+from node.errors import BadWeights, DiskQuota, WeightsError
 from node.mesh.weights import WeightsConfig, WeightsServer
 from node.weights.cache import ModelCache, folder_holding
+from node.weights.hub import HubModel, fill_from_folder
 from protocol.weights_pb2 import ChunkRequest, ManifestRequest, WeightsRequest, WeightsResponse
 from shards import Checkpoint
 from shards.errors import ManifestError
@@ -137,19 +138,6 @@ def test_every_chunk_request_is_bounded_and_a_bad_one_gets_an_error(folder: Path
     assert token.data == b'{"fak'
 
 
-def _copy_chunks(cache: ModelCache, group: str, source: Path, only: int | None = None) -> None:
-    """Write a group's chunks from the source checkpoint, as a fetch would (the first `only` tensors)."""
-    gf = cache.open_group(group)
-    for t in gf.tensors[:only]:
-        raw = (source / t.file).read_bytes()[t.offset : t.offset + t.length]
-        for index, length in gf.chunks(t):
-            gf.write(t, index, raw[index * cache.chunk_bytes : index * cache.chunk_bytes + length])
-        assert gf.verify(t)
-    if gf.complete():
-        gf.finish()
-        cache.write_index()
-
-
 def test_a_fetch_resumes_from_its_journal_and_the_assembled_span_loads(folder: Path, tmp_path: Path) -> None:
     manifest = load_manifest(folder)
     cache = ModelCache(tmp_path / "cache", manifest, chunk_bytes=4096)
@@ -167,7 +155,7 @@ def test_a_fetch_resumes_from_its_journal_and_the_assembled_span_loads(folder: P
         again.write(first, index, bad)
     assert not again.verify(first) and first.name not in again.done  # forgotten: fetched again from scratch
     for group in manifest.groups_for_span(0, 4):
-        _copy_chunks(cache, group, folder)
+        fill_from_folder(cache, [group], folder)
     ours = Checkpoint(cache.root)
     assert ours.model_id() == manifest.model_id  # the pinned manifest: the same model id as the full folder
     fetched, original = ours.load_span(1, 3), Checkpoint(folder).load_span(1, 3)
@@ -184,9 +172,39 @@ def test_the_disk_quota_evicts_unused_groups_or_refuses_clearly(folder: Path, tm
         cache.check_quota(span)
     roomy = ModelCache(tmp_path / "cache", manifest, max_disk_bytes=int(cache.bytes_of(span) * 1.2) + 8192)
     for group in manifest.groups_for_span(2, 4):
-        _copy_chunks(roomy, group, folder)
+        fill_from_folder(roomy, [group], folder)
     held = [g for g in manifest.groups_for_span(2, 4) if roomy.has_group(g)]
     roomy.check_quota(span)  # groups of 2:4 are evicted (as few as make room) for 0:2
     left = [g for g in held if roomy.has_group(g)]
     assert len(left) < len(held)
     assert roomy.bytes_of(left) + roomy.bytes_of(span) <= roomy.max_disk_bytes
+
+
+def test_hub_files_are_verified_against_the_swarms_manifest(folder: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(folder)
+    hub = object.__new__(HubModel)  # what the Hub said, without asking it
+    hub.config, hub.weight_map = dict(manifest.config), None
+    assert hub.matches(manifest) and hub.shard_files(["model.layers.0.self_attn.q_proj.weight"]) == [
+        "model.safetensors"
+    ]
+    hub.config = {**hub.config, "rms_norm_eps": 0.5}
+    assert not hub.matches(manifest)  # another model under the same layout
+    tampered = tmp_path / "tampered"
+    shutil.copytree(folder, tampered)
+    entry = manifest.tensor("model.layers.2.self_attn.o_proj.weight")
+    assert entry is not None
+    data = bytearray((tampered / entry.file).read_bytes())
+    data[entry.offset + 3] ^= 0x10
+    (tampered / entry.file).write_bytes(bytes(data))
+    cache = ModelCache(tmp_path / "cache", manifest)
+    with pytest.raises(BadWeights, match="o_proj"):
+        fill_from_folder(cache, ["2"], tampered)
+    assert not cache.has_group("2")
+
+
+def test_an_unreachable_hub_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="unreachable"):
+        HubModel("moemesh-tests/no-such-model", cache_dir=tmp_path)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS"]
 
 _MODEL_ID = re.compile(r"[0-9a-f]{24}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub repository, ORG/NAME
 
 
 def _need_torch(command: str) -> None:
@@ -191,9 +192,12 @@ def _daemon(args: argparse.Namespace) -> int:
     longest = Limits().max_lease_ahead_s  # replicas refuse a lease further ahead than this
     if not 3 * args.sync_interval <= args.lease <= longest:
         raise ConfigError(f"--lease must be at least 3 sync intervals and at most {longest:g} seconds")
-    remote = args.model is not None and not args.model.is_dir() and _MODEL_ID.fullmatch(str(args.model)) is not None
-    if args.model is not None and not args.model.is_dir() and not remote:
-        raise ConfigError(f"--model {args.model}: no such folder, nor a model id (24 hex digits)")
+    named = str(args.model) if args.model is not None and not args.model.is_dir() else ""
+    model_id = named if _MODEL_ID.fullmatch(named) else ""
+    hub_id = named if not model_id and _HUB_ID.fullmatch(named) else ""
+    remote = bool(model_id or hub_id)
+    if named and not remote:
+        raise ConfigError(f"--model {named}: no such folder, nor a model id (24 hex digits), nor a Hub id ORG/NAME")
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
     server = None
     if args.model is not None:
@@ -211,7 +215,7 @@ def _daemon(args: argparse.Namespace) -> int:
 
     cache_dir = args.cache_dir or Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh")
     max_disk = int(args.max_disk * 1e9) if args.max_disk else 0
-    plan = WeightsPlan(str(args.model) if remote else "", cache_dir, FetchConfig(max_disk_bytes=max_disk))
+    plan = WeightsPlan(model_id, hub_id, cache_dir, FetchConfig(max_disk_bytes=max_disk))
     config = DaemonConfig(
         nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity,

@@ -30,6 +30,7 @@ from node.mesh.host import MeshNode
 from node.mesh.weights import Holding
 from node.weights.cache import ModelCache, folder_holding
 from node.weights.fetch import FetchConfig, FetchReport, SpanFetch, connect_candidates, find_manifest
+from node.weights.hub import HubModel, fill_from_folder
 from shards.manifest import Manifest, load_manifest
 
 __all__ = ["MODEL_ID", "WeightsKeeper", "WeightsPlan", "weights_key"]
@@ -46,12 +47,13 @@ def weights_key(model_id: str, group: str) -> str:
 
 @dataclass(frozen=True)
 class WeightsPlan:
-    model_id: str = ""  # "": serve the local folder; else fetch this model's spans from the swarm
+    model_id: str = ""  # fetch this model's spans from the swarm ("": see hub_id, else a local folder)
+    hub_id: str = ""  # a Hugging Face Hub repository: the swarm's copy first, the Hub for what it lacks
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "moemesh")
     fetch: FetchConfig = field(default_factory=FetchConfig)
 
 
-Members = Callable[[], Mapping[str, Sequence[str]]]  # peers of the model in the swarm state -> p2p addresses
+Members = Callable[[], Mapping[str, tuple[str, Sequence[str]]]]  # swarm state: peer -> (its model id, p2p addresses)
 
 
 class WeightsKeeper:
@@ -59,13 +61,21 @@ class WeightsKeeper:
         self.plan, self.say = plan, say
         self.event = event or (lambda kind, **fields: None)
         self._holding: Holding | None = None
+        self.model_id = plan.model_id  # a Hub model's is known once resolved
+        self.local: Path | None = None  # a Hub model nobody in the swarm had: downloaded whole, served as a folder
+        self.hub: HubModel | None = None
         self.cache: ModelCache | None = None
         self.banned: set[str] = set()  # providers that sent bytes that did not verify
         self.last_report: FetchReport | None = None
 
     @property
     def remote(self) -> bool:
-        return bool(self.plan.model_id)
+        """The weights are not in a local folder: resolved (and fetched) once the mesh is up."""
+        return bool(self.plan.model_id or self.plan.hub_id)
+
+    def peers_of(self, members: Members, model_id: str | None = None) -> dict[str, Sequence[str]]:
+        wanted = model_id or self.model_id
+        return {peer: addrs for peer, (mid, addrs) in members().items() if mid == wanted}
 
     def holding(self) -> Holding | None:
         return self._holding
@@ -83,9 +93,11 @@ class WeightsKeeper:
         """The manifest of our model id, from whichever peer of the swarm has it."""
         if self.cache is not None:
             return self.cache.manifest
-        model_id = self.plan.model_id
+        if self.plan.hub_id and not self.model_id:
+            return await self._hub_manifest(bridge, node, members)
+        model_id = self.model_id
         for attempt in range(self.plan.fetch.rounds):
-            peers = await bridge.call(_discover, node, [weights_key(model_id, "embed")], dict(members()))
+            peers = await bridge.call(_discover, node, [weights_key(model_id, "embed")], self.peers_of(members))
             found, _ = await bridge.call(
                 find_manifest, node.host, model_id, peers, self.plan.fetch.weights, self.banned
             )
@@ -102,8 +114,33 @@ class WeightsKeeper:
             await asyncio.sleep(2.0)
         raise NoProviders(f"no peer of the swarm has the manifest of model {model_id}")
 
+    async def _hub_manifest(self, bridge: TrioThread, node: MeshNode, members: Members) -> Manifest:
+        """A Hub repository's manifest: a peer's whose config and layout are the Hub's, else hashed here
+        from every shard downloaded (this daemon then seeds the swarm with it)."""
+        loop = asyncio.get_running_loop()
+        hub_id = self.plan.hub_id
+        self.hub = hub = await loop.run_in_executor(None, HubModel, hub_id, None)
+        swarm = members()
+        for model_id in sorted({mid for mid, _ in swarm.values() if mid}):
+            peers = await bridge.call(_discover, node, [], self.peers_of(members, model_id))
+            found, _ = await bridge.call(
+                find_manifest, node.host, model_id, peers, self.plan.fetch.weights, self.banned
+            )
+            if found is not None and hub.matches(found):
+                self.say(f"{hub_id} is model {model_id} of the swarm: its spans come from peers first")
+                self.model_id = model_id
+                return await self.manifest(bridge, node, members)
+        self.say(f"no peer of the swarm serves {hub_id}: downloading every shard from the Hub to hash its manifest")
+        folder = await loop.run_in_executor(None, hub.download, hub.shard_files())
+        manifest = await loop.run_in_executor(None, load_manifest, folder)
+        self.local, self.model_id = folder, manifest.model_id
+        return manifest
+
     async def fetch(self, bridge: TrioThread, node: MeshNode, start: int, end: int, members: Members) -> Path:
         """Fetch (or find in the cache) every tensor layers [start, end) need; the folder to load."""
+        if self.local is not None:
+            await self.serve_folder(self.local)
+            return self.local
         cache = self.cache
         assert cache is not None, "manifest() first"
         manifest = cache.manifest
@@ -114,7 +151,7 @@ class WeightsKeeper:
         keys = [weights_key(manifest.model_id, g) for g in groups]
         try:
             for attempt in range(self.plan.fetch.rounds):
-                peers = await bridge.call(_discover, node, keys, dict(members()))
+                peers = await bridge.call(_discover, node, keys, self.peers_of(members))
                 _, holds = await bridge.call(
                     find_manifest, node.host, manifest.model_id, peers, self.plan.fetch.weights, self.banned
                 )
@@ -125,7 +162,10 @@ class WeightsKeeper:
                     )
                 except NoProviders as e:
                     if attempt + 1 == self.plan.fetch.rounds:
-                        raise
+                        if self.hub is None:
+                            raise
+                        await self._from_hub(cache, groups)
+                        return cache.root
                     log.warning("%s; looking for providers again", e)
                     await asyncio.sleep(2.0)
                     continue
@@ -150,6 +190,18 @@ class WeightsKeeper:
         finally:
             bar.close()
         raise AssertionError("unreachable")
+
+    async def _from_hub(self, cache: ModelCache, groups: list[str]) -> None:
+        """Groups no peer holds: only the Hub shard files that hold them, every tensor verified."""
+        assert self.hub is not None
+        missing = [g for g in groups if not cache.has_group(g)]
+        files = self.hub.shard_files(t.name for t in cache.manifest.tensors_of(missing))
+        self.say(f"no peer holds groups {', '.join(missing)}: downloading {', '.join(files)} from the Hub")
+        loop = asyncio.get_running_loop()
+        folder = await loop.run_in_executor(None, self.hub.download, files)
+        copied = await loop.run_in_executor(None, fill_from_folder, cache, missing, folder)
+        self._holding = cache.holding()
+        self.say(f"filled {copied / 1e6:.1f} MB from the Hub, every tensor verified")
 
     def _group_done(self, group: str) -> None:
         """On the trio thread: a group verified whole is served to others at once."""

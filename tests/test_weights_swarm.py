@@ -137,3 +137,38 @@ def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str
             d.kill()
         for d in started:
             d.stop()
+
+
+def test_a_daemon_with_only_the_model_id_fetches_its_new_span_when_it_moves(fetched: dict[str, Any]) -> None:
+    from node.daemon import DaemonConfig
+    from node.mesh.autonat import AutoNATConfig
+    from node.mesh.host import MeshConfig
+    from node.mesh.nat import NatConfig
+    from node.serve.config import ServerConfig
+    from node.swarm.agent import SwarmConfig
+    from node.testing.inprocess import DaemonThread
+    from node.weights.keeper import WeightsPlan
+
+    tmp, model_id = fetched["tmp"], fetched["model_id"]
+    cache = tmp / "cache-m"
+    config = DaemonConfig(
+        identity=tmp / "m.key",
+        mesh=MeshConfig(bootstrap=(fetched["a"].multiaddr,)),
+        server=ServerConfig(model=cache, start=0, end=0),  # the model is known once its manifest is fetched
+        nat=NatConfig(AutoNATConfig(confirmations=1)),
+        cache_dir=cache,
+        swarm=SwarmConfig(lease_s=6.0, sync_interval_s=0.5, rebalance=False),
+        auto_layers=True,
+        max_layers=2,
+        weights=WeightsPlan(model_id, cache_dir=cache),
+    )
+    with DaemonThread(config) as d:
+        first = tuple(d.ready(timeout=120)["layers"])
+        target = (2, 4) if first[0] == 0 else (0, 2)
+        d.call(d.daemon.move(*target))
+        assert d.daemon.serving is not None and (d.daemon.serving.shard.start, d.daemon.serving.shard.end) == target
+        assert d.daemon.serving.shard.model_id == model_id
+    manifest = load_manifest(fetched["folder"])
+    held = set(local_tensors(cache / "weights" / model_id))
+    for span in (first, target):  # both spans' tensors: the new one fetched the same way
+        assert {t.name for t in manifest.tensors_of(manifest.groups_for_span(*span))} <= held

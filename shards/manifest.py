@@ -167,7 +167,8 @@ def _file_entry(f: Any) -> FileEntry:
 
 def _tensor_entry(t: Any) -> TensorEntry:
     name, dtype, shape, file, offset, length, digest = t
-    ok = isinstance(name, str) and isinstance(dtype, str) and dtype in DTYPE_BYTES and isinstance(file, str)
+    ok = isinstance(name, str) and _plain(name) and isinstance(dtype, str) and dtype in DTYPE_BYTES
+    ok = ok and isinstance(file, str)
     ok = ok and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and _safe_name(file)
     ok = ok and isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0
     if not ok:
@@ -184,6 +185,11 @@ def _digest(value: Any) -> str:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise ValueError(f"bad sha256 {value!r:.80}")
     return value
+
+
+def _plain(name: str) -> bool:
+    """A tensor name as checkpoints have them: printable, no spaces (the fetch journal is split on them)."""
+    return 0 < len(name) < 1024 and name.isprintable() and " " not in name
 
 
 def _safe_name(name: str) -> bool:

@@ -72,6 +72,7 @@ def test_a_manifest_round_trips_and_hostile_ones_are_refused(folder: Path) -> No
     for field, index, value in [
         ("files", 0, "../../etc/passwd"),  # a file name that escapes the folder
         ("files", 1, -5),  # negative size
+        ("tensors", 0, "x 0\nv model.norm.weight"),  # a name that would forge fetch journal lines
         ("tensors", 1, "Q9"),  # unknown dtype
         ("tensors", 2, [10**9]),  # shape that does not fit its byte length
         ("tensors", 6, "zz"),  # not a sha256

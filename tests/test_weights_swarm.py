@@ -117,7 +117,7 @@ def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str
         )
         started.append(k2)
 
-        def kill_k1_once_fetching(line: str) -> None:
+        def kill_k1_once_fetching(line: str, _: DaemonProcess) -> None:
             if event_of(line, "fetching") is not None:
                 threading.Timer(1.0, k1.kill).start()  # a few tensors in
 
@@ -132,6 +132,23 @@ def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str
         assert done["by_provider"][k2.peer_id] > 0
         manifest = load_manifest(folder)
         assert done["bytes"] >= manifest.total_bytes  # everything arrived, verified, despite the kill
+
+        # The fetching daemon itself killed mid-transfer: started again, it fetches only what it lacked.
+        def kill_self_once_fetching(line: str, itself: DaemonProcess) -> None:
+            if event_of(line, "fetching") is not None:
+                threading.Timer(1.5, itself.kill).start()
+
+        crashing = ["--model", model_id, "--layers", "0:4", "--identity", str(tmp / "h.key")]
+        crashing += ["--cache-dir", str(tmp / "h"), "--bootstrap", k2.multiaddr]
+        with pytest.raises(RuntimeError, match="exited"):
+            start_daemon(crashing, on_line=kill_self_once_fetching)
+        partial = list((tmp / "h" / "weights" / model_id).glob("*.journal"))
+        assert partial, "killed before any group was partly fetched"
+        again = start_daemon(crashing)
+        started.append(again)
+        resumed = _event(again, "fetched")
+        assert 0 < resumed["bytes"] < manifest.total_bytes  # only what the crash left out
+        assert set(local_tensors(tmp / "h" / "weights" / model_id)) == {t.name for t in manifest.tensors}
     finally:
         for d in started:
             d.kill()

@@ -198,12 +198,12 @@ def start_daemon(
     env: Mapping[str, str] | None = None,
     verbose: bool = True,
     wrap: Callable[[list[str]], list[str]] | None = None,
-    on_line: Callable[[str], None] | None = None,
+    on_line: Callable[[str, DaemonProcess], None] | None = None,
 ) -> DaemonProcess:
     """Start `moemesh daemon ARGS` and wait until it has advertised its record.
 
     `wrap` turns the command line into the one to run (e.g. inside a network namespace);
-    `on_line` sees each output line before the daemon is ready (e.g. to act on an event).
+    `on_line(line, daemon)` sees each output line before the daemon is ready (e.g. to act on an event).
     """
     cmd = [sys.executable, "-m", "node", *(["-v"] if verbose else []), "daemon", "--json-events", *args]
     if wrap is not None:
@@ -215,7 +215,7 @@ def start_daemon(
     try:
         for line in _lines(lines, log, deadline, f"daemon {' '.join(args)}"):
             if on_line is not None:
-                on_line(line)
+                on_line(line, daemon)
             if (ready := event_of(line, "ready")) is not None:
                 daemon.peer_id, daemon.multiaddr = ready["peer_id"], ready["multiaddrs"][0]
                 daemon.grpc_address = ready["grpc_address"] or ""

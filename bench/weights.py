@@ -12,6 +12,7 @@ in its `fetched` event. Rates are printed beside a plain local copy of the same 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -48,15 +49,18 @@ def plain_copy_rate(folder: Path, start: int, end: int, out: Path) -> tuple[int,
     """Bytes of the span's tensors and the rate (B/s) of copying them file to file, one read and write each."""
     manifest = load_manifest(folder)
     tensors = manifest.tensors_of(manifest.groups_for_span(start, end))
-    began = time.perf_counter()
-    with out.open("wb") as dst:
-        for t in tensors:
-            with (folder / t.file).open("rb") as src:
-                src.seek(t.offset)
-                dst.write(src.read(t.length))
-    elapsed = time.perf_counter() - began
-    out.unlink()
-    return sum(t.length for t in tensors), sum(t.length for t in tensors) / elapsed
+    times = []
+    for _ in range(5):  # the median of 5: one copy of tens of MB is over in milliseconds
+        began = time.perf_counter()
+        with out.open("wb") as dst:
+            for t in tensors:
+                with (folder / t.file).open("rb") as src:
+                    src.seek(t.offset)
+                    dst.write(src.read(t.length))
+        times.append(time.perf_counter() - began)
+        out.unlink()
+    total = sum(t.length for t in tensors)
+    return total, total / statistics.median(times)
 
 
 def fetch_rate(folder: Path, model_id: str, providers: int, tmp: Path) -> dict[str, Any]:

@@ -471,7 +471,7 @@ class Checkpoint:
         if isinstance(named, str) and named in DTYPES:
             return DTYPES[named]
         embed = "model.embed_tokens.weight"
-        if embed in self._files:
+        if embed in self._files and self._files[embed].is_file():
             stored = _safetensors_header(self._files[embed])[embed]["dtype"]
         else:  # a folder holding only a middle span: the manifest knows the embedding
             entry = load_manifest(self.path).tensor(embed)

@@ -257,6 +257,27 @@ def _aux_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch(p.name, pat) for pat in AUX_PATTERNS))
 
 
+def _missing_shards(folder: Path) -> list[str]:
+    try:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return sorted({f for f in weight_map.values() if isinstance(f, str) and not (folder / f).is_file()})
+
+
+def _still_current(cached: list[Any], stamp: list[list[Any]]) -> bool:
+    """Every covered file as it was when hashed; shard files may since have been removed (a peer
+    that keeps only its span's shards): the manifest is still the model's, what is left serves."""
+    now = {entry[0]: entry for entry in stamp}
+    for entry in cached:
+        if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+            return False
+        current = now.pop(entry[0], None)
+        if current != entry and not (current is None and entry[0].endswith(".safetensors")):
+            return False
+    return not now  # nothing new appeared
+
+
 def _stamp(folder: Path) -> list[list[Any]]:
     """What the cached manifest was computed from: every covered file's name, size and mtime."""
     paths = [folder / "config.json", *sorted(folder.glob("*.safetensors")), *_aux_files(folder)]
@@ -274,6 +295,13 @@ def build_manifest(
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"{folder}: no .safetensors files")
+    missing = _missing_shards(folder)
+    if missing:
+        raise CheckpointError(
+            f"{folder}: the weight index names shard files that are not here ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), so the model's manifest cannot be hashed; hash it before"
+            " removing shards (moemesh manifest), or start the daemon with the model id to fetch a span"
+        )
     layout = [(file, *safetensors_header(file)) for file in shards]
     aux = [p for p in _aux_files(folder) if p.stat().st_size <= MAX_AUX_BYTES]
     if total:
@@ -315,7 +343,8 @@ def load_manifest(
         cached = _read_cache(path)
         if cached is None:
             continue
-        if cached.get("pinned") or cached.get("stamp") == stamp:
+        known = cached.get("stamp")
+        if cached.get("pinned") or (isinstance(known, list) and _still_current(known, stamp)):
             try:
                 return Manifest.from_bytes(json.dumps(cached["manifest"]).encode())
             except (KeyError, ManifestError):

@@ -17,7 +17,7 @@ from node.weights.cache import ModelCache, folder_holding
 from node.weights.hub import HubModel, fill_from_folder
 from protocol.weights_pb2 import ChunkRequest, ManifestRequest, WeightsRequest, WeightsResponse
 from shards import Checkpoint
-from shards.errors import ManifestError
+from shards.errors import CheckpointError, ManifestError
 from shards.manifest import CACHE_NAME, Manifest, build_manifest, group_of, load_manifest
 
 
@@ -209,3 +209,29 @@ def test_an_unreachable_hub_is_a_clean_error(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsError, match="unreachable"):
         HubModel("moemesh-tests/no-such-model", cache_dir=tmp_path)
+
+
+def test_a_peer_may_keep_only_its_spans_shards_once_hashed(folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(folder / name, sharded / name)
+    tensors = load_file(str(folder / "model.safetensors"))
+    first = {n: t for n, t in tensors.items() if group_of(n) in ("embed", "0", "1")}
+    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": {
+        n: t for n, t in tensors.items() if n not in first}}  # fmt: skip
+    for file, part in files.items():
+        save_file(part, str(sharded / file))
+    index = {"weight_map": {n: file for file, part in files.items() for n in part}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    model_id = Checkpoint(sharded).model_id()
+    (sharded / "model-00002-of-00002.safetensors").unlink()  # this peer serves 0:2 only
+    assert Checkpoint(sharded).model_id() == model_id  # still the whole model's id
+    span = Checkpoint(sharded).load_span(0, 2)
+    assert span.embed_tokens is not None
+    assert folder_holding(sharded, load_manifest(sharded)).groups == ("0", "1", "embed")
+    (sharded / CACHE_NAME).unlink()
+    with pytest.raises(CheckpointError, match="cannot be hashed"):
+        load_manifest(sharded)

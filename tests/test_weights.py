@@ -235,3 +235,21 @@ def test_a_peer_may_keep_only_its_spans_shards_once_hashed(folder: Path, tmp_pat
     (sharded / CACHE_NAME).unlink()
     with pytest.raises(CheckpointError, match="cannot be hashed"):
         load_manifest(sharded)
+
+
+def test_the_manifest_command_and_bad_model_arguments(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main
+
+    out = tmp_path / "manifest.json"
+    assert main(["manifest", str(folder), "--out", str(out)]) == 0
+    model_id = load_manifest(folder).model_id
+    assert f"model id {model_id}" in capsys.readouterr().out
+    assert Manifest.from_bytes(out.read_bytes()).model_id == model_id
+    assert main(["manifest", str(tmp_path / "nowhere")]) == 2
+    assert main(["daemon", "--model", "not/a/model/id", "--layers", "0:2"]) == 2
+    assert "nor a model id (24 hex digits)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["daemon", "--model", model_id, "--layers", "0:2", "--max-disk", "-1"])
+    assert refused.value.code == 2 and "--max-disk: -1 GB must be positive" in capsys.readouterr().err

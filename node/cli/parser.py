@@ -329,7 +329,7 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-disk",
-        type=_number(float, "--max-disk", lambda v: v > 0, "a positive number of GB"),
+        type=_number(float, "a number of GB", lambda v: 0 < v < 1e9, "GB must be positive"),
         metavar="GB",
         help="disk quota for fetched weights in GB (default: none); spans not served are evicted to make room",
     )

@@ -72,7 +72,7 @@ async def connect_candidates(host: IHost, candidates: Mapping[str, Iterable[str]
     async with trio.open_nursery() as nursery:
         for peer_id, addrs in candidates.items():
             if peer_id != me:
-                nursery.start_soon(one, peer_id, [a.split("/p2p/")[0] for a in addrs])
+                nursery.start_soon(one, peer_id, [a.removesuffix(f"/p2p/{peer_id}") for a in addrs])
     return sorted(reached)
 
 

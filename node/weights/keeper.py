@@ -24,9 +24,11 @@ from typing import Any
 
 import trio
 
-from node.errors import NoProviders
+from node.errors import InvalidRecord, NoProviders
 from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshNode
+from node.mesh.reader import addresses_to_dial
+from node.mesh.records import is_live, verify_record
 from node.mesh.weights import Holding
 from node.weights.cache import ModelCache, folder_holding
 from node.weights.fetch import FetchConfig, FetchReport, SpanFetch, connect_candidates, find_manifest
@@ -229,7 +231,30 @@ async def _discover(node: MeshNode, keys: Sequence[str], members: Mapping[str, S
     for peer in node.host.get_connected_peers():
         found.setdefault(peer.to_base58(), [])
     found.pop(node.peer_id, None)
-    return await connect_candidates(node.host, found, DISCOVERY_TIMEOUT_S)
+    reached = await connect_candidates(node.host, found, DISCOVERY_TIMEOUT_S)
+    behind_nat = await _circuits(node, [p for p in found if p not in reached])
+    return sorted(set(reached) | set(await connect_candidates(node.host, behind_nat, DISCOVERY_TIMEOUT_S)))
+
+
+async def _circuits(node: MeshNode, peers: Sequence[str]) -> dict[str, list[str]]:
+    """Where to dial peers we could not reach directly, from their signed records: their relays'
+    circuit addresses when they are behind NAT (the weights stream then runs relayed, or
+    hole-punched, as the gRPC tunnel does)."""
+    dial: dict[str, list[str]] = {}
+    if not peers:
+        return dial
+    records: dict[str, bytes] = {}
+    with trio.move_on_after(DISCOVERY_TIMEOUT_S):  # a dead peer's record lookup can take tens of seconds
+        records = await node.records(peers)
+    for peer, data in records.items():
+        try:
+            record = verify_record(data, peer_id=peer)
+        except InvalidRecord as e:
+            log.info("the record of weights candidate %s is not believed: %s", peer, e)
+            continue
+        if is_live(record) and (addresses := addresses_to_dial(record)):
+            dial[peer] = addresses
+    return dial
 
 
 class _Bar:

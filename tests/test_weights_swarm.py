@@ -135,6 +135,7 @@ def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str
 
         # The fetching daemon itself killed mid-transfer: started again, it fetches only what it lacked.
         g.stop()  # (G would serve it everything at once: only the slow K2 is left)
+
         def kill_self_once_fetching(line: str, itself: DaemonProcess) -> None:
             if event_of(line, "fetching") is not None:
                 threading.Timer(1.5, itself.kill).start()

@@ -19,9 +19,8 @@ answers go on while a large model loads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -187,7 +186,8 @@ class Daemon:
         await agent.start(tasks)
         rounds = tasks.create_task(agent.run(), name="moemesh-swarm-rounds")
         if config.server is not None and (config.auto_layers or self.weights.remote):
-            if not await self._unless_stopped(self._first_span(agent, config.server)):  # a fetch can take hours
+            if not await self.lifecycle.unless_stopped(self._first_span(agent, config.server)):  # a fetch: hours
+                self.say("stopped before serving (fetched weights are kept, and resumed at the next start)")
                 rounds.cancel()
                 await self._shutdown(agent)
                 return
@@ -209,20 +209,6 @@ class Daemon:
     async def _first_span(self, agent: SwarmAgent, server: ServerConfig) -> None:
         start, end = await self._auto_span(agent)
         await self._start_serving(replace(server, start=start, end=end))
-
-    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
-        """Run `work` unless a stop is requested first (then cancel it: a fetch resumes from its journal)."""
-        task, stop = asyncio.ensure_future(work), asyncio.ensure_future(self.lifecycle.stop_requested())
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            self.say("stopped before serving (fetched weights are kept, and resumed at the next start)")
-            return False
-        task.result()
-        return True
 
     async def _shutdown(self, agent: SwarmAgent) -> None:
         """Refuse new sessions at once and withdraw; open sessions finish, or move after the grace."""

@@ -253,3 +253,48 @@ def test_the_manifest_command_and_bad_model_arguments(
     with pytest.raises(SystemExit) as refused:
         main(["daemon", "--model", model_id, "--layers", "0:2", "--max-disk", "-1"])
     assert refused.value.code == 2 and "--max-disk: -1 GB must be positive" in capsys.readouterr().err
+
+
+class _FakeStream:
+    """Bytes in, bytes out, as a libp2p stream would carry them."""
+
+    class _Conn:
+        peer_id = "fake-peer"
+
+    muxed_conn = _Conn()
+
+    def __init__(self, incoming: bytes) -> None:
+        self.incoming, self.outgoing = incoming, b""
+        self.closed = self.was_reset = False
+
+    async def read(self, n: int) -> bytes:
+        data, self.incoming = self.incoming[:n], self.incoming[n:]
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.outgoing += data
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+def test_a_hostile_stream_is_reset_and_a_good_one_answered(folder: Path) -> None:
+    from node.mesh.weights import MAX_REQUEST_BYTES
+
+    manifest = load_manifest(folder)
+    holding = folder_holding(folder, manifest)
+    server = WeightsServer(None, WeightsConfig(), lambda: holding)  # type: ignore[arg-type]
+    oversized = (MAX_REQUEST_BYTES + 1).to_bytes(4, "big") + b"x" * 64
+    for hostile in (oversized, b"\x00\x00\x00\x10short"):  # over the limit; cut in the middle
+        stream = _FakeStream(hostile)
+        trio.run(server.handle, stream)
+        assert stream.was_reset and stream.outgoing == b""
+    request = WeightsRequest(manifest=ManifestRequest(model_id=manifest.model_id)).SerializeToString()
+    good = _FakeStream(len(request).to_bytes(4, "big") + request)  # then the peer closes
+    trio.run(server.handle, good)
+    assert good.closed and not good.was_reset and server.active == 0
+    answer = WeightsResponse.FromString(good.outgoing[4:])
+    assert Manifest.from_bytes(answer.manifest).model_id == manifest.model_id

@@ -7,6 +7,7 @@ providers, one killed while a third daemon fetches from both.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,19 @@ def test_a_provider_killed_mid_transfer_is_replaced_by_another(fetched: dict[str
         resumed = _event(again, "fetched")
         assert 0 < resumed["bytes"] < manifest.total_bytes  # only what the crash left out
         assert set(local_tensors(tmp / "h" / "weights" / model_id)) == {t.name for t in manifest.tensors}
+        again.stop()
+
+        # Ctrl-C while fetching: the daemon stops at once (not after the transfer), keeping what arrived.
+        def interrupt_once_fetching(line: str, itself: DaemonProcess) -> None:
+            if event_of(line, "fetching") is not None:
+                threading.Timer(1.0, itself.process.send_signal, (signal.SIGINT,)).start()
+
+        interrupted = ["--model", model_id, "--layers", "0:4", "--identity", str(tmp / "i.key")]
+        interrupted += ["--cache-dir", str(tmp / "i"), "--bootstrap", k2.multiaddr]
+        with pytest.raises(RuntimeError, match="stopped before serving") as stopped:
+            start_daemon(interrupted, on_line=interrupt_once_fetching)
+        assert "Traceback" not in str(stopped.value)
+        assert list((tmp / "i" / "weights" / model_id).glob("*.journal"))
     finally:
         for d in started:
             d.kill()

@@ -22,6 +22,7 @@ engine off the loop, start the gRPC server, serve until a signal, drain, stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -93,6 +94,19 @@ class Lifecycle:
     async def stop_requested(self) -> None:
         """Wait until a stop is requested (a signal, or `request_stop()`)."""
         await self._stop.wait()
+
+    async def unless_stopped(self, work: Awaitable[None]) -> bool:
+        """Run `work` to its end (True), unless a stop is requested first: then cancel it (False)."""
+        task, stop = asyncio.ensure_future(work), asyncio.ensure_future(self.stop_requested())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
 
     def hurry(self) -> None:
         """Cut every grace short: the sessions of the engines being drained (and of those drained

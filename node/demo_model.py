@@ -53,7 +53,7 @@ def build_demo_model(out: Path | None = None) -> Path:
     marker = out / "moemesh-demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == RECIPE:
         _say(f"already built: {out}")
-        return out
+        return _hashed(out)
 
     import torch
     from safetensors.torch import save_file
@@ -118,4 +118,12 @@ def build_demo_model(out: Path | None = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     _say(f"done in {time.monotonic() - started:.0f} s: {out}")
+    return _hashed(out)
+
+
+def _hashed(out: Path) -> Path:
+    """Hash its manifest once here (then cached), not in each of the demo's serving processes at once."""
+    from shards.manifest import load_manifest
+
+    _say(f"model id {load_manifest(out).model_id}")
     return out

@@ -6,6 +6,7 @@ MoemeshError
 ├── ConfigError            a bad option or argument (the CLI prints it and exits 2)
 ├── RouteError             no chain of the known peers covers every layer (names the gap)
 ├── SessionClosed          we closed the session: it takes no more steps
+├── TokenizerError         no usable tokenizer: no model folder, and the peers' were missing or bad
 ├── ApiError               the HTTP API refuses a request: its status and OpenAI error type kept
 ├── RequestError           the server will not serve a request; the gRPC edge (node.serve.service)
 │   │                      maps each kind to the status it answers with
@@ -53,6 +54,7 @@ __all__ = [
     "RouteError",
     "SessionClosed",
     "SessionStateError",
+    "TokenizerError",
     "WrongModel",
     "peer_error",
 ]
@@ -72,6 +74,11 @@ class RouteError(MoemeshError):
 
 class SessionClosed(MoemeshError):
     """We closed this session ourselves; it takes no more steps."""
+
+
+class TokenizerError(MoemeshError):
+    """No usable tokenizer: the model folder has none, or what the peers sent was missing,
+    malformed or over the bound (the message names the peers and why)."""
 
 
 class ApiError(MoemeshError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from node.errors import ConfigError, RouteError
 
 if TYPE_CHECKING:
+    from node.client import Client
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
 
@@ -262,7 +263,6 @@ def _api(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("moemesh api needs the api extra: pip install 'moemesh[api]'") from None
     from node.api import ApiConfig, run_api
-    from node.client import Client
 
     event = _events(args.json_events)
 
@@ -272,7 +272,7 @@ def _api(args: argparse.Namespace) -> int:
         )
         event("ready", http_address=address)
 
-    client = Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id)
+    client = _swarm_client(args)
     config = ApiConfig(default_max_tokens=args.default_max_tokens, max_streams=args.max_streams)
     run_api(
         client,
@@ -286,14 +286,25 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swarm_client(args: argparse.Namespace) -> Client:
+    """The SDK client of `api` and `chat`: --peers (pinned with --fingerprint) or --bootstrap."""
+    from node.client import Client, ClientConfig
+
+    return Client(
+        _pinned(args.peers, args.fingerprint) if args.peers else (),
+        bootstrap=args.bootstrap or (),
+        model_folder=args.model,
+        model_id=args.model_id,
+        config=ClientConfig(insecure_lan=args.insecure_lan),
+    )
+
+
 def _chat(args: argparse.Namespace) -> int:
     from node.cli.chat import Conversation, repl
-    from node.client import Client, Sampling
+    from node.client import Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    with Client(
-        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
-    ) as client:
+    with _swarm_client(args) as client:
         return repl(client, Conversation(args.system), max_new_tokens=args.max_new_tokens, sampling=sampling)
 
 

@@ -91,6 +91,7 @@ class Client:
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
+        self._text_lock = threading.Lock()
         if model_folder is not None:
             from node.client.text import TextCodec
 
@@ -335,9 +336,21 @@ class Client:
 
     @property
     def text(self) -> TextCodec:
-        if self._text is None:
-            raise ConfigError("a text prompt needs the model folder (its tokenizer): pass model_folder=")
-        return self._text
+        """The tokenizer and chat template: the model folder's, else the swarm's (fetched once
+        from a peer serving the model, then cached per model id: node.client.tokenizer)."""
+        with self._text_lock:
+            if self._text is None:
+                from node.client.text import TextCodec
+                from node.client.tokenizer import swarm_tokenizer
+                from node.textfiles import cache_root
+
+                known = self.candidates()
+                peers = sorted(known.peers, key=lambda p: p.rtt_s)  # nearest first
+                root = self.config.tokenizer_cache or cache_root()
+                timeout_s = self.config.info_timeout_s
+                folder = swarm_tokenizer(known.model_id, [p.address for p in peers], self.channel, root, timeout_s)
+                self._text = TextCodec(folder)
+            return self._text
 
     def generate(
         self,

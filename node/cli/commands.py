@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from node.errors import ConfigError, RouteError
@@ -23,16 +26,36 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS"]
 
 
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while big packages import: a Ctrl-C inside torch's import could leave
+    it deadlocked on an import lock, or end the process by the signal itself; held, it comes
+    right after, as a KeyboardInterrupt in our own code (exit code 130). Threads started meanwhile
+    keep them blocked, so signals keep going to the main thread."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _need_torch(command: str) -> None:
     """Serving needs the `serve` extra; the SDK and the CLI's other commands do not."""
     try:
-        import torch  # noqa: F401
+        with held_signals():
+            import torch  # noqa: F401
     except ImportError:
         raise ConfigError(f"{command} needs torch: pip install 'moemesh[serve]'") from None
 
 
 def _say(message: str) -> None:
     print(f"moemesh: {message}", flush=True)
+
+
+def _say_when(message: str) -> None:
+    """A daemon's line: it runs for days, so each line says when (local time, as logging's do)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} moemesh: {message}", flush=True)
 
 
 def _events(enabled: bool) -> Any:
@@ -93,8 +116,9 @@ GOMP_SPINCOUNT = "10000"
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
     _need_torch("moemesh serve")
-    from node.serve.lifecycle import serve
-    from node.tls import make_certificate
+    with held_signals():
+        from node.serve.lifecycle import Lifecycle, serve
+        from node.tls import make_certificate
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
@@ -122,8 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     progress = lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    asyncio.run(serve(config, ready, progress=progress, certificate=certificate))
-    return 0
+    lifecycle = Lifecycle()
+    asyncio.run(serve(config, ready, progress=progress, certificate=certificate, lifecycle=lifecycle))
+    return 130 if lifecycle.interrupted else 0  # Ctrl-C: what a shell expects; SIGTERM: a clean stop
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -190,12 +215,13 @@ def _daemon(args: argparse.Namespace) -> int:
     if args.model is not None:
         _need_torch("moemesh daemon --model")
         server = _server_config(args)
-    from node.daemon import Daemon, DaemonConfig
-    from node.mesh.autonat import AutoNATConfig
-    from node.mesh.host import MeshConfig
-    from node.mesh.nat import NatConfig
-    from node.mesh.relay import RelayConfig
-    from node.swarm.agent import SwarmConfig
+    with held_signals():
+        from node.daemon import Daemon, DaemonConfig
+        from node.mesh.autonat import AutoNATConfig
+        from node.mesh.host import MeshConfig
+        from node.mesh.nat import NatConfig
+        from node.mesh.relay import RelayConfig
+        from node.swarm.agent import SwarmConfig
 
     config = DaemonConfig(
         nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
@@ -211,8 +237,9 @@ def _daemon(args: argparse.Namespace) -> int:
         max_layers=args.max_layers or 0,
         metrics_port=args.metrics_port,
     )
-    asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
-    return 0
+    daemon = Daemon(config, _say_when, _events(args.json_events))
+    asyncio.run(daemon.run())
+    return 130 if daemon.lifecycle.interrupted else 0  # Ctrl-C: what a shell expects; SIGTERM: a clean stop
 
 
 def _status(args: argparse.Namespace) -> int:

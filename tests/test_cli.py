@@ -126,3 +126,22 @@ def test_a_port_in_use_is_an_error_not_a_shared_listener(tiny_models: dict[str, 
         )
     assert result.returncode == 2, result.stderr
     assert "in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_libp2p_port_in_use_is_an_error_too(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "node", "daemon", "--p2p-port", str(port), "--identity", str(tmp_path / "key")],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot listen for libp2p on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr

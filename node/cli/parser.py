@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=3,
         metavar="N",
-        help="peers that must agree before this daemon calls itself public or private (default 3)",
+        help="peers that must agree before this daemon calls itself public or private (default 3; a smaller"
+        " swarm settles, after 3 checks, for all the peers it has, if they agree)",
     )
     _add_server_options(daemon)
 

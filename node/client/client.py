@@ -35,7 +35,7 @@ import grpc
 
 from node.client.channels import Channels
 from node.client.config import ClientConfig
-from node.client.known import KnownPeers
+from node.client.known import KnownPeers, NatBlocked
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
@@ -212,8 +212,12 @@ class Client:
     def _from_swarm(self) -> KnownPeers:
         """The peers of the swarm's records, each confirmed by its own Info (span and version)."""
         model_id, snapshot = self._swarm().model(self.model_id)
+        from protocol.mesh_pb2 import Reachability
+
         offers: list[PeerView] = []
         refused: list[VersionMismatchError] = []
+        behind_nat: list[NatBlocked] = []
+        nat_layers = 0  # the model's layers, as the records of peers behind NAT say
         for pid, record in snapshot.records.items():
             views = peers_from_record(pid, record, model_id)
             if not views:
@@ -227,6 +231,10 @@ class Client:
             address = self._address_of(pid, record)
             if address is not None:
                 offers.extend(replace(v, address=address) for v in views)
+            elif record.reachability == Reachability.REACHABILITY_PRIVATE:  # errors then name the NAT
+                relays = bool(record.circuit_addresses)
+                behind_nat.extend(NatBlocked(pid, v.start, v.end, relays) for v in views)
+                nat_layers = max(nat_layers, views[0].num_layers)
         answers = self._measure([v.address for v in offers])
         peers = []
         for view in offers:
@@ -246,9 +254,12 @@ class Client:
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
             raise refused[0]
+        if not num_layers and behind_nat:
+            nat = KnownPeers(model_id, nat_layers, [], behind_nat=tuple(behind_nat))
+            raise nat.explain(RouteError(f"no reachable peer serves model {model_id}", ((0, nat_layers),)))
         if not num_layers:
             raise RouteError(f"no live peer serves model {model_id}")
-        return KnownPeers(model_id, num_layers, peers, refused=tuple(refused))
+        return KnownPeers(model_id, num_layers, peers, refused=tuple(refused), behind_nat=tuple(behind_nat))
 
     def _from_peers(self) -> KnownPeers:
         """The peers at the given addresses, as their Info answers tell them."""
@@ -319,10 +330,7 @@ class Client:
         except RouteError as e:
             if not known.peers and known.refused:  # every peer that answered speaks another protocol
                 raise known.refused[0] from None
-            why = known.left_out()
-            if not why:
-                raise
-            raise RouteError(f"{e}; {why}", e.missing) from None
+            raise known.explain(e) from None
         if self.config.hole_punch_wait_s > 0:
             self._wait_for_hole_punch(hops)
         return known.model_id, hops

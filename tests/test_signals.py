@@ -80,6 +80,13 @@ def test_ctrl_c_stops_a_daemon_at_any_point(tiny_models: dict[str, Path], tmp_pa
         assert "withdrawing the record" in output  # a Ctrl-C once serving is the graceful stop
 
 
+def test_ctrl_c_stops_an_auto_placed_daemon_while_it_loads(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    args = ["daemon", "--model", str(tiny_models["mixtral"]), "--layers", "auto", "--identity", str(tmp_path / "id")]
+    code, output = _interrupt(args, "placement:", tmp_path)
+    assert code == 130, output
+    assert not [n for n in NOISE if n in output], output
+
+
 def test_sigterm_is_a_clean_stop_with_exit_code_0(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
     args = ["serve", "--model", str(tiny_models["mixtral"]), "--layers", "0:4"]

@@ -2,9 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.moemesh-installed
-APT_PACKAGES := gcc libgmp-dev iptables iproute2 chromium
+APT_PACKAGES := gcc libgmp-dev iptables iproute2 chromium docker-compose
 
-.PHONY: install demo test test-quick bench lint proto clean
+.PHONY: install demo swarm test test-quick bench lint proto clean
 
 $(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -23,6 +23,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m node.demo
+
+swarm: $(STAMP)  # a bootstrap daemon, 3 daemons with --layers auto and the API, until Ctrl-C
+	$(PY) -m node.localswarm
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -30,6 +30,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Load, Member
+from node.errors import Stopped
 from node.mesh.addresses import WILDCARDS, advertised, local_ipv4_addresses
 from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import Installer, MeshConfig, MeshNode
@@ -138,7 +139,7 @@ class Daemon:
             self.certificate = make_certificate()  # one for the process: a move keeps the fingerprint
         try:
             if config.server is not None and not config.auto_layers and not self.weights.remote:
-                await self._start_serving(config.server)
+                await self.lifecycle.unless_stopped(self._start_serving(config.server))
             self._bridge.start()
             # A NAT'd peer is reached through the tunnel endpoint, whichever span (and port) it serves later.
             tunnel = partial(install_server, config=TunnelConfig(), target=self._tunnel_target)
@@ -157,6 +158,8 @@ class Daemon:
                     await self._serve_in(tasks)
             except BaseExceptionGroup as group:  # one failure is the daemon's error, not a group of one
                 raise unwrap(group) from None
+        except Stopped:  # a signal before we were serving: nothing of ours was announced yet
+            self.say("stopped before serving")
         finally:
             self._tasks = None
             serving, self.serving = self.serving, None
@@ -186,11 +189,14 @@ class Daemon:
         await agent.start(tasks)
         rounds = tasks.create_task(agent.run(), name="moemesh-swarm-rounds")
         if config.server is not None and (config.auto_layers or self.weights.remote):
-            if not await self.lifecycle.unless_stopped(self._first_span(agent, config.server)):  # a fetch: hours
-                self.say("stopped before serving (fetched weights are kept, and resumed at the next start)")
+            try:
+                await self.lifecycle.unless_stopped(self._first_span(agent, config.server))  # a fetch: hours
+            except Stopped:  # our claim of the span leaves with our member record
+                if self.weights.remote:
+                    self.say("fetched weights are kept, and the fetch resumes at the next start")
                 rounds.cancel()
                 await self._shutdown(agent)
-                return
+                raise
         agent.update_member(**self._serving_fields())
         self._advertiser = advertiser = Advertiser(
             self._bridge, node, self._key_pair, config.ttl_s, self.addresses, self._offer, self.say
@@ -264,7 +270,12 @@ class Daemon:
             raise
         host = self.config.announce_host or server_config.host
         address = f"{local_ipv4_addresses()[0] if host in WILDCARDS else host}:{port}"
-        throughput = await measure_throughput(engine, self.config.cache_dir)
+        try:
+            throughput = await measure_throughput(engine, self.config.cache_dir)
+        except BaseException:  # cancelled by a stop: not serving yet, so nothing else closes them
+            await server.stop(grace=None)
+            await engine.aclose()
+            raise
         span = engine.span
         shard = ShardAd(
             model_id=engine.model_id,

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from node.progress import ticks
+
 __all__ = ["DEMO_NAME", "build_demo_model", "default_cache"]
 
 DEMO_NAME = "smollm2-135m-moe4"
@@ -71,18 +73,20 @@ def build_demo_model(out: Path | None = None) -> Path:
     generator = torch.Generator().manual_seed(SEED)
     moe: dict[str, torch.Tensor] = {}
     layers = cfg.num_hidden_layers
-    for i in range(layers):
-        prefix = f"model.layers.{i}"
-        mlp = {name: state.pop(f"{prefix}.mlp.{name}.weight") for name in ("gate_proj", "up_proj", "down_proj")}
-        for e in range(NUM_EXPERTS):
-            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                w = mlp[theirs]
-                noise = torch.randn(w.shape, generator=generator) * (EXPERT_NOISE * float(w.std()))
-                moe[f"{prefix}.block_sparse_moe.experts.{e}.{ours}.weight"] = w + noise
-        router = torch.randn((NUM_EXPERTS, cfg.hidden_size), generator=generator) / cfg.hidden_size**0.5
-        moe[f"{prefix}.block_sparse_moe.gate.weight"] = router
-        if (i + 1) % 10 == 0 or i + 1 == layers:
-            _say(f"3/4 upcycled layer {i + 1}/{layers} into {NUM_EXPERTS} experts")
+    with ticks("upcycling", unit="layers") as tick:
+        for i in range(layers):
+            prefix = f"model.layers.{i}"
+            mlp = {name: state.pop(f"{prefix}.mlp.{name}.weight") for name in ("gate_proj", "up_proj", "down_proj")}
+            for e in range(NUM_EXPERTS):
+                for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                    w = mlp[theirs]
+                    noise = torch.randn(w.shape, generator=generator) * (EXPERT_NOISE * float(w.std()))
+                    moe[f"{prefix}.block_sparse_moe.experts.{e}.{ours}.weight"] = w + noise
+            router = torch.randn((NUM_EXPERTS, cfg.hidden_size), generator=generator) / cfg.hidden_size**0.5
+            moe[f"{prefix}.block_sparse_moe.gate.weight"] = router
+            if (i + 1) % 10 == 0 or i + 1 == layers:
+                _say(f"3/4 upcycled layer {i + 1}/{layers} into {NUM_EXPERTS} experts")
+            tick(i + 1, layers)
     state.update(moe)
     state.pop("lm_head.weight", None)  # tied to the embedding
 

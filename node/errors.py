@@ -6,6 +6,8 @@ MoemeshError
 ├── ConfigError            a bad option or argument (the CLI prints it and exits 2)
 ├── RouteError             no chain of the known peers covers every layer (names the gap)
 ├── SessionClosed          we closed the session: it takes no more steps
+├── TokenizerError         no usable tokenizer: no model folder, and the peers' were missing or bad
+├── Stopped                a stop (a signal) was requested before the work it cut short was done
 ├── ApiError               the HTTP API refuses a request: its status and OpenAI error type kept
 ├── RequestError           the server will not serve a request; the gRPC edge (node.serve.service)
 │   │                      maps each kind to the status it answers with
@@ -60,6 +62,8 @@ __all__ = [
     "RouteError",
     "SessionClosed",
     "SessionStateError",
+    "Stopped",
+    "TokenizerError",
     "WeightsError",
     "WrongModel",
     "peer_error",
@@ -80,6 +84,16 @@ class RouteError(MoemeshError):
 
 class SessionClosed(MoemeshError):
     """We closed this session ourselves; it takes no more steps."""
+
+
+class TokenizerError(MoemeshError):
+    """No usable tokenizer: the model folder has none, or what the peers sent was missing,
+    malformed or over the bound (the message names the peers and why)."""
+
+
+class Stopped(MoemeshError):
+    """A stop was requested (SIGINT, SIGTERM, `request_stop()`) before the work it cut short, such
+    as loading a span, was done."""
 
 
 class ApiError(MoemeshError):

@@ -49,6 +49,11 @@ class ShardStub:
                 request_serializer=protocol_dot_shard__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protocol_dot_shard__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenizer = channel.unary_unary(
+                '/moemesh.v1.Shard/Tokenizer',
+                request_serializer=protocol_dot_shard__pb2.TokenizerRequest.SerializeToString,
+                response_deserializer=protocol_dot_shard__pb2.TokenizerResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -72,6 +77,12 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenizer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protocol_dot_shard__pb2.InfoRequest.FromString,
                     response_serializer=protocol_dot_shard__pb2.InfoResponse.SerializeToString,
+            ),
+            'Tokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenizer,
+                    request_deserializer=protocol_dot_shard__pb2.TokenizerRequest.FromString,
+                    response_serializer=protocol_dot_shard__pb2.TokenizerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Shard:
             '/moemesh.v1.Shard/Info',
             protocol_dot_shard__pb2.InfoRequest.SerializeToString,
             protocol_dot_shard__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Shard/Tokenizer',
+            protocol_dot_shard__pb2.TokenizerRequest.SerializeToString,
+            protocol_dot_shard__pb2.TokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

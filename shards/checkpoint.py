@@ -478,12 +478,20 @@ class Checkpoint:
             stored = entry.dtype if entry is not None else "F32"
         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
-    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none") -> SpanModel:
+    def load_span(
+        self,
+        start: int,
+        end: int,
+        dtype: torch.dtype | None = None,
+        quantize: str = "none",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> SpanModel:
         """Build layers [start, end) with their weights, reading only the tensors they need.
 
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
         ones dequantized first, except those transformers itself keeps in fp32. `quantize`
-        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded.
+        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded. `progress(done,
+        total)` is called after each parameter is read; an exception it raises ends the load.
         """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
@@ -499,12 +507,15 @@ class Checkpoint:
             span = SpanModel(cfg, start, end)
         state: dict[str, torch.Tensor] = {}
         expected = dict(span.named_parameters())
-        for name, source in self._sources(span).items():
+        sources = self._sources(span)
+        for done, (name, source) in enumerate(sources.items(), 1):
             tensor = source.combine(list(self._read(source.names)))
             want = list(expected[name].shape)
             if list(tensor.shape) != want:
                 raise CheckpointError(f"{self.path}: {name} has shape {list(tensor.shape)}, the config implies {want}")
             state[name] = tensor.to(torch.float32 if name.endswith(keep32) else compute)
+            if progress is not None:
+                progress(done, len(sources))
         span.load_state_dict(state, assign=True, strict=True)
         span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
         state.clear()  # the span holds the only reference: quantizing then frees each weight

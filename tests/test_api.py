@@ -160,10 +160,26 @@ def test_a_server_without_tokenizer_says_so(tiny_models: dict[str, Path]) -> Non
 
     from node.api import ApiConfig, Relay, SwarmView, build_app
 
-    client = Client(["127.0.0.1:9"])
+    client = Client(["127.0.0.1:9"])  # no folder: the tokenizer would come from the swarm, which is not there
     with TestClient(build_app(Relay(client, ApiConfig()), SwarmView(client, (), [], 0.0))) as http:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        assert "--model FOLDER" in _shaped(http.post("/v1/chat/completions", json=body), 500)["message"]
+        assert _shaped(http.post("/v1/chat/completions", json=body), 503)["code"] == "no_route"
+
+    class NoTokenizer(_FailingSwarm):
+        def __init__(self) -> None:
+            self.recoveries, self._fail_after = [], 0
+
+        @property  # type: ignore[override]
+        def text(self) -> Any:
+            from node.errors import TokenizerError
+
+            raise TokenizerError("no tokenizer for model fake (127.0.0.1:9: NOT_FOUND: ...)")
+
+    fake = NoTokenizer()
+    with TestClient(build_app(Relay(fake, ApiConfig()), SwarmView(fake, (), [], 0.0))) as http:  # type: ignore[arg-type]
+        body = {"model": "fake-name", "messages": [{"role": "user", "content": "hi"}]}
+        message = _shaped(http.post("/v1/chat/completions", json=body), 500)["message"]
+        assert "--model FOLDER" in message and "NOT_FOUND" in message
 
 
 class _FailingSwarm:
@@ -235,6 +251,9 @@ def test_api_and_chat_command_lines() -> None:
     assert bad.returncode == 2 and "no tokenizer.json" in bad.stderr and "Traceback" not in bad.stderr
     hot = _moemesh("chat", "--peers", "127.0.0.1:9", "--temperature", "5", timeout=60)
     assert hot.returncode == 2 and "outside 0..2" in hot.stderr
+    for command in ("api", "chat"):  # pinned like the other client commands
+        unpinned = _moemesh(command, "--peers", "127.0.0.1:9", "--insecure-lan", "--fingerprint", "zz", timeout=60)
+        assert unpinned.returncode == 2 and "not a SHA-256 fingerprint" in unpinned.stderr, unpinned.stderr
 
 
 def test_sigint_stops_the_api_server_cleanly() -> None:

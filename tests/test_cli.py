@@ -51,9 +51,11 @@ def test_serve_errors_are_one_clear_line(tiny_models: dict[str, Path], tmp_path:
 def test_generate_errors(tiny_models: dict[str, Path]) -> None:
     _fails_cleanly(moemesh("generate", "--peers", "localhost", "--ids", "1"), "not host:port")
     _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "--ids", "1,2"), "no peer answered")
-    _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "hello"), "needs the model folder")
+    _fails_cleanly(moemesh("generate", "--peers", "127.0.0.1:9", "hello"), "no peer answered")  # its tokenizer too
     nobody = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDEFv3Tokarnn5vGZcEGbpzr9v1hUSuL9ZGCkUxx7inev"
-    _fails_cleanly(moemesh("generate", "--bootstrap", nobody, "hello"), "needs the model folder")  # not a 2nd address
+    refused = moemesh("generate", "--bootstrap", nobody, "hello")
+    _fails_cleanly(refused, "no bootstrap peer could be reached")
+    assert "hello" not in refused.stderr  # the prompt, not a 2nd address
 
 
 def test_generate_and_info_against_a_live_swarm(tiny_models: dict[str, Path]) -> None:
@@ -124,3 +126,22 @@ def test_a_port_in_use_is_an_error_not_a_shared_listener(tiny_models: dict[str, 
         )
     assert result.returncode == 2, result.stderr
     assert "in use" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_libp2p_port_in_use_is_an_error_too(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "node", "daemon", "--p2p-port", str(port), "--identity", str(tmp_path / "key")],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot listen for libp2p on 127.0.0.1:{port}: the port is in use" in result.stderr
+    assert "Traceback" not in result.stderr

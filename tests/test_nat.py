@@ -124,3 +124,33 @@ def test_lab_namespaces_are_removed_also_on_failure() -> None:
         raise RuntimeError("boom")
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in listed for name in made)
+
+
+def test_without_a_relay_autonat_decides_with_the_defaults_and_the_client_names_the_nat(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A swarm of three, so fewer peers than the default 3 confirmations: the NAT'd daemon still
+    finds itself private, and with no relay a client's error says the NAT is why."""
+    model = str(tiny_models["mixtral"])
+    daemons: list[DaemonProcess] = []
+    with NatLab(prefix=f"mmr{time.monotonic_ns() % 100000}") as lab:
+        try:
+
+            def start(name: str, where: Any, args: list[str]) -> DaemonProcess:
+                common = ["--host", where.ip, "--identity", str(tmp_path / f"{name}.key")]  # default confirmations
+                daemons.append(start_daemon([*common, *args], wrap=where.argv))
+                return daemons[-1]
+
+            boot = start("boot", lab.public, []).multiaddr  # no --relay: nobody relays
+            start("b", lab.public, ["--model", model, "--layers", "2:4", "--bootstrap", boot])
+            a = start("a", lab.a, ["--model", model, "--layers", "0:2", "--bootstrap", boot])
+            _wait_log(a, "moemesh: reachability: private", 90)
+            generate = [sys.executable, "-m", "node", "generate", "--bootstrap", boot, "--ids", "1,2"]
+            result = subprocess.run(lab.c.argv(generate), cwd=ROOT, capture_output=True, text=True, timeout=180)
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert "layers 0:2 are served only by peers behind NAT and no relay is available" in result.stderr
+        finally:
+            for d in daemons:
+                d.terminate()
+            for d in daemons:
+                d.stop()

@@ -104,7 +104,7 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
     async def chat_completions(request: Request) -> Response:
         body = parse_request(ChatRequest, await _json(request))
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        codec = relay.text
+        codec = await blocking(lambda: relay.text)  # fetched from the swarm the first time
         model = await model_of(body)
         ids = codec.encode(codec.render_chat(messages))
         generation = relay.start(job(body, ids, body.token_limit()))
@@ -122,7 +122,8 @@ def build_app(relay: Relay, swarm: SwarmView, started: Callable[[], None] = lamb
         body = parse_request(CompletionRequest, await _json(request))
         prompt = body.one_prompt()
         model = await model_of(body)
-        ids = relay.text.encode(prompt, raw=True) if isinstance(prompt, str) else [int(i) for i in prompt]
+        codec = await blocking(lambda: relay.text)  # fetched from the swarm the first time
+        ids = codec.encode(prompt, raw=True) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ApiError("the prompt encodes to no tokens", param="prompt")
         generation = relay.start(job(body, ids, body.token_limit() or 16))  # 16: OpenAI's default here

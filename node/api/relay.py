@@ -25,7 +25,7 @@ import grpc
 from node.api.decode import Detokenizer, StopMatcher
 from node.api.metrics import ApiMetrics
 from node.client import Client, Sampling
-from node.errors import ApiError, ConfigError, MoemeshError, PeerError, PeerRefused, RouteError
+from node.errors import ApiError, ConfigError, MoemeshError, PeerError, PeerRefused, RouteError, TokenizerError
 
 if TYPE_CHECKING:
     from node.client.text import TextCodec
@@ -198,11 +198,13 @@ class Relay:
 
     @property
     def text(self) -> TextCodec:
+        """The SDK's tokenizer (blocking the first time, when it comes from the swarm: call it
+        from a thread until it is known)."""
         try:
             return self.client.text
-        except ConfigError:
+        except (ConfigError, TokenizerError) as e:
             raise ApiError(
-                "this API server has no tokenizer: start it with --model FOLDER", status=500, type="server_error"
+                f"this API server has no tokenizer ({e}): start it with --model FOLDER", status=500, type="server_error"
             ) from None
 
     def route(self) -> Any:

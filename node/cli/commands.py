@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.errors import ConfigError, RouteError
 
 if TYPE_CHECKING:
+    from node.client import Client
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
 
@@ -27,16 +31,36 @@ _MODEL_ID = re.compile(r"[0-9a-f]{24}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face Hub repository, ORG/NAME
 
 
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while big packages import: a Ctrl-C inside torch's import could leave
+    it deadlocked on an import lock, or end the process by the signal itself; held, it comes
+    right after, as a KeyboardInterrupt in our own code (exit code 130). Threads started meanwhile
+    keep them blocked, so signals keep going to the main thread."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _need_torch(command: str) -> None:
     """Serving needs the `serve` extra; the SDK and the CLI's other commands do not."""
     try:
-        import torch  # noqa: F401
+        with held_signals():
+            import torch  # noqa: F401
     except ImportError:
         raise ConfigError(f"{command} needs torch: pip install 'moemesh[serve]'") from None
 
 
 def _say(message: str) -> None:
     print(f"moemesh: {message}", flush=True)
+
+
+def _say_when(message: str) -> None:
+    """A daemon's line: it runs for days, so each line says when (local time, as logging's do)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} moemesh: {message}", flush=True)
 
 
 def _events(enabled: bool) -> Any:
@@ -100,8 +124,9 @@ GOMP_SPINCOUNT = "10000"
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
     _need_torch("moemesh serve")
-    from node.serve.lifecycle import serve
-    from node.tls import make_certificate
+    with held_signals():
+        from node.serve.lifecycle import Lifecycle, serve
+        from node.tls import make_certificate
 
     if args.layers == "auto":
         raise ConfigError("--layers auto chooses from the swarm's state: use `moemesh daemon`")
@@ -129,8 +154,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     progress = lambda m: print(f"moemesh: {m}", file=sys.stderr, flush=True)  # noqa: E731
-    asyncio.run(serve(config, ready, progress=progress, certificate=certificate))
-    return 0
+    lifecycle = Lifecycle()
+    asyncio.run(serve(config, ready, progress=progress, certificate=certificate, lifecycle=lifecycle))
+    return 130 if lifecycle.interrupted else 0  # Ctrl-C: what a shell expects; SIGTERM: a clean stop
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -203,15 +229,16 @@ def _daemon(args: argparse.Namespace) -> int:
     if args.model is not None:
         _need_torch("moemesh daemon --model")
         server = _server_config(args, remote)
-    from node.daemon import Daemon, DaemonConfig
-    from node.mesh.autonat import AutoNATConfig
-    from node.mesh.host import MeshConfig
-    from node.mesh.nat import NatConfig
-    from node.mesh.relay import RelayConfig
-    from node.mesh.weights import WeightsConfig
-    from node.swarm.agent import SwarmConfig
-    from node.weights.fetch import FetchConfig
-    from node.weights.keeper import WeightsPlan
+    with held_signals():
+        from node.daemon import Daemon, DaemonConfig
+        from node.mesh.autonat import AutoNATConfig
+        from node.mesh.host import MeshConfig
+        from node.mesh.nat import NatConfig
+        from node.mesh.relay import RelayConfig
+        from node.mesh.weights import WeightsConfig
+        from node.swarm.agent import SwarmConfig
+        from node.weights.fetch import FetchConfig
+        from node.weights.keeper import WeightsPlan
 
     cache_dir = args.cache_dir or Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh")
     max_disk = int(args.max_disk * 1e9) if args.max_disk else 0
@@ -234,8 +261,9 @@ def _daemon(args: argparse.Namespace) -> int:
         layers=args.layers or "",
         serve_weights=WeightsConfig(corrupt=args.test_corrupt_weights, delay_s=args.test_weights_delay),
     )
-    asyncio.run(Daemon(config, _say, _events(args.json_events)).run())
-    return 0
+    daemon = Daemon(config, _say_when, _events(args.json_events))
+    asyncio.run(daemon.run())
+    return 130 if daemon.lifecycle.interrupted else 0  # Ctrl-C: what a shell expects; SIGTERM: a clean stop
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -286,7 +314,6 @@ def _api(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("moemesh api needs the api extra: pip install 'moemesh[api]'") from None
     from node.api import ApiConfig, run_api
-    from node.client import Client
 
     event = _events(args.json_events)
 
@@ -296,7 +323,7 @@ def _api(args: argparse.Namespace) -> int:
         )
         event("ready", http_address=address)
 
-    client = Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id)
+    client = _swarm_client(args)
     config = ApiConfig(default_max_tokens=args.default_max_tokens, max_streams=args.max_streams)
     run_api(
         client,
@@ -310,14 +337,25 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _swarm_client(args: argparse.Namespace) -> Client:
+    """The SDK client of `api` and `chat`: --peers (pinned with --fingerprint) or --bootstrap."""
+    from node.client import Client, ClientConfig
+
+    return Client(
+        _pinned(args.peers, args.fingerprint) if args.peers else (),
+        bootstrap=args.bootstrap or (),
+        model_folder=args.model,
+        model_id=args.model_id,
+        config=ClientConfig(insecure_lan=args.insecure_lan),
+    )
+
+
 def _chat(args: argparse.Namespace) -> int:
     from node.cli.chat import Conversation, repl
-    from node.client import Client, Sampling
+    from node.client import Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    with Client(
-        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
-    ) as client:
+    with _swarm_client(args) as client:
         return repl(client, Conversation(args.system), max_new_tokens=args.max_new_tokens, sampling=sampling)
 
 

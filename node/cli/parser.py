@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", action="append", metavar="MULTIADDR", help="find peers in the swarm's DHT (repeatable)"
     )
     gen.add_argument("--model-id", help="which model of the swarm (default: the only one)")
-    gen.add_argument("--model", type=Path, help="model folder, for its tokenizer (needed for a text prompt)")
+    gen.add_argument(
+        "--model", type=Path, help="model folder, for its tokenizer (default: fetched from the peers and cached)"
+    )
     gen.add_argument("--ids", help="comma-separated prompt token ids instead of text")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="default 64")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -276,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=3,
         metavar="N",
-        help="peers that must agree before this daemon calls itself public or private (default 3)",
+        help="peers that must agree before this daemon calls itself public or private (default 3; a smaller"
+        " swarm settles, after 3 checks, for all the peers it has, if they agree)",
     )
     _add_weights_options(daemon)
     _add_server_options(daemon)
@@ -343,7 +346,10 @@ def _add_swarm_options(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
     where.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="any daemons of the swarm (DHT)")
     parser.add_argument("--model-id", help="which model of the swarm (default: the only one)")
-    parser.add_argument("--model", type=Path, help="model folder, for its tokenizer and chat template")
+    parser.add_argument(
+        "--model", type=Path, help="model folder, for its tokenizer and chat template (default: the peers')"
+    )
+    _add_client_tls_options(parser)
 
 
 _temperature = _number(float, "a temperature", lambda v: 0 <= v <= 2, "is outside 0..2")

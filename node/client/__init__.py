@@ -5,7 +5,8 @@ session.py   InferenceSession and its failover, behind the narrow SessionHost
 stream.py    the Info call and one InferenceSession stream per hop
 sampling.py  Sampling and sample
 config.py    ClientConfig
-text.py      the tokenizer and chat template (imported only with a model folder)
+text.py      the tokenizer and chat template (imported only for text prompts)
+tokenizer.py the tokenizer from the swarm when there is no model folder: fetched, checked, cached
 """
 
 from node.client.client import Client

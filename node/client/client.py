@@ -35,7 +35,7 @@ import grpc
 
 from node.client.channels import Channels
 from node.client.config import ClientConfig
-from node.client.known import KnownPeers
+from node.client.known import KnownPeers, NatBlocked
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
@@ -91,6 +91,7 @@ class Client:
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
+        self._text_lock = threading.Lock()
         if model_folder is not None:
             from node.client.text import TextCodec
 
@@ -211,8 +212,12 @@ class Client:
     def _from_swarm(self) -> KnownPeers:
         """The peers of the swarm's records, each confirmed by its own Info (span and version)."""
         model_id, snapshot = self._swarm().model(self.model_id)
+        from protocol.mesh_pb2 import Reachability
+
         offers: list[PeerView] = []
         refused: list[VersionMismatchError] = []
+        behind_nat: list[NatBlocked] = []
+        nat_layers = 0  # the model's layers, as the records of peers behind NAT say
         for pid, record in snapshot.records.items():
             views = peers_from_record(pid, record, model_id)
             if not views:
@@ -226,6 +231,10 @@ class Client:
             address = self._address_of(pid, record)
             if address is not None:
                 offers.extend(replace(v, address=address) for v in views)
+            elif record.reachability == Reachability.REACHABILITY_PRIVATE:  # errors then name the NAT
+                relays = bool(record.circuit_addresses)
+                behind_nat.extend(NatBlocked(pid, v.start, v.end, relays) for v in views)
+                nat_layers = max(nat_layers, views[0].num_layers)
         answers = self._measure([v.address for v in offers])
         peers = []
         for view in offers:
@@ -245,9 +254,12 @@ class Client:
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
             raise refused[0]
+        if not num_layers and behind_nat:
+            nat = KnownPeers(model_id, nat_layers, [], behind_nat=tuple(behind_nat))
+            raise nat.explain(RouteError(f"no reachable peer serves model {model_id}", ((0, nat_layers),)))
         if not num_layers:
             raise RouteError(f"no live peer serves model {model_id}")
-        return KnownPeers(model_id, num_layers, peers, refused=tuple(refused))
+        return KnownPeers(model_id, num_layers, peers, refused=tuple(refused), behind_nat=tuple(behind_nat))
 
     def _from_peers(self) -> KnownPeers:
         """The peers at the given addresses, as their Info answers tell them."""
@@ -318,10 +330,7 @@ class Client:
         except RouteError as e:
             if not known.peers and known.refused:  # every peer that answered speaks another protocol
                 raise known.refused[0] from None
-            why = known.left_out()
-            if not why:
-                raise
-            raise RouteError(f"{e}; {why}", e.missing) from None
+            raise known.explain(e) from None
         if self.config.hole_punch_wait_s > 0:
             self._wait_for_hole_punch(hops)
         return known.model_id, hops
@@ -335,9 +344,21 @@ class Client:
 
     @property
     def text(self) -> TextCodec:
-        if self._text is None:
-            raise ConfigError("a text prompt needs the model folder (its tokenizer): pass model_folder=")
-        return self._text
+        """The tokenizer and chat template: the model folder's, else the swarm's (fetched once
+        from a peer serving the model, then cached per model id: node.client.tokenizer)."""
+        with self._text_lock:
+            if self._text is None:
+                from node.client.text import TextCodec
+                from node.client.tokenizer import swarm_tokenizer
+                from node.textfiles import cache_root
+
+                known = self.candidates()
+                peers = sorted(known.peers, key=lambda p: p.rtt_s)  # nearest first
+                root = self.config.tokenizer_cache or cache_root()
+                timeout_s = self.config.info_timeout_s
+                folder = swarm_tokenizer(known.model_id, [p.address for p in peers], self.channel, root, timeout_s)
+                self._text = TextCodec(folder)
+            return self._text
 
     def generate(
         self,

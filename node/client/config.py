@@ -1,8 +1,9 @@
-"""The client's one config object: timeouts, chunking, message limits and the failover budget."""
+"""The client's one config object: timeouts, chunking, message limits, the failover budget, caches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -23,3 +24,4 @@ class ClientConfig:
     exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS
+    tokenizer_cache: Path | None = None  # tokenizers fetched from peers, per model id; None: $MOEMESH_CACHE/tokenizers

@@ -1,4 +1,4 @@
-"""The client's two calls on a peer's Shard service: Info, and one InferenceSession stream per hop.
+"""The client's calls on a peer's Shard service: Info, Tokenizer, and one InferenceSession stream per hop.
 
 Sync gRPC: a stream's answers are read by a thread of its own, so that every step waits with
 a timeout, and a hop that hangs is told from one that is slow.
@@ -28,9 +28,10 @@ from protocol.shard_pb2 import (
     SessionResponse,
     Step,
     Tensor,
+    TokenizerRequest,
 )
 
-__all__ = ["HopStream", "StepRecord", "ask_info"]
+__all__ = ["HopStream", "StepRecord", "ask_info", "ask_tokenizer"]
 
 log = logging.getLogger(__name__)
 _SERVICE = "/moemesh.v1.Shard/"
@@ -46,6 +47,18 @@ def ask_info(channel: grpc.Channel, address: str, timeout_s: float) -> InfoRespo
     )
     try:
         return call(InfoRequest(), timeout=timeout_s)  # type: ignore[no-any-return]
+    except grpc.RpcError as e:
+        raise peer_error(address, e) from None
+
+
+def ask_tokenizer(channel: grpc.Channel, address: str, model_id: str, timeout_s: float) -> bytes:
+    """The peer's Tokenizer answer as the bytes it sent, to be checked (`node.textfiles.unpack`)
+    before they are parsed further (PeerError when it does not give one)."""
+    call = channel.unary_unary(
+        _SERVICE + "Tokenizer", request_serializer=TokenizerRequest.SerializeToString, response_deserializer=None
+    )
+    try:
+        return call(TokenizerRequest(model_id=model_id), timeout=timeout_s)  # type: ignore[no-any-return]
     except grpc.RpcError as e:
         raise peer_error(address, e) from None
 

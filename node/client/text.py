@@ -1,7 +1,9 @@
 """Tokenization for the client: a Hugging Face tokenizer.json, plus its chat template.
 
 Uses the `tokenizers` package (no torch). The chat template, when the folder has one in
-tokenizer_config.json, is rendered with jinja2 the way transformers renders it.
+tokenizer_config.json (or chat_template.jinja), is rendered with jinja2 the way transformers
+renders it: in jinja2's immutable sandbox, since a tokenizer fetched from the swarm
+(`node.client.tokenizer`) is a stranger's template.
 """
 
 from __future__ import annotations
@@ -53,40 +55,32 @@ class TextCodec:
 
     def chat_prompt(self, user_message: str, system: str | None = None) -> str:
         """Render a one-turn conversation with the model's chat template, ready for the answer."""
-        import jinja2
-
-        template = self.config.get("chat_template")
-        if not template:
-            raise ConfigError(f"{self.folder}: the tokenizer has no chat template")
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user_message}
         ]
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        return env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self._special("bos_token"),
-            eos_token=self._special("eos_token"),
-        )
+        return self.render_chat(messages)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a whole conversation (dicts with "role" and "content", oldest first) with the
         model's chat template; with `add_generation_prompt`, ready for the assistant's answer.
         Multi-turn callers (the HTTP API, `moemesh chat`) re-render the history each turn."""
         import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = self.config.get("chat_template")
         if not template:
             raise ConfigError(f"{self.folder}: the tokenizer has no chat template")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
-        return env.from_string(template).render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special("bos_token"),
-            eos_token=self._special("eos_token"),
-        )
+        try:
+            return env.from_string(template).render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._special("bos_token"),
+                eos_token=self._special("eos_token"),
+            )
+        except jinja2.TemplateError as e:  # a broken template, or one the sandbox stopped
+            raise ConfigError(f"chat template: {e}") from None
 
     def _special(self, key: str) -> str:
         value = self.config.get(key) or ""

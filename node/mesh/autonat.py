@@ -4,6 +4,10 @@ We ask several directly connected peers to dial us back and call ourselves publi
 private once `confirmations` of them agree. Our server side dials back on a fresh
 connection and proves the peer id with a Noise handshake: py-libp2p's own reuses the
 connection the request came on, so every requester would look reachable.
+
+A small swarm has fewer peers than `confirmations`: after `small_swarm_rounds` checks
+without a verdict, every peer that answered is enough, as long as they all agree
+(`decide`). Until there is a verdict, `why` says what is missing, and the log says it once.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from node.mesh.bridge import unwrap
 from node.mesh.internals import DialBackAutoNAT, observed_addresses, secure_dial
 from protocol.mesh_pb2 import Reachability
 
-__all__ = ["AUTONAT_PROTOCOL", "AutoNAT", "AutoNATConfig", "direct_peers", "install", "without_p2p"]
+__all__ = ["AUTONAT_PROTOCOL", "AutoNAT", "AutoNATConfig", "decide", "direct_peers", "install", "without_p2p"]
 
 log = logging.getLogger(__name__)
 AUTONAT_PROTOCOL = AUTONAT_PROTOCOL_ID
@@ -42,6 +46,29 @@ class AutoNATConfig:
     dial_back_timeout_s: float = 5.0
     query_timeout_s: float = 10.0
     max_servers_asked: int = 6
+    small_swarm_rounds: int = 3  # undecided after this many checks: all the peers that answered suffice, if unanimous
+
+
+def decide(current: Reachability, yes: int, no: int, config: AutoNATConfig, rounds: int) -> tuple[Reachability, str]:
+    """The verdict from `yes` peers that dialed us back and `no` that could not, after `rounds`
+    checks, and why (pure). A verdict changes only when `config.confirmations` peers agree and
+    outnumber the others; in a swarm too small for that, once `small_swarm_rounds` checks left
+    it undecided, every answering peer counts, if they are unanimous."""
+    need = config.confirmations
+    small = current == Reachability.REACHABILITY_UNKNOWN and rounds >= config.small_swarm_rounds
+    if small and (yes == 0) != (no == 0):  # unanimous, and someone answered
+        need = min(need, yes + no)
+    if yes >= need and yes > no:
+        return Reachability.REACHABILITY_PUBLIC, f"{yes} of {yes + no} peers dialed us back"
+    if no >= need and no > yes:
+        return Reachability.REACHABILITY_PRIVATE, f"{no} of {yes + no} peers could not dial us back"
+    if current != Reachability.REACHABILITY_UNKNOWN:
+        return current, f"kept: {yes} of {yes + no} peers dialed us back, {need} must agree to change it"
+    if not yes + no:
+        return current, "undecided: no peer has answered a dial-back request yet"
+    if yes and no:
+        return current, f"undecided: {yes} peers dialed us back and {no} could not"
+    return current, f"undecided: {yes + no} of the {need} agreeing answers needed (--autonat-confirmations)"
 
 
 def without_p2p(addr: Multiaddr) -> Multiaddr:
@@ -75,6 +102,9 @@ class AutoNAT:
         self.service = DialBackAutoNAT(host, self._dial_back, serve=config.serve)
         self._votes: dict[ID, bool] = {}
         self._changed = trio.Event()
+        self.rounds = 0  # checks done
+        self.why = "undecided: not checked yet"  # the reason of the verdict, or of its absence
+        self._said = ""  # the last undecided reason logged
 
     async def _dial_back(self, peer: ID, addrs: list[bytes]) -> bytes | None:
         for raw in addrs:
@@ -137,13 +167,13 @@ class AutoNAT:
                 nursery.start_soon(ask, peer)
         yes = sum(self._votes.values())
         no = len(self._votes) - yes
-        need = self.config.confirmations
-        verdict = self.reachability
-        if yes >= need and yes > no:
-            verdict = Reachability.REACHABILITY_PUBLIC
-        elif no >= need and no > yes:
-            verdict = Reachability.REACHABILITY_PRIVATE
+        self.rounds += 1
+        verdict, self.why = decide(self.reachability, yes, no, self.config, self.rounds)
         if verdict == self.reachability:
+            if verdict == Reachability.REACHABILITY_UNKNOWN and self.rounds >= self.config.small_swarm_rounds:
+                if self.why != self._said:  # once per reason: it is re-checked every few seconds
+                    log.warning("AutoNAT: no verdict after %d checks (%s)", self.rounds, self.why)
+                    self._said = self.why
             return
         self.reachability = verdict
         self.version += 1
@@ -153,14 +183,10 @@ class AutoNAT:
             await callback(verdict)
         shown = ", ".join(str(Multiaddr(a)) for a in addrs)
         if verdict == Reachability.REACHABILITY_PUBLIC:
-            log.info("AutoNAT: publicly reachable (%d of %d peers dialed us back at %s)", yes, yes + no, shown)
+            log.info("AutoNAT: publicly reachable (%s at %s)", self.why, shown)
         else:
             log.warning(
-                "AutoNAT: behind NAT or a firewall: %d of %d peers could not dial us back at %s;"
-                " others reach us through relays only",
-                no,
-                yes + no,
-                shown,
+                "AutoNAT: behind NAT or a firewall (%s at %s); others reach us through relays only", self.why, shown
             )
 
 

@@ -153,6 +153,9 @@ class MeshNode:
         """Listen, install our protocols, join the swarm through the bootstrap peers, then run until cancelled."""
         async with self.host.run(self._listen):
             try:
+                if not self.host.get_addrs():  # py-libp2p logs a failed bind and goes on without a listener
+                    where = f"{self.config.listen_host}:{self.config.port}"
+                    raise OSError(f"cannot listen for libp2p on {where}: the port is in use (or the host is not ours)")
                 self._dht = kademlia.install(self.host, self.config.dht())
                 self._record = asking.install(self.host, self.config.record)
                 self.installed = [install(self.host) for install in self._protocols]

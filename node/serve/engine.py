@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,17 @@ from typing import TypeVar
 import torch
 
 from kernels import CacheError, CacheFullError, KVCache, ShapeError, SpanModel
-from node.errors import Draining, InvalidRequest, OutOfRange, Overloaded, RequestError, SessionStateError, WrongModel
+from node.errors import (
+    Draining,
+    InvalidRequest,
+    OutOfRange,
+    Overloaded,
+    RequestError,
+    SessionStateError,
+    Stopped,
+    WrongModel,
+)
+from node.progress import Ticks, ticks
 from node.serve.codec import from_message, to_message
 from node.serve.config import ServerConfig
 from node.serve.scheduler import Batch, BatchResult, QueuedStep, Scheduler
@@ -70,7 +81,7 @@ def _compute_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="moemesh-compute")
 
 
-def _load_span(config: ServerConfig, progress: Progress | None) -> tuple[SpanModel, str, str]:
+def _load_span(config: ServerConfig, progress: Progress | None, tick: Ticks) -> tuple[SpanModel, str, str]:
     """Runs on the compute thread: read only the span's tensors from the checkpoint."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -79,7 +90,7 @@ def _load_span(config: ServerConfig, progress: Progress | None) -> tuple[SpanMod
         layers = checkpoint.config.num_layers
         progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
     dtype = DTYPES[config.dtype] if config.dtype else None
-    span = checkpoint.load_span(config.start, config.end, dtype, quantize=config.quantize)
+    span = checkpoint.load_span(config.start, config.end, dtype, quantize=config.quantize, progress=tick)
     return span, checkpoint.model_id(), checkpoint.name
 
 
@@ -108,11 +119,22 @@ class Engine:
     @classmethod
     async def load(cls, config: ServerConfig, progress: Progress | None = None) -> Engine:
         """Load the span on the compute thread without blocking the running loop; the scheduler
-        is started. `progress` is called (on the compute thread) with what is being loaded."""
+        is started. `progress` is called (on the compute thread) with what is being loaded; a
+        terminal gets a bar (node.progress). Cancelled, the load stops at its next tensor."""
         executor = _compute_thread()
+        cancelled = threading.Event()  # the load was cancelled: it ends at its next tensor
+
+        def tick(done: int, total: int) -> None:
+            if cancelled.is_set():
+                raise Stopped("loading was cancelled")
+            bar(done, total)
+
         try:
-            loaded = await asyncio.get_running_loop().run_in_executor(executor, _load_span, config, progress)
+            with ticks("loading", unit="tensors") as bar:
+                loop = asyncio.get_running_loop()
+                loaded = await loop.run_in_executor(executor, _load_span, config, progress, tick)
         except BaseException:
+            cancelled.set()
             executor.shutdown(wait=False)
             raise
         engine = cls(config, executor, *loaded)

@@ -14,6 +14,11 @@
 - `drain(engine, grace_s=None)` is the same step for a stop and for a daemon's move to
   another span (a second signal during a move's drain hurries it too); the grace is the
   engine's `config.grace_s` unless given here or to `Lifecycle(grace_s=...)`.
+- `await unless_stopped(work)` is for what comes before serving (loading a span, measuring
+  it): a stop requested meanwhile cancels the work (a load ends at its next tensor) and
+  raises `Stopped`, so Ctrl-C at any point of a start ends the process within moments.
+- `received` is the first signal (`interrupted`: it was SIGINT, which the CLI answers with
+  exit code 130, as a shell expects of Ctrl-C).
 
 `Lifecycle` imports no torch. `serve(config, on_ready)` is `moemesh serve` whole: load the
 engine off the loop, start the gRPC server, serve until a signal, drain, stop.
@@ -22,12 +27,13 @@ engine off the loop, start the gRPC server, serve until a signal, drain, stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from node.errors import Stopped
 
 if TYPE_CHECKING:
     from node.serve.config import ServerConfig
@@ -38,6 +44,7 @@ __all__ = ["SIGNALS", "Lifecycle", "serve"]
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
 
 
 class Lifecycle:
@@ -49,6 +56,7 @@ class Lifecycle:
         self._hurried = False
         self._draining: set[Engine] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.received: int | None = None  # the first signal, if one came
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -56,7 +64,7 @@ class Lifecycle:
         """Handle SIGINT and SIGTERM on the running loop (call from a coroutine)."""
         self._loop = asyncio.get_running_loop()
         for sig in SIGNALS:
-            self._loop.add_signal_handler(sig, self.on_signal)
+            self._loop.add_signal_handler(sig, self.on_signal, sig)
 
     def uninstall(self) -> None:
         """Give SIGINT and SIGTERM back to their default handling."""
@@ -74,8 +82,10 @@ class Lifecycle:
     ) -> None:
         self.uninstall()
 
-    def on_signal(self) -> None:
+    def on_signal(self, sig: int | None = None) -> None:
         """The first signal stops gracefully; a second one cuts the grace period short."""
+        if self.received is None:
+            self.received = sig
         if self._stop.is_set():
             log.info("second signal: telling open sessions to move now")
             self.hurry()
@@ -95,18 +105,26 @@ class Lifecycle:
         """Wait until a stop is requested (a signal, or `request_stop()`)."""
         await self._stop.wait()
 
-    async def unless_stopped(self, work: Awaitable[None]) -> bool:
-        """Run `work` to its end (True), unless a stop is requested first: then cancel it (False)."""
-        task, stop = asyncio.ensure_future(work), asyncio.ensure_future(self.stop_requested())
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return False
-        task.result()
-        return True
+    @property
+    def interrupted(self) -> bool:
+        """The stop came from SIGINT (Ctrl-C)."""
+        return self.received == signal.SIGINT
+
+    async def unless_stopped(self, work: Awaitable[T]) -> T:
+        """`work`'s result, unless a stop is requested first: then `work` is cancelled (and
+        awaited) and Stopped is raised."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})  # its cleanup, without swallowing a cancellation of ours
+        if task.cancelled() and self.stopping:
+            raise Stopped("stopped before it was ready")
+        return task.result()
 
     def hurry(self) -> None:
         """Cut every grace short: the sessions of the engines being drained (and of those drained
@@ -133,17 +151,23 @@ async def serve(
     on_ready: Callable[[Engine, int], Awaitable[None] | None] | None = None,
     progress: Callable[[str], None] | None = None,
     certificate: Certificate | None = None,
+    lifecycle: Lifecycle | None = None,
 ) -> None:
     """`moemesh serve`: load the span (the loop keeps running), serve it over gRPC until SIGINT
     or SIGTERM, then drain: refuse new sessions, let open ones finish within the grace period,
     tell the rest to move, and return. `on_ready(engine, port)` is called once it listens.
-    It serves TLS with `certificate` (see `start_server`; plaintext only with `insecure_lan`)."""
-    from node.serve.engine import Engine
-    from node.serve.service import start_server
+    It serves TLS with `certificate` (see `start_server`; plaintext only with `insecure_lan`).
+    A signal during the load stops it there (and serve returns); `lifecycle.received` says which."""
+    lifecycle = lifecycle or Lifecycle()
+    with lifecycle:  # before the imports: a signal during them is a stop, not a KeyboardInterrupt
+        from node.serve.engine import Engine
+        from node.serve.service import start_server
 
-    engine = await Engine.load(config, progress)
-    try:
-        with Lifecycle() as lifecycle:
+        try:
+            engine = await lifecycle.unless_stopped(Engine.load(config, progress))
+        except Stopped:
+            return
+        try:
             server, port = await start_server(engine, certificate)
             try:
                 if on_ready is not None:
@@ -154,5 +178,5 @@ async def serve(
                 await lifecycle.drain(engine)
             finally:
                 await server.stop(grace=1.0)
-    finally:
-        await engine.aclose()
+        finally:
+            await engine.aclose()

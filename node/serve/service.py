@@ -1,4 +1,4 @@
-"""The gRPC edge: Forward, InferenceSession and Info over one engine.
+"""The gRPC edge: Forward, InferenceSession, Info and Tokenizer over one engine.
 
 Requests arrive as raw bytes and are parsed here, so a garbage payload gets a clear
 INVALID_ARGUMENT instead of gRPC's generic deserialisation error. The engine refuses with
@@ -36,9 +36,11 @@ from node.errors import (
     Overloaded,
     RequestError,
     SessionStateError,
+    TokenizerError,
     WrongModel,
 )
 from node.serve.engine import Engine, Session
+from node.textfiles import pack
 from node.tls import Certificate
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
 from protocol.shard_pb2 import (
@@ -52,6 +54,7 @@ from protocol.shard_pb2 import (
     SessionRequest,
     SessionResponse,
     StepResult,
+    TokenizerRequest,
 )
 
 __all__ = ["STATUS_OF", "InFlight", "ShardService", "start_server", "status_of"]
@@ -145,6 +148,7 @@ class ShardService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.inflight = InFlight(engine.config.inflight_bytes_per_client)
+        self._tokenizer: bytes | None = None  # the Tokenizer answer, read from the model folder once
 
     async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         client = context.peer()
@@ -167,6 +171,28 @@ class ShardService:
             return self._info()
         except Exception:
             await _internal(context, "Info")
+
+    async def tokenizer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The model folder's tokenizer files and chat template (node.textfiles), read once."""
+        try:
+            req = _parse(TokenizerRequest, raw)
+            if req.model_id != self.engine.model_id:
+                raise WrongModel(f"this peer serves model {self.engine.model_id}, not {req.model_id[:40]!r}")
+            if self._tokenizer is None:
+                response = await asyncio.to_thread(pack, self.engine.config.model, self.engine.model_id)
+                self._tokenizer = b"" if response is None else response.SerializeToString()
+        except RequestError as e:
+            await _abort(context, e)
+        except TokenizerError as e:
+            log.warning("not serving the tokenizer: %s", e)
+            self._tokenizer = b""
+        except Exception:
+            await _internal(context, "Tokenizer")
+        answer = self._tokenizer
+        if not answer:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "this peer has no tokenizer to give (or one over the bound)")
+            raise AssertionError("unreachable: context.abort raises")
+        return answer
 
     def _info(self) -> bytes:
         engine = self.engine
@@ -273,6 +299,7 @@ class ShardService:
             {
                 "Forward": grpc.unary_unary_rpc_method_handler(self.forward),
                 "Info": grpc.unary_unary_rpc_method_handler(self.info),
+                "Tokenizer": grpc.unary_unary_rpc_method_handler(self.tokenizer),
                 "InferenceSession": grpc.stream_stream_rpc_method_handler(self.session),
             },
         )

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node.progress import Ticks, ticks
+
 if TYPE_CHECKING:
     from node.serve.engine import Engine
 
@@ -30,7 +32,7 @@ async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) ->
     if key in cached:
         return cached[key]
 
-    def measure() -> float:  # on the compute thread
+    def measure(tick: Ticks) -> float:  # on the compute thread
         import torch
 
         cache = span.new_cache(steps + 2)
@@ -43,10 +45,12 @@ async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) ->
         started = time.perf_counter()
         for i in range(steps):
             span(x, cache, 1 + i, last_only=True)
+            tick(i + 1, steps)
         per_token = (time.perf_counter() - started) / steps
         return len(span.layers) / per_token
 
-    value = await engine.run(measure)
+    with ticks("measuring throughput", unit="steps") as tick:
+        value = await engine.run(measure, tick)
     cached = _read(cache_file)  # another daemon may have written meanwhile
     cached[key] = value
     _write_atomically(cache_file, json.dumps(cached, indent=1))

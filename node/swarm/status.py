@@ -84,7 +84,8 @@ def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict
 
 def _reach_text(p: dict[str, Any]) -> str:
     relay = ", relay" if p["relay"] else ""
-    return f"[{p['reachability']}{relay}; reached {p['path']}]"
+    reach = p["reachability"] if p["reachability"] != "unknown" else "unknown: no AutoNAT verdict yet, its log says why"
+    return f"[{reach}{relay}; reached {p['path']}]"
 
 
 def format_report(view: dict[str, Any]) -> str:

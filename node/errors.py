@@ -20,6 +20,7 @@ MoemeshError
 │   ├── PeerUnavailable    the peer broke it: unreachable, or the connection broke
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
+│   ├── PeerLied           a spot-check found its outputs wrong (another peer computed others)
 │   └── PeerRefused        it answered with an error status (code and message kept)
 └── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
     ├── InvalidRecord      a peer record that must not be believed
@@ -45,6 +46,7 @@ __all__ = [
     "OutOfRange",
     "Overloaded",
     "PeerError",
+    "PeerLied",
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",
@@ -145,6 +147,11 @@ class PeerTimeout(PeerError):
 class PeerUntrusted(PeerError):
     """The peer answered with a TLS certificate other than the one pinned for it (a record's
     fingerprint, or `host:port#fingerprint`): someone else holds its address."""
+
+
+class PeerLied(PeerError):
+    """A spot-check (node.client.verify) found the peer's outputs other than other peers' on the
+    same inputs, beyond what their dtypes explain."""
 
 
 class PeerRefused(PeerError):

@@ -127,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from node.client import Client, ClientConfig, Sampling
+    from node.client.verify import verdicts
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ids: list[int] | None = None
@@ -143,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact),
+        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact, verify_probability=args.verify),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
@@ -165,6 +166,11 @@ def _generate(args: argparse.Namespace) -> int:
         print()
         for note in client.recoveries:
             print(f"moemesh: recovered: {note}", file=sys.stderr)
+        if client.verifications:
+            print(f"moemesh: spot-checks: {verdicts(client.verifications)}", file=sys.stderr)
+            for v in client.verifications:
+                if v.verdict in ("lied", "verifier lied"):
+                    print(f"moemesh: spot-check: {v}", file=sys.stderr)
     return 0
 
 

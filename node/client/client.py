@@ -39,6 +39,7 @@ from node.client.known import KnownPeers
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
+from node.client.verify import SpotChecker, Verification
 from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
 from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
 from node.plan.routing import Hop, best_chain
@@ -89,6 +90,8 @@ class Client:
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
+        self.verifications: list[Verification] = []  # every spot-check of a peer's outputs (node.client.verify)
+        self._spot = SpotChecker(self, self.verifications)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
@@ -306,6 +309,11 @@ class Client:
         known = self.candidates(refresh)
         return best_chain(self._usable(known.peers), known.num_layers, start, end)
 
+    def usable_peers(self) -> tuple[str, int, list[PeerView]]:
+        """(model id, number of layers, the known peers not avoided now): what a spot-check verifies with."""
+        known = self.candidates()
+        return known.model_id, known.num_layers, self._usable(known.peers)
+
     def recovered(self, note: str) -> None:
         """A session replaced a failed hop (`note` says how): kept in `recoveries`."""
         self.recoveries.append(note)
@@ -361,6 +369,7 @@ class Client:
             raise ConfigError("the prompt is empty")
         eos = set(self._text.eos_token_ids) if (stop_at_eos and self._text) else set()
         with self.session(len(ids) + max_new_tokens, route) as session:
+            session.check = self._spot.plan(len(ids), max_new_tokens)
             chunk = self.config.prefill_chunk
             for i in range(0, len(ids), chunk):
                 logits = session.step(ids[i : i + chunk])

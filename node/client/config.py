@@ -23,3 +23,9 @@ class ClientConfig:
     exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS
+    # Spot-checks of peers' outputs (node.client.verify): the chance that a generation is checked,
+    # how many of its steps are (its first, then sampled ones), and how many positions each compares.
+    verify_probability: float = 0.0
+    verify_steps: int = 2
+    verify_tokens: int = 16
+    verify_tolerance: float = 0.0  # relative L2 error allowed; 0: by both peers' dtype and quantization

@@ -24,6 +24,7 @@ MoemeshError
 │   └── PeerRefused        it answered with an error status (code and message kept)
 └── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
     ├── InvalidRecord      a peer record that must not be believed
+    ├── KeyRefused         a peer of a private swarm did not prove the swarm key (or we did not)
     └── FrameError         a peer broke the sync protocol's framing
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "IdleTimeout",
     "InvalidRecord",
     "InvalidRequest",
+    "KeyRefused",
     "MeshError",
     "MoemeshError",
     "OutOfRange",
@@ -169,6 +171,10 @@ class MeshError(MoemeshError):
 
 class InvalidRecord(MeshError):
     """A record that must not be believed."""
+
+
+class KeyRefused(MeshError):
+    """A stream of a private swarm failed its swarm-key handshake: the other side does not hold our key."""
 
 
 class FrameError(MeshError):

@@ -18,6 +18,7 @@ from node.errors import ConfigError, RouteError
 if TYPE_CHECKING:
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
+    from node.swarmkey import SwarmKey
 
 __all__ = ["COMMANDS"]
 
@@ -71,7 +72,25 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         grace_s=args.grace,
         idle_timeout_s=max(args.idle_timeout, 0.1),
         insecure_lan=args.insecure_lan,
+        swarm_key=_swarm_key(args),
     )
+
+
+def _swarm_key(args: argparse.Namespace) -> SwarmKey | None:
+    """The --swarm-key given (ConfigError when the file is not one), else None: an open swarm."""
+    from node.swarmkey import SwarmKey
+
+    path = getattr(args, "swarm_key", None)
+    return None if path is None else SwarmKey.load(path)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from node.swarmkey import DEFAULT_PATH, generate_key_file
+
+    path = (args.path or DEFAULT_PATH).expanduser()
+    key = generate_key_file(path)
+    _say(f"wrote swarm key {key.id} to {path}; give it to every daemon and client: --swarm-key {path}")
+    return 0
 
 
 def _pinned(peers: list[str], fingerprint: str | None) -> list[str]:
@@ -144,7 +163,12 @@ def _generate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact, verify_probability=args.verify),
+        config=ClientConfig(
+            insecure_lan=args.insecure_lan,
+            exact=args.exact,
+            verify_probability=args.verify,
+            swarm_key=_swarm_key(args),
+        ),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
@@ -205,7 +229,9 @@ def _daemon(args: argparse.Namespace) -> int:
     config = DaemonConfig(
         nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity,
-        mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
+        mesh=MeshConfig(
+            listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap), swarm_key=_swarm_key(args)
+        ),
         server=server,
         announce_host=args.announce_host,
         ttl_s=args.ttl,
@@ -224,7 +250,7 @@ def _status(args: argparse.Namespace) -> int:
     from node.mesh.reader import SwarmReader
     from node.swarm.status import crdt_report, format_crdt_report, format_report, report
 
-    with SwarmReader(args.bootstrap, traversal=True) as reader:
+    with SwarmReader(args.bootstrap, traversal=True, swarm_key=_swarm_key(args)) as reader:
         snapshot = reader.everyone()
         view = report(snapshot, reader.reach(snapshot.records))
         state = reader.swarm_state()
@@ -241,7 +267,8 @@ def _info(args: argparse.Namespace) -> int:
     from node.client import Client, ClientConfig
 
     peers = _pinned(args.peers, args.fingerprint)
-    with Client(peers, config=ClientConfig(insecure_lan=args.insecure_lan)) as client:
+    config = ClientConfig(insecure_lan=args.insecure_lan, swarm_key=_swarm_key(args))
+    with Client(peers, config=config) as client:
         for address in peers:
             i = client.info(address)
             print(
@@ -268,7 +295,7 @@ def _api(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("moemesh api needs the api extra: pip install 'moemesh[api]'") from None
     from node.api import ApiConfig, run_api
-    from node.client import Client
+    from node.client import Client, ClientConfig
 
     event = _events(args.json_events)
 
@@ -278,7 +305,13 @@ def _api(args: argparse.Namespace) -> int:
         )
         event("ready", http_address=address)
 
-    client = Client(args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id)
+    client = Client(
+        args.peers or (),
+        bootstrap=args.bootstrap or (),
+        model_folder=args.model,
+        model_id=args.model_id,
+        config=ClientConfig(swarm_key=_swarm_key(args)),
+    )
     config = ApiConfig(default_max_tokens=args.default_max_tokens, max_streams=args.max_streams)
     run_api(
         client,
@@ -294,11 +327,15 @@ def _api(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from node.cli.chat import Conversation, repl
-    from node.client import Client, Sampling
+    from node.client import Client, ClientConfig, Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     with Client(
-        args.peers or (), bootstrap=args.bootstrap or (), model_folder=args.model, model_id=args.model_id
+        args.peers or (),
+        bootstrap=args.bootstrap or (),
+        model_folder=args.model,
+        model_id=args.model_id,
+        config=ClientConfig(swarm_key=_swarm_key(args)),
     ) as client:
         return repl(client, Conversation(args.system), max_new_tokens=args.max_new_tokens, sampling=sampling)
 
@@ -312,4 +349,5 @@ COMMANDS = {
     "build-demo-model": _build_demo,
     "api": _api,
     "chat": _chat,
+    "keygen": _keygen,
 }

@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)  # -v/-q also after the subcommand
     _add_logging_options(common, argparse.SUPPRESS)
+    common.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="a private swarm's key (`moemesh keygen` makes one): only holders of it are spoken to",
+    )
 
     serve = sub.add_parser(
         "serve",
@@ -302,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_tls_options(info)
 
     _add_front_door(sub, common)
+
+    keygen = sub.add_parser(
+        "keygen",
+        parents=[common],
+        help="make a swarm key for a private swarm",
+        description="Write a new random swarm key (mode 0600; an existing file is never overwritten). Give it"
+        " to every daemon and client of the swarm with --swarm-key.",
+    )
+    keygen.add_argument("path", nargs="?", type=Path, help="where (default ~/.config/moemesh/swarm.key)")
 
     demo = sub.add_parser(
         "build-demo-model",

@@ -82,7 +82,9 @@ class Client:
         self.bootstrap = list(bootstrap)
         self.model_id = model_id
         self.config = config or ClientConfig()
-        self._channels = Channels(self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan)
+        self._channels = Channels(
+            self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan, self.config.swarm_key
+        )
         self._reader: SwarmReader | None = None  # kept open: it carries the tunnels to peers behind NAT
         self._tunnelled: dict[str, str] = {}  # loopback address of a tunnel -> peer id
         self._lock = threading.Lock()  # sessions of one client may run in several threads
@@ -165,7 +167,8 @@ class Client:
 
                 # A DHT lookup of a NAT'd peer's record takes ~20 s in py-libp2p 0.8.1 (it cannot be
                 # asked directly): allow for it.
-                reader = SwarmReader(self.bootstrap, timeout_s=max(self.config.info_timeout_s, 30.0), traversal=True)
+                timeout_s = max(self.config.info_timeout_s, 30.0)
+                reader = SwarmReader(self.bootstrap, timeout_s, traversal=True, swarm_key=self.config.swarm_key)
                 self._reader = reader.__enter__()
             return self._reader
 

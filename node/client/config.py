@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from node.swarmkey import SwarmKey
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["ClientConfig"]
@@ -29,3 +30,4 @@ class ClientConfig:
     verify_steps: int = 2
     verify_tokens: int = 16
     verify_tolerance: float = 0.0  # relative L2 error allowed; 0: by both peers' dtype and quantization
+    swarm_key: SwarmKey | None = None  # a private swarm's key (node.swarmkey, SwarmKey.load(path))

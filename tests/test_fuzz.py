@@ -1,19 +1,25 @@
-"""Property-based fuzzing of every gRPC method of the Shard service (Forward, InferenceSession,
-Info) against a live `moemesh serve`: raw garbage and structurally valid but hostile messages
-get a status with a message (never UNKNOWN, never a hang), and the server keeps serving."""
+"""Property-based fuzzing (hypothesis, bounded) of every handler of a live peer: the Shard
+service's gRPC methods (Forward, InferenceSession, Info) of a `moemesh serve`, whose raw
+garbage and well-formed hostile messages get a status with a message (never UNKNOWN, never a
+hang) while the server keeps serving; and a daemon's libp2p handlers (sync, record, tunnel,
+Kademlia, DHT values), which answer or end every stream and keep their record and service.
+`bench/fuzz.py` sends 10,000 messages per handler."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from node.client import Client
 from node.client.channels import Channels
-from node.testing.launch import ServerProcess, start_server_process
+from node.testing.fuzz import MESH_HANDLERS, MeshProbe, Outcome, messages
+from node.testing.launch import ServerProcess, start_daemon, start_server_process
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
 from protocol.shard_pb2 import CloseSession, ForwardRequest, InfoResponse, OpenSession, SessionRequest, Step, Tensor
 
@@ -124,3 +130,51 @@ def test_hostile_sessions(server: tuple[ServerProcess, grpc.Channel], sequence: 
         assert e.code() in ANSWERS, (e.code(), e.details())
         assert "Traceback" not in (e.details() or "")
     _alive(channel)
+
+
+# -- the libp2p handlers of a live daemon ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, MeshProbe]]:
+    keys = tmp_path_factory.mktemp("fuzz-keys")
+    process = start_daemon(["--model", str(tiny_models["mixtral"]), "--layers", "0:4", "--identity", str(keys / "d")])
+    try:
+        with MeshProbe(process.multiaddr) as probe:
+            yield process, probe
+    finally:
+        process.terminate()
+        process.stop()
+
+
+def _mesh_messages(handler: str) -> st.SearchStrategy[tuple[bytes, ...]]:
+    structured = st.randoms(use_true_random=False).map(
+        lambda r: messages(handler, r, model_id=MODEL[0], target=TARGET[0])
+    )
+    if handler == "dht-put":
+        return st.one_of(structured, st.tuples(st.binary(max_size=80), st.binary(max_size=2048)))
+    return st.one_of(structured, st.binary(max_size=4096).map(lambda b: (b,)))
+
+
+TARGET = [""]
+
+
+@pytest.mark.parametrize("handler", MESH_HANDLERS)
+def test_hostile_streams_to_every_libp2p_handler(daemon: tuple[Any, MeshProbe], handler: str) -> None:
+    """sync, record, tunnel, Kademlia's stream and DHT PUT_VALUE: every message gets an answer or an
+    orderly end within the hang bound, the daemon lives, its record is still its own."""
+    process, probe = daemon
+    TARGET[0] = process.peer_id
+    since = len(process.log)
+
+    @FUZZ
+    @given(message=_mesh_messages(handler))
+    def one(message: tuple[bytes, ...]) -> None:
+        assert probe.send(handler, [message]) == [Outcome.ANSWERED]
+
+    one()
+    assert process.process.poll() is None
+    assert probe.send("record", [(b"",)]) == [Outcome.ANSWERED]
+    with Client(bootstrap=[process.multiaddr]) as client:  # its record still reads as its own, and it serves
+        assert [h.address for h in client.route()[1]] == [process.pinned]
+    assert not [line for line in process.log[since:] if "Traceback" in line or " ERROR " in line]

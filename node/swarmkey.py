@@ -18,8 +18,11 @@ derives a key per use, so no use can be turned against another:
   server's TLS certificate fingerprint, a time and a nonce; the server checks it before
   any work (`node.serve.gate`), refuses proofs more than `MAX_SKEW_S` old and each nonce twice.
 
-What it does not hide: that a libp2p host is there, its peer id and the addresses other
-hosts' Kademlia routing tables give out (py-libp2p's Kademlia itself is not gated).
+- Kademlia (py-libp2p's): its streams take the same handshake as ours, both ways
+  (`node.mesh.keyed.gate_kademlia`), so strangers neither ask the DHT nor store in it.
+
+What it does not hide: that a libp2p host is there, its peer id and addresses, and what
+identify and circuit relay tell.
 """
 
 from __future__ import annotations

@@ -18,14 +18,17 @@ import grpc
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from node.client import Client, ClientConfig
 from node.errors import ConfigError, PeerRefused, RouteError
+from node.mesh.dht import KAD_PROTOCOL
 from node.mesh.host import MeshConfig, MeshNode, noise_only_host
-from node.mesh.keyed import attach
+from node.mesh.internals import get_from_peer
+from node.mesh.keyed import attach, gate_kademlia
 from node.mesh.record import RecordConfig, RecordProtocol
 from node.mesh.sync import SyncConfig, fetch_state
 from node.mesh.sync import install as install_sync
@@ -108,7 +111,7 @@ async def _echo(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) ->
 
 @pytest.mark.parametrize("dialer_key", [None, OTHER, KEY], ids=["no key", "another key", "the key"])
 def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: pytest.LogCaptureFixture) -> None:
-    """Sync, record and tunnel streams of a keyed host: refused without the key or with another."""
+    """Sync, record, tunnel and Kademlia streams of a keyed host: refused without the key or with another."""
     answers: dict[str, object] = {}
 
     async def main() -> None:
@@ -121,6 +124,7 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
             )
             addresses = await nursery.start(serving.serve)
             serving.record_protocol.signed = b"our record"
+            serving.dht.store_locally("/moemesh/peer/x", b"a value")
 
             async def respond(sender: str, frame: bytes) -> bytes | None:
                 return b"state for " + frame
@@ -128,11 +132,17 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
             install_sync(serving.host, SyncConfig(), respond)
             dialer = noise_only_host(create_new_key_pair(), LISTEN)
             attach(dialer, dialer_key)
+            kad = KadDHT(dialer, DHTMode.CLIENT)
+            gate_kademlia(dialer, KAD_PROTOCOL, None)  # what our Dht does: py-libp2p's own streams prove the key
             async with dialer.run(LISTEN):
                 where = PeerInfo(ID.from_base58(serving.peer_id), [Multiaddr(addresses[0])])
                 await dialer.connect(where)
                 answers["sync"] = await fetch_state(dialer, serving.peer_id, addresses, b"pull", timeout_s=5)
                 answers["record"] = await RecordProtocol(dialer, RecordConfig()).ask(serving.peer_id)
+                try:
+                    answers["kad"] = await get_from_peer(kad, where.peer_id, b"/moemesh/peer/x")
+                except Exception:  # refused: the stream was reset
+                    answers["kad"] = None
 
                 async def connect(peer: ID) -> None:
                     await dialer.connect(where)
@@ -146,9 +156,10 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
     with caplog.at_level(logging.INFO, logger="node.mesh.keyed"):
         trio.run(main)
     if dialer_key is KEY:
-        assert answers == {"sync": b"state for pull", "record": b"our record", "tunnel": b"echo:hello"}
+        want = {"sync": b"state for pull", "record": b"our record", "tunnel": b"echo:hello", "kad": b"a value"}
+        assert answers == want
     else:
-        assert answers == {"sync": None, "record": None, "tunnel": b""}
+        assert answers == {"sync": None, "record": None, "tunnel": b"", "kad": None}
         assert caplog.text.count("refused a /moemesh/") >= 2  # the doors say why (record's asker may hang up first)
 
 

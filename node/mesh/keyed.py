@@ -32,9 +32,10 @@ from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
 from node.errors import KeyRefused
+from node.mesh.internals import gate_opened_streams
 from node.swarmkey import SwarmKey
 
-__all__ = ["HANDSHAKE_TIMEOUT_S", "attach", "guard", "key_of", "open_keyed", "prove_as_opener"]
+__all__ = ["HANDSHAKE_TIMEOUT_S", "attach", "gate_kademlia", "guard", "key_of", "open_keyed", "prove_as_opener"]
 
 log = logging.getLogger(__name__)
 MAGIC = b"mmswk1\x00\x00"
@@ -123,6 +124,21 @@ def guard(host: IHost, protocol: TProtocol, handler: Handler) -> Handler:
         await handler(stream)
 
     return keyed
+
+
+def gate_kademlia(host: IHost, protocol: TProtocol, handler: Handler | None) -> None:
+    """In a private swarm, Kademlia's streams prove the key too: py-libp2p's own, which it opens
+    and handles itself. `handler`: the DHT's stream handler to guard (None in client mode, which
+    serves none); call again after a mode switch, which registers the bare handler."""
+    key = key_of(host)
+    if key is None:
+        return
+    if handler is not None:
+        host.set_stream_handler(protocol, guard(host, protocol, handler))
+    if not getattr(host, "_moemesh_kad_gated", False):
+        me = host.get_id().to_base58()
+        gate_opened_streams(host, protocol, lambda stream: prove_as_opener(stream, key, protocol, me))
+        host._moemesh_kad_gated = True  # type: ignore[attr-defined]
 
 
 async def open_keyed(host: IHost, peer: ID, protocol: TProtocol) -> INetStream:

@@ -82,7 +82,10 @@ class Verification:
         if self.verdict == "unchecked":
             return f"{where}: unchecked ({self.note})"
         against = ", ".join(self.verifier)
-        return f"{where}: {self.verdict} (error {self.error:.3g}, tolerance {self.tolerance:.3g}, against {against})"
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"{where}: {self.verdict} (error {self.error:.3g}, tolerance {self.tolerance:.3g}, against {against}{note})"
+        )
 
 
 def verdicts(checks: Sequence[Verification]) -> str:

@@ -22,9 +22,11 @@ MoemeshError
 │   ├── PeerUnavailable    the peer broke it: unreachable, or the connection broke
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
+│   ├── PeerLied           a spot-check found its outputs wrong (another peer computed others)
 │   └── PeerRefused        it answered with an error status (code and message kept)
 ├── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
 │   ├── InvalidRecord      a peer record that must not be believed
+│   ├── KeyRefused         a peer of a private swarm did not prove the swarm key (or we did not)
 │   └── FrameError         a peer broke the sync protocol's framing
 └── WeightsError           getting a model's weights failed (node.weights)
     ├── NoProviders        no source holds some tensors the span needs (names them)
@@ -48,12 +50,14 @@ __all__ = [
     "IdleTimeout",
     "InvalidRecord",
     "InvalidRequest",
+    "KeyRefused",
     "MeshError",
     "MoemeshError",
     "NoProviders",
     "OutOfRange",
     "Overloaded",
     "PeerError",
+    "PeerLied",
     "PeerRefused",
     "PeerTimeout",
     "PeerUnavailable",
@@ -169,6 +173,11 @@ class PeerUntrusted(PeerError):
     fingerprint, or `host:port#fingerprint`): someone else holds its address."""
 
 
+class PeerLied(PeerError):
+    """A spot-check (node.client.verify) found the peer's outputs other than other peers' on the
+    same inputs, beyond what their dtypes explain."""
+
+
 class PeerRefused(PeerError):
     """The peer answered with an error status."""
 
@@ -184,6 +193,10 @@ class MeshError(MoemeshError):
 
 class InvalidRecord(MeshError):
     """A record that must not be believed."""
+
+
+class KeyRefused(MeshError):
+    """A stream of a private swarm failed its swarm-key handshake: the other side does not hold our key."""
 
 
 class FrameError(MeshError):

@@ -66,7 +66,8 @@ class SwarmView:
         from node.swarm.status import crdt_report, report
 
         if self._reader is None:
-            self._reader = SwarmReader(self._bootstrap, traversal=True).__enter__()
+            key = self._client.config.swarm_key
+            self._reader = SwarmReader(self._bootstrap, traversal=True, swarm_key=key).__enter__()
         reader = self._reader
         snapshot = reader.everyone()
         view = report(snapshot, reader.reach(snapshot.records))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from node.client import Client
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
+    from node.swarmkey import SwarmKey
 
 __all__ = ["COMMANDS"]
 
@@ -103,7 +104,25 @@ def _server_config(args: argparse.Namespace, remote: bool = False) -> ServerConf
         grace_s=args.grace,
         idle_timeout_s=max(args.idle_timeout, 0.1),
         insecure_lan=args.insecure_lan,
+        swarm_key=_swarm_key(args),
     )
+
+
+def _swarm_key(args: argparse.Namespace) -> SwarmKey | None:
+    """The --swarm-key given (ConfigError when the file is not one), else None: an open swarm."""
+    from node.swarmkey import SwarmKey
+
+    path = getattr(args, "swarm_key", None)
+    return None if path is None else SwarmKey.load(path)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from node.swarmkey import DEFAULT_PATH, generate_key_file
+
+    path = (args.path or DEFAULT_PATH).expanduser()
+    key = generate_key_file(path)
+    _say(f"wrote swarm key {key.id} to {path}; give it to every daemon and client: --swarm-key {path}")
+    return 0
 
 
 def _pinned(peers: list[str], fingerprint: str | None) -> list[str]:
@@ -161,6 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from node.client import Client, ClientConfig, Sampling
+    from node.client.verify import verdicts
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     ids: list[int] | None = None
@@ -177,7 +197,12 @@ def _generate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact),
+        config=ClientConfig(
+            insecure_lan=args.insecure_lan,
+            exact=args.exact,
+            verify_probability=args.verify,
+            swarm_key=_swarm_key(args),
+        ),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait
@@ -199,6 +224,11 @@ def _generate(args: argparse.Namespace) -> int:
         print()
         for note in client.recoveries:
             print(f"moemesh: recovered: {note}", file=sys.stderr)
+        if client.verifications:
+            print(f"moemesh: spot-checks: {verdicts(client.verifications)}", file=sys.stderr)
+            for v in client.verifications:
+                if v.verdict in ("lied", "verifier lied"):
+                    print(f"moemesh: spot-check: {v}", file=sys.stderr)
     return 0
 
 
@@ -246,7 +276,9 @@ def _daemon(args: argparse.Namespace) -> int:
     config = DaemonConfig(
         nat=NatConfig(AutoNATConfig(confirmations=args.autonat_confirmations), RelayConfig(serve=args.relay)),
         identity=args.identity,
-        mesh=MeshConfig(listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap)),
+        mesh=MeshConfig(
+            listen_host=args.host, port=args.p2p_port, bootstrap=tuple(args.bootstrap), swarm_key=_swarm_key(args)
+        ),
         server=server,
         announce_host=args.announce_host,
         ttl_s=args.ttl,
@@ -270,7 +302,7 @@ def _status(args: argparse.Namespace) -> int:
     from node.mesh.reader import SwarmReader
     from node.swarm.status import crdt_report, format_crdt_report, format_report, report
 
-    with SwarmReader(args.bootstrap, traversal=True) as reader:
+    with SwarmReader(args.bootstrap, traversal=True, swarm_key=_swarm_key(args)) as reader:
         snapshot = reader.everyone()
         view = report(snapshot, reader.reach(snapshot.records))
         state = reader.swarm_state()
@@ -287,7 +319,8 @@ def _info(args: argparse.Namespace) -> int:
     from node.client import Client, ClientConfig
 
     peers = _pinned(args.peers, args.fingerprint)
-    with Client(peers, config=ClientConfig(insecure_lan=args.insecure_lan)) as client:
+    config = ClientConfig(insecure_lan=args.insecure_lan, swarm_key=_swarm_key(args))
+    with Client(peers, config=config) as client:
         for address in peers:
             i = client.info(address)
             print(
@@ -346,7 +379,7 @@ def _swarm_client(args: argparse.Namespace) -> Client:
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(insecure_lan=args.insecure_lan),
+        config=ClientConfig(insecure_lan=args.insecure_lan, swarm_key=_swarm_key(args)),
     )
 
 
@@ -385,4 +418,5 @@ COMMANDS = {
     "api": _api,
     "chat": _chat,
     "manifest": _manifest,
+    "keygen": _keygen,
 }

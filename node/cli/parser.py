@@ -78,6 +78,7 @@ def _number(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], boo
 _positive = _number(int, "an integer", lambda v: v >= 1, "must be positive")
 _port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "is outside 0..65535")
 _megabytes = _number(float, "a number of megabytes", lambda v: 0 < v < 1e9, "MB must be positive")
+_probability = _number(float, "a probability", lambda v: 0 <= v <= 1, "is outside 0..1")
 _seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "seconds is not a duration")
 
 
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)  # -v/-q also after the subcommand
     _add_logging_options(common, argparse.SUPPRESS)
+    common.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="a private swarm's key (`moemesh keygen` makes one): only holders of it are spoken to",
+    )
 
     serve = sub.add_parser(
         "serve",
@@ -198,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.add_argument(
         "--exact", action="store_true", help="route only through peers serving unquantized weights (default: mix)"
+    )
+    gen.add_argument(
+        "--verify",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="spot-check peers' outputs on other peers in this generation with probability P (default 0)",
     )
     gen.add_argument(
         "--wait",
@@ -303,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_tls_options(info)
 
     _add_front_door(sub, common)
+
+    keygen = sub.add_parser(
+        "keygen",
+        parents=[common],
+        help="make a swarm key for a private swarm",
+        description="Write a new random swarm key (mode 0600; an existing file is never overwritten). Give it"
+        " to every daemon and client of the swarm with --swarm-key.",
+    )
+    keygen.add_argument("path", nargs="?", type=Path, help="where (default ~/.config/moemesh/swarm.key)")
 
     demo = sub.add_parser(
         "build-demo-model",

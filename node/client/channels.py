@@ -14,6 +14,7 @@ import threading
 
 import grpc
 
+from node.swarmkey import SwarmKey
 from node.tls import TLS_NAME, channel_credentials, split_pin
 from protocol import grpc_options
 
@@ -23,7 +24,14 @@ __all__ = ["Channels"]
 class Channels:
     """Thread-safe: sessions of one client may run in several threads."""
 
-    def __init__(self, max_message_bytes: int, handshake_timeout_s: float, insecure_lan: bool = False) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        handshake_timeout_s: float,
+        insecure_lan: bool = False,
+        swarm_key: SwarmKey | None = None,
+    ) -> None:
+        self._swarm_key = swarm_key  # a private swarm: every call proves it (node.serve.gate)
         self._max_message_bytes = max_message_bytes
         self._handshake_timeout_s = handshake_timeout_s
         self._insecure_lan = insecure_lan
@@ -59,13 +67,24 @@ class Channels:
         target, pin = split_pin(address)
         options = grpc_options(self._max_message_bytes)
         if not pin and self._insecure_lan:
-            return grpc.insecure_channel(target, options=options)
+            return self._proving(grpc.insecure_channel(target, options=options), "")
         with self._lock:
             pin = pin or self._first_seen.get(address, "")
         credentials, seen = channel_credentials(target, pin, self._handshake_timeout_s)
         with self._lock:
             self._first_seen.setdefault(address, seen)
-        return grpc.secure_channel(target, credentials, options=[*options, ("grpc.ssl_target_name_override", TLS_NAME)])
+        channel = grpc.secure_channel(
+            target, credentials, options=[*options, ("grpc.ssl_target_name_override", TLS_NAME)]
+        )
+        return self._proving(channel, pin or seen)
+
+    def _proving(self, channel: grpc.Channel, fingerprint: str) -> grpc.Channel:
+        """In a private swarm, `channel` with a fresh swarm-key proof bound to `fingerprint` on every call."""
+        if self._swarm_key is None:
+            return channel
+        from node.serve.gate import ProvingInterceptor
+
+        return grpc.intercept_channel(channel, ProvingInterceptor(self._swarm_key, fingerprint))
 
     def close(self) -> None:
         with self._lock:

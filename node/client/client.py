@@ -39,6 +39,7 @@ from node.client.known import KnownPeers, NatBlocked
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
+from node.client.verify import SpotChecker, Verification
 from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
 from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
 from node.plan.routing import Hop, best_chain
@@ -81,7 +82,9 @@ class Client:
         self.bootstrap = list(bootstrap)
         self.model_id = model_id
         self.config = config or ClientConfig()
-        self._channels = Channels(self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan)
+        self._channels = Channels(
+            self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan, self.config.swarm_key
+        )
         self._reader: SwarmReader | None = None  # kept open: it carries the tunnels to peers behind NAT
         self._tunnelled: dict[str, str] = {}  # loopback address of a tunnel -> peer id
         self._lock = threading.Lock()  # sessions of one client may run in several threads
@@ -89,6 +92,8 @@ class Client:
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
+        self.verifications: list[Verification] = []  # every spot-check of a peer's outputs (node.client.verify)
+        self._spot = SpotChecker(self, self.verifications)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         self._text_lock = threading.Lock()
@@ -163,7 +168,8 @@ class Client:
 
                 # A DHT lookup of a NAT'd peer's record takes ~20 s in py-libp2p 0.8.1 (it cannot be
                 # asked directly): allow for it.
-                reader = SwarmReader(self.bootstrap, timeout_s=max(self.config.info_timeout_s, 30.0), traversal=True)
+                timeout_s = max(self.config.info_timeout_s, 30.0)
+                reader = SwarmReader(self.bootstrap, timeout_s, traversal=True, swarm_key=self.config.swarm_key)
                 self._reader = reader.__enter__()
             return self._reader
 
@@ -318,6 +324,11 @@ class Client:
         known = self.candidates(refresh)
         return best_chain(self._usable(known.peers), known.num_layers, start, end)
 
+    def usable_peers(self) -> tuple[str, int, list[PeerView]]:
+        """(model id, number of layers, the known peers not avoided now): what a spot-check verifies with."""
+        known = self.candidates()
+        return known.model_id, known.num_layers, self._usable(known.peers)
+
     def recovered(self, note: str) -> None:
         """A session replaced a failed hop (`note` says how): kept in `recoveries`."""
         self.recoveries.append(note)
@@ -382,6 +393,7 @@ class Client:
             raise ConfigError("the prompt is empty")
         eos = set(self._text.eos_token_ids) if (stop_at_eos and self._text) else set()
         with self.session(len(ids) + max_new_tokens, route) as session:
+            session.check = self._spot.plan(len(ids), max_new_tokens)
             chunk = self.config.prefill_chunk
             for i in range(0, len(ids), chunk):
                 logits = session.step(ids[i : i + chunk])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.swarmkey import SwarmKey
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["ClientConfig"]
@@ -25,3 +26,10 @@ class ClientConfig:
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS
     tokenizer_cache: Path | None = None  # tokenizers fetched from peers, per model id; None: $MOEMESH_CACHE/tokenizers
+    # Spot-checks of peers' outputs (node.client.verify): the chance that a generation is checked,
+    # how many of its steps are (its first, then sampled ones), and how many positions each compares.
+    verify_probability: float = 0.0
+    verify_steps: int = 2
+    verify_tokens: int = 16
+    verify_tolerance: float = 0.0  # relative L2 error allowed; 0: by both peers' dtype and quantization
+    swarm_key: SwarmKey | None = None  # a private swarm's key (node.swarmkey, SwarmKey.load(path))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import grpc
@@ -24,6 +24,11 @@ from node.client.stream import HopStream, StepRecord
 from node.errors import PeerError, PeerRefused, PeerUnavailable, RouteError, SessionClosed
 from node.plan.routing import Hop
 from protocol import check_tensor, make_tensor
+from protocol.shard_pb2 import Tensor
+
+# Called after each hop's step with (hop, its past inputs, this step, its output), before the output
+# goes on: a spot-check (node.client.verify) raises PeerLied, and the hop fails over like any other.
+StepCheck = Callable[[Hop, Sequence[StepRecord], StepRecord, Tensor], None]
 
 __all__ = ["InferenceSession", "SessionHost", "should_fail_over"]
 
@@ -81,6 +86,7 @@ class InferenceSession:
         self.model_id = model_id
         self.position = 0
         self.recoveries: list[str] = []  # what failed and where its layers went, in order
+        self.check: StepCheck | None = None
         self._host = host
         self._closed = False
         self._streams: list[HopStream | None] = [None] * len(self.hops)
@@ -123,6 +129,8 @@ class InferenceSession:
         while k < len(self.hops):
             try:
                 out = self._open(k).step(tensor, position, last_only)
+                if self.check is not None:
+                    self.check(self.hops[k], self._history[k], StepRecord(position, tensor, last_only), out)
             except PeerError as e:
                 if not should_fail_over(e):
                     raise

@@ -22,6 +22,7 @@ from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.mesh.internals import get_from_peer, push_identify, store_at_peer
+from node.mesh.keyed import gate_kademlia, key_of
 from node.mesh.records import NAMESPACE, RecordValidator
 from protocol.mesh_pb2 import Reachability
 
@@ -72,7 +73,13 @@ class Dht:
         self.host = host
         self.config = config
         self.kad = ServersOnlyDHT(host, DHTMode.SERVER if config.server else DHTMode.CLIENT)
-        self.kad.register_validator(NAMESPACE, RecordValidator())
+        self.validator = RecordValidator(key_of(host))  # a private swarm's values are sealed
+        self.kad.register_validator(NAMESPACE, self.validator)
+        self._gate()
+
+    def _gate(self) -> None:
+        """A private swarm's Kademlia streams prove its key (node.mesh.keyed), both ways."""
+        gate_kademlia(self.host, KAD_PROTOCOL, self.kad.handle_stream if self.kad.mode == DHTMode.SERVER else None)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.kad):
@@ -90,6 +97,7 @@ class Dht:
         if not self.config.server or mode == self.kad.mode:
             return
         await self.kad.switch_mode(mode)
+        self._gate()  # switching to server mode registered the bare handler
         log.info("the DHT now runs in %s mode", mode.value)
         await push_identify(self.host)  # tell peers our protocols changed
 
@@ -156,7 +164,7 @@ class Dht:
                 nursery.start_soon(one, peer)
         if not found:
             return None
-        return found[RecordValidator().select(key, found)]
+        return found[self.validator.select(key, found)]
 
 
 def install(host: IHost, config: DhtConfig) -> Dht:

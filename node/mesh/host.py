@@ -31,14 +31,16 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from multiaddr import Multiaddr
 
-from node.errors import ConfigError, MeshError
+from node.errors import ConfigError, InvalidRecord, MeshError
 from node.mesh import autonat, holepunch, relay
 from node.mesh import dht as kademlia
 from node.mesh import record as asking
 from node.mesh.dht import Dht, DhtConfig
+from node.mesh.keyed import attach
 from node.mesh.nat import Nat, NatConfig, NatState
 from node.mesh.record import RecordConfig, RecordProtocol
-from node.mesh.records import peer_key
+from node.mesh.records import peer_key, unseal_record
+from node.swarmkey import SwarmKey
 from protocol.mesh_pb2 import Reachability
 
 __all__ = ["Installer", "MeshConfig", "MeshNode", "Piece", "noise_only_host", "quiet_libp2p"]
@@ -63,6 +65,7 @@ class MeshConfig:
     server: bool = True  # DHT server mode (store records for others); clients only query
     timeout_s: float = 20.0  # joining one bootstrap peer; one DHT lookup, put or provide
     record: RecordConfig = field(default_factory=RecordConfig)
+    swarm_key: SwarmKey | None = None  # a private swarm (node.swarmkey): only holders of the key are spoken to
 
     def dht(self) -> DhtConfig:
         return DhtConfig(server=self.server, timeout_s=self.timeout_s)
@@ -123,6 +126,7 @@ class MeshNode:
         self._nat_config = nat
         self._protocols = list(protocols)
         self.host = noise_only_host(key_pair, self._listen)
+        attach(self.host, config.swarm_key)  # our protocols' streams prove the key (node.mesh.keyed)
         self.addresses: list[str] = []
         self._dht: Dht | None = None
         self._record: RecordProtocol | None = None
@@ -204,6 +208,10 @@ class MeshNode:
         a regular Kademlia put (lookup of the closest peers, then stores) follows.
         """
         key = peer_key(self.peer_id)
+        swarm_key = self.config.swarm_key
+        if swarm_key is not None:  # only members can read it; the validators refuse anything else
+            signed_record = swarm_key.seal(key, signed_record)
+            provider_keys = [swarm_key.provider_key(k) for k in provider_keys]
         self.record_protocol.signed = signed_record
         self.dht.store_locally(key, signed_record)
         peers = set(self.dht.servers()) | set(self.host.get_connected_peers())
@@ -216,6 +224,8 @@ class MeshNode:
 
     async def providers(self, provider_key: str, count: int = 64) -> list[str]:
         """Peer ids that announced `provider_key` (deduplicated)."""
+        if self.config.swarm_key is not None:
+            provider_key = self.config.swarm_key.provider_key(provider_key)
         return await self.dht.providers(provider_key, count)
 
     async def providers_of_all(self, provider_keys: Sequence[str]) -> list[str]:
@@ -232,7 +242,15 @@ class MeshNode:
         return sorted(found)
 
     async def record(self, peer_id: str) -> bytes | None:
-        """A peer's record: asked of the peer itself, else of the DHT (not of our cache)."""
+        """A peer's signed record: asked of the peer itself, else of the DHT (not of our cache)."""
+        value = await self._sealed_record(peer_id)
+        try:
+            return None if value is None else unseal_record(peer_key(peer_id), value, self.config.swarm_key)
+        except InvalidRecord as e:
+            log.info("%s", e)
+            return None
+
+    async def _sealed_record(self, peer_id: str) -> bytes | None:
         key = peer_key(peer_id)
         if peer_id != self.peer_id:
             direct = await self.record_protocol.ask(peer_id)

@@ -27,6 +27,7 @@ __all__ = [
     "DialBackAutoNAT",
     "KeepRelayDCUtR",
     "close_write",
+    "gate_opened_streams",
     "get_from_peer",
     "handle_hop_stream",
     "hole_punch_attempts",
@@ -58,6 +59,25 @@ async def get_from_peer(dht: KadDHT, peer: ID, key: bytes) -> bytes | None:
 
 
 # -- the host -------------------------------------------------------------------------------
+
+
+def gate_opened_streams(host: IHost, protocol: str, after_open: Callable[[INetStream], Awaitable[None]]) -> None:
+    """Every stream `host` opens on `protocol`, py-libp2p's own code's included, runs `after_open`
+    before it is handed out (a failure resets it and raises). py-libp2p opens its Kademlia
+    streams itself, with `host.new_stream`: the host object's method is wrapped."""
+    opened = host.new_stream
+
+    async def new_stream(peer_id: ID, protocol_ids: Any) -> INetStream:
+        stream = await opened(peer_id, protocol_ids)
+        if stream.get_protocol() == protocol:
+            try:
+                await after_open(stream)
+            except BaseException:
+                await stream.reset()
+                raise
+        return stream
+
+    host.new_stream = new_stream  # type: ignore[method-assign]
 
 
 async def push_identify(host: IHost) -> None:

@@ -24,6 +24,7 @@ from node.mesh.records import ALL_PEERS_KEY, block_key, is_live, now_ms, verify_
 from node.mesh.relay import RelayConfig
 from node.mesh.sync import fetch_state
 from node.mesh.tunnel import TunnelClient
+from node.swarmkey import SwarmKey
 from protocol.mesh_pb2 import PeerRecord, Reachability
 
 __all__ = ["SwarmReader", "SwarmSnapshot", "addresses_to_dial"]
@@ -57,7 +58,14 @@ class SwarmReader:
     interface, because hole punching dials from the listen port.
     """
 
-    def __init__(self, bootstrap: Sequence[str], timeout_s: float = 20.0, *, traversal: bool = False) -> None:
+    def __init__(
+        self,
+        bootstrap: Sequence[str],
+        timeout_s: float = 20.0,
+        *,
+        traversal: bool = False,
+        swarm_key: SwarmKey | None = None,
+    ) -> None:
         if not bootstrap:
             raise ConfigError("give at least one bootstrap multiaddr")
         self._bootstrap = list(bootstrap)
@@ -67,6 +75,7 @@ class SwarmReader:
             bootstrap=tuple(bootstrap),
             server=False,
             timeout_s=timeout_s,
+            swarm_key=swarm_key,
         )
         nat = NatConfig(AutoNATConfig(check=False, serve=False), RelayConfig(reserve=False)) if traversal else None
         self._node = MeshNode(ephemeral_identity(), mesh, nat)

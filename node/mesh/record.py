@@ -18,6 +18,7 @@ from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
 from node.mesh.bridge import unwrap
+from node.mesh.keyed import guard, open_keyed
 
 __all__ = ["RECORD_PROTOCOL", "RecordConfig", "RecordProtocol", "install", "read_record", "write_record"]
 
@@ -70,7 +71,7 @@ class RecordProtocol:
         data = b""
         with trio.move_on_after(self.config.timeout_s):
             try:
-                stream = await self.host.new_stream(ID.from_base58(peer_id), [RECORD_PROTOCOL])
+                stream = await open_keyed(self.host, ID.from_base58(peer_id), RECORD_PROTOCOL)
                 try:
                     data = await read_record(stream, self.config.max_bytes)
                 finally:
@@ -86,5 +87,5 @@ class RecordProtocol:
 
 def install(host: IHost, config: RecordConfig) -> RecordProtocol:
     proto = RecordProtocol(host, config)
-    host.set_stream_handler(RECORD_PROTOCOL, proto.answer)
+    host.set_stream_handler(RECORD_PROTOCOL, guard(host, RECORD_PROTOCOL, proto.answer))
     return proto

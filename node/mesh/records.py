@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.records.validator import Validator
 
 from node.errors import InvalidRecord
+from node.swarmkey import SwarmKey
 from protocol import PROTOCOL_VERSION, software_version
 from protocol.mesh_pb2 import PeerRecord, Reachability, ShardAd, SignedPeerRecord
 
@@ -31,6 +32,7 @@ __all__ = [
     "peer_id_of",
     "peer_key",
     "sign_record",
+    "unseal_record",
     "verify_record",
 ]
 
@@ -120,20 +122,36 @@ def is_live(record: PeerRecord, at_ms: int | None = None) -> bool:
     return not record.withdrawn and record.expires_at_ms > (now_ms() if at_ms is None else at_ms)
 
 
+def unseal_record(key: str, value: bytes, swarm_key: SwarmKey | None) -> bytes:
+    """The signed record in a DHT value: in a private swarm, opened with the swarm key."""
+    if swarm_key is None:
+        return value
+    opened = swarm_key.unseal(key, value)
+    if opened is None:
+        raise InvalidRecord(f"the value under {key} is not sealed with our swarm key")
+    return opened
+
+
 class RecordValidator(Validator):
-    """DHT validator for /moemesh/peer/<id>: only verified records; the highest seq wins."""
+    """DHT validator for /moemesh/peer/<id>: only verified records; the highest seq wins.
+
+    In a private swarm (`swarm_key`) the values are sealed records (node.swarmkey): a value
+    not sealed with our key is refused."""
+
+    def __init__(self, swarm_key: SwarmKey | None = None) -> None:
+        self.swarm_key = swarm_key
 
     def validate(self, key: str, value: bytes) -> None:
         prefix = f"/{NAMESPACE}/peer/"
         if not key.startswith(prefix):
             raise InvalidRecord(f"unknown key {key!r}")
-        verify_record(value, peer_id=key[len(prefix) :])
+        verify_record(unseal_record(key, value, self.swarm_key), peer_id=key[len(prefix) :])
 
     def select(self, key: str, values: list[bytes]) -> int:
         best, best_seq = 0, -1
         for i, value in enumerate(values):
             try:
-                seq = verify_record(value).seq
+                seq = verify_record(unseal_record(key, value, self.swarm_key)).seq
             except InvalidRecord:
                 continue
             if seq > best_seq:

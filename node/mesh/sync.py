@@ -25,6 +25,7 @@ from multiaddr import Multiaddr
 
 from crdt import Limits
 from node.errors import FrameError
+from node.mesh.keyed import guard, open_keyed
 
 __all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install", "read_frame", "write_frame"]
 
@@ -121,7 +122,7 @@ class SyncWire:
 
     async def install(self) -> None:
         """Serve `SYNC_PROTOCOL` with this wire (what `install` does, for a wire made first)."""
-        self.host.set_stream_handler(SYNC_PROTOCOL, self.handle)
+        self.host.set_stream_handler(SYNC_PROTOCOL, guard(self.host, SYNC_PROTOCOL, self.handle))
 
     async def handle(self, stream: Any) -> None:
         """The handler of a peer's conversation: answer it, within the timeout."""
@@ -143,7 +144,7 @@ class SyncWire:
             if addrs:
                 self.host.get_peerstore().add_addrs(peer, addrs, ADDRESS_TTL_S)
             with trio.fail_after(self.timeout_s):
-                stream = await self.host.new_stream(peer, [SYNC_PROTOCOL])
+                stream = await open_keyed(self.host, peer, SYNC_PROTOCOL)
                 try:
                     return await converse(stream, first, self.respond)
                 finally:
@@ -157,7 +158,7 @@ class SyncWire:
 def install(host: IHost, config: SyncConfig, respond: Responder) -> SyncWire:
     """Serve `SYNC_PROTOCOL` on `host` (on the trio thread), answering with `respond`."""
     wire = SyncWire(host, respond, config.timeout_s)
-    host.set_stream_handler(SYNC_PROTOCOL, wire.handle)
+    host.set_stream_handler(SYNC_PROTOCOL, guard(host, SYNC_PROTOCOL, wire.handle))
     return wire
 
 

@@ -30,6 +30,7 @@ from libp2p.peer.id import ID
 
 from node.mesh.bridge import unwrap
 from node.mesh.internals import close_write
+from node.mesh.keyed import guard, open_keyed
 
 __all__ = ["TUNNEL_PROTOCOL", "Target", "TunnelClient", "TunnelConfig", "TunnelServer", "install_server", "splice"]
 
@@ -130,7 +131,7 @@ class TunnelServer:
 def install_server(host: IHost, config: TunnelConfig, target: Target) -> TunnelServer:
     """Serve `TUNNEL_PROTOCOL` on `host`, piping each stream to `target()` read per stream."""
     server = TunnelServer(host, target, config)
-    host.set_stream_handler(TUNNEL_PROTOCOL, server.handle)
+    host.set_stream_handler(TUNNEL_PROTOCOL, guard(host, TUNNEL_PROTOCOL, server.handle))
     return server
 
 
@@ -165,7 +166,7 @@ class TunnelClient:
             try:
                 with trio.fail_after(self.config.connect_timeout_s):
                     await self.connect(peer)
-                    stream = await self.host.new_stream(peer, [TUNNEL_PROTOCOL])
+                    stream = await open_keyed(self.host, peer, TUNNEL_PROTOCOL)
             except Exception as e:  # libp2p raises several types for an unreachable peer
                 log.warning("tunnel to %s: cannot open a stream: %r", peer, unwrap(e))
                 await tcp.aclose()

@@ -30,7 +30,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
-from node.errors import BadWeights, FrameError, PeerRefused, PeerTimeout, PeerUnavailable
+from node.errors import BadWeights, FrameError, KeyRefused, PeerRefused, PeerTimeout, PeerUnavailable
+from node.mesh.keyed import guard, open_keyed
 from protocol.weights_pb2 import ChunkRequest, ManifestRequest, WeightsRequest, WeightsResponse
 from shards.manifest import Manifest
 
@@ -195,7 +196,7 @@ class WeightsServer:
 def install(host: IHost, config: WeightsConfig, holding: HoldingSource) -> WeightsServer:
     """Serve `WEIGHTS_PROTOCOL` on `host` from what `holding()` returns when each request arrives."""
     server = WeightsServer(host, config, holding)
-    host.set_stream_handler(WEIGHTS_PROTOCOL, server.handle)
+    host.set_stream_handler(WEIGHTS_PROTOCOL, guard(host, WEIGHTS_PROTOCOL, server.handle))  # a private swarm's key
     return server
 
 
@@ -256,9 +257,11 @@ async def open_session(host: IHost, peer_id: str, config: WeightsConfig) -> Weig
     """A weights stream to `peer_id` over whatever connection the host has or can dial."""
     try:
         with trio.fail_after(config.request_timeout_s):
-            stream = await host.new_stream(ID.from_base58(peer_id), [WEIGHTS_PROTOCOL])
+            stream = await open_keyed(host, ID.from_base58(peer_id), WEIGHTS_PROTOCOL)
     except trio.TooSlowError:
         raise PeerTimeout(peer_id, "opening a weights stream timed out") from None
+    except KeyRefused as e:  # not of our private swarm
+        raise PeerUnavailable(peer_id, str(e)) from None
     except Exception as e:  # libp2p raises several types for an unreachable peer
         raise PeerUnavailable(peer_id, f"cannot open a weights stream: {e!r}") from None
     return WeightsSession(stream, peer_id, config)

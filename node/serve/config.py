@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.swarmkey import SwarmKey
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["ServerConfig"]
@@ -38,6 +39,7 @@ class ServerConfig:
     max_queued_per_client: int = 32  # steps and Forwards waiting for compute
     max_inflight_bytes_per_client: int = 0  # request bytes being served; 0: max_message_bytes
     insecure_lan: bool = False  # serve plaintext gRPC (a trusted LAN only); default: TLS with a pinned certificate
+    swarm_key: SwarmKey | None = None  # a private swarm: only calls proving its key are served (node.serve.gate)
 
     @property
     def sessions_per_client(self) -> int:

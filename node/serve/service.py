@@ -317,7 +317,13 @@ async def start_server(engine: Engine, certificate: Certificate | None = None) -
         raise ConfigError("serving gRPC needs a TLS certificate (or insecure_lan for a trusted LAN)")
     engine.start()
     # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and share it.
-    server = grpc.aio.server(options=[*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)])
+    gates = []
+    if config.swarm_key is not None:  # a private swarm: every call proves the key before any work
+        from node.serve.gate import SwarmGate
+
+        gates.append(SwarmGate(config.swarm_key, certificate.fingerprint if certificate is not None else ""))
+    options = [*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options, interceptors=gates)
     server.add_generic_rpc_handlers([ShardService(engine).handler()])
     where = f"{config.host}:{config.port}"
     try:

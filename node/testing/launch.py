@@ -86,12 +86,15 @@ def _popen(
 
 
 def _spawn(
-    model: Path, layers: tuple[int, int], extra_args: Sequence[str], env: Mapping[str, str] | None = None
+    model: Path,
+    layers: tuple[int, int],
+    extra_args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    runner: Sequence[str] = ("-m", "node"),
 ) -> tuple[ServerProcess, queue.SimpleQueue[str | None]]:
     cmd = [
         sys.executable,
-        "-m",
-        "node",
+        *runner,
         "serve",
         "--model",
         str(model),
@@ -127,10 +130,17 @@ def _wait_ready(server: ServerProcess, lines: queue.SimpleQueue[str | None], dea
 
 
 def start_server_process(
-    model: Path, layers: tuple[int, int], *, extra_args: Sequence[str] = (), timeout: float = 300.0
+    model: Path,
+    layers: tuple[int, int],
+    *,
+    extra_args: Sequence[str] = (),
+    timeout: float = 300.0,
+    runner: Sequence[str] = ("-m", "node"),
 ) -> ServerProcess:
-    """Start `moemesh serve` on a free loopback port and wait until it says it is serving."""
-    server, lines = _spawn(model, layers, extra_args)
+    """Start `moemesh serve` on a free loopback port and wait until it says it is serving.
+
+    `runner`: what runs it after the Python executable (e.g. `-m node.testing.liar 1.0`)."""
+    server, lines = _spawn(model, layers, extra_args, runner=runner)
     try:
         _wait_ready(server, lines, time.monotonic() + timeout)
     except BaseException:

@@ -1,0 +1,56 @@
+"""A lying peer, for tests of spot-checks: `moemesh serve` whose outputs are perturbed.
+
+    python -m node.testing.liar SCALE serve --model M --layers 2:4 ...
+
+runs the ordinary serve command, except that every Forward and session step answers its
+true output plus Gaussian noise of SCALE times the output's own standard deviation: a peer
+that looks healthy (it answers in time, with the right shapes) and lies. Test code only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from node.serve import service
+from node.serve.codec import from_message, to_message
+from protocol.shard_pb2 import ForwardResponse, SessionRequest, SessionResponse, Tensor
+
+__all__ = ["LyingShardService", "perturb"]
+
+
+def perturb(t: Tensor, scale: float, seed: int = 0) -> Tensor:
+    """`t` plus noise of `scale` times its standard deviation, in its own dtype."""
+    true = from_message(t, what="output")
+    x = true.float()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)) * x.std().clamp_min(1e-6) * scale
+    return to_message((x + noise).to(true.dtype))
+
+
+class LyingShardService(service.ShardService):
+    """The Shard service, lying in every output by `SCALE` (set before the server starts)."""
+
+    SCALE = 1.0
+
+    async def forward(self, raw: bytes, context: object) -> bytes:  # type: ignore[override]
+        answer = ForwardResponse.FromString(await super().forward(raw, context))  # type: ignore[arg-type]
+        return ForwardResponse(output=perturb(answer.output, self.SCALE)).SerializeToString()
+
+    async def _answer(self, stream: service._Stream, req: SessionRequest) -> bytes:
+        answer = SessionResponse.FromString(await super()._answer(stream, req))
+        if answer.WhichOneof("kind") == "result":
+            answer.result.output.CopyFrom(perturb(answer.result.output, self.SCALE, answer.result.step_id))
+        return answer.SerializeToString()
+
+
+def main(argv: list[str]) -> int:
+    from node.cli.main import main as moemesh
+
+    LyingShardService.SCALE = float(argv[0])
+    service.ShardService = LyingShardService  # type: ignore[misc]  # what start_server builds
+    return moemesh(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

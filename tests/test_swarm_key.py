@@ -24,7 +24,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from node.client import Client, ClientConfig
-from node.errors import ConfigError, PeerRefused, RouteError
+from node.errors import ConfigError, PeerRefused, PeerTimeout, PeerUnavailable, RouteError
 from node.mesh.dht import KAD_PROTOCOL
 from node.mesh.host import MeshConfig, MeshNode, noise_only_host
 from node.mesh.internals import get_from_peer
@@ -33,6 +33,9 @@ from node.mesh.record import RecordConfig, RecordProtocol
 from node.mesh.sync import SyncConfig, fetch_state
 from node.mesh.sync import install as install_sync
 from node.mesh.tunnel import TunnelClient, TunnelConfig, install_server
+from node.mesh.weights import WeightsConfig
+from node.mesh.weights import install as install_weights
+from node.mesh.weights import open_session as open_weights
 from node.serve.gate import SwarmGate
 from node.swarmkey import GRPC_METADATA, SwarmKey, generate_key_file
 from node.testing.launch import DaemonProcess, start_daemon
@@ -111,7 +114,7 @@ async def _echo(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) ->
 
 @pytest.mark.parametrize("dialer_key", [None, OTHER, KEY], ids=["no key", "another key", "the key"])
 def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: pytest.LogCaptureFixture) -> None:
-    """Sync, record, tunnel and Kademlia streams of a keyed host: refused without the key or with another."""
+    """Sync, record, tunnel, weights and Kademlia streams of a keyed host: refused without the key or with another."""
     answers: dict[str, object] = {}
 
     async def main() -> None:
@@ -120,7 +123,10 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
             serving = MeshNode(
                 create_new_key_pair(),
                 MeshConfig(swarm_key=KEY),
-                protocols=[partial(install_server, config=TunnelConfig(), target=lambda: ("127.0.0.1", grpc_port))],
+                protocols=[
+                    partial(install_server, config=TunnelConfig(), target=lambda: ("127.0.0.1", grpc_port)),
+                    partial(install_weights, config=WeightsConfig(request_timeout_s=5), holding=lambda: None),
+                ],
             )
             addresses = await nursery.start(serving.serve)
             serving.record_protocol.signed = b"our record"
@@ -139,6 +145,13 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
                 await dialer.connect(where)
                 answers["sync"] = await fetch_state(dialer, serving.peer_id, addresses, b"pull", timeout_s=5)
                 answers["record"] = await RecordProtocol(dialer, RecordConfig()).ask(serving.peer_id)
+                try:  # holding nothing, it answers every request with an error: that it answers is the point
+                    weights = await open_weights(dialer, serving.peer_id, WeightsConfig(request_timeout_s=5))
+                    await weights.manifest("0" * 24)
+                except PeerRefused:
+                    answers["weights"] = "answered"
+                except (PeerUnavailable, PeerTimeout):  # closed on, or never answered
+                    answers["weights"] = None
                 try:
                     answers["kad"] = await get_from_peer(kad, where.peer_id, b"/moemesh/peer/x")
                 except Exception:  # refused: the stream was reset
@@ -156,10 +169,16 @@ def test_every_libp2p_door_needs_the_key(dialer_key: SwarmKey | None, caplog: py
     with caplog.at_level(logging.INFO, logger="node.mesh.keyed"):
         trio.run(main)
     if dialer_key is KEY:
-        want = {"sync": b"state for pull", "record": b"our record", "tunnel": b"echo:hello", "kad": b"a value"}
+        want = {
+            "sync": b"state for pull",
+            "record": b"our record",
+            "tunnel": b"echo:hello",
+            "kad": b"a value",
+            "weights": "answered",
+        }
         assert answers == want
     else:
-        assert answers == {"sync": None, "record": None, "tunnel": b"", "kad": None}
+        assert answers == {"sync": None, "record": None, "tunnel": b"", "kad": None, "weights": None}
         assert caplog.text.count("refused a /moemesh/") >= 2  # the doors say why (record's asker may hang up first)
 
 

@@ -20,7 +20,8 @@ MoemeshError
 │   ├── PeerUnavailable    the peer broke it: unreachable, or the connection broke
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
-│   └── PeerRefused        it answered with an error status (code and message kept)
+│   ├── PeerRefused        it answered with an error status (code and message kept)
+│   └── PushNotDelivered   it could not push a step on to the next hop (the client relays it)
 └── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
     ├── InvalidRecord      a peer record that must not be believed
     └── FrameError         a peer broke the sync protocol's framing
@@ -49,6 +50,7 @@ __all__ = [
     "PeerTimeout",
     "PeerUnavailable",
     "PeerUntrusted",
+    "PushNotDelivered",
     "RequestError",
     "RouteError",
     "SessionClosed",
@@ -136,6 +138,10 @@ class PeerError(MoemeshError):
 
 class PeerUnavailable(PeerError):
     """The peer cannot be reached or the connection broke."""
+
+
+class PushNotDelivered(PeerError):
+    """The peer could not push a step on to the next hop (it said so): the client relays that step."""
 
 
 class PeerTimeout(PeerError):

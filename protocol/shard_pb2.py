@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protocol/shard.proto\x12\nmoemesh.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"t\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12!\n\x05input\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tlast_only\x18\x05 \x01(\x08\"5\n\x0f\x46orwardResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"O\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\"_\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tlast_only\x18\x04 \x01(\x08\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.moemesh.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.moemesh.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.CloseSessionH\x00\x42\x06\n\x04kind\"7\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"Q\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\"\x0f\n\rSessionClosed\"\x9d\x01\n\x0fSessionResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.moemesh.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.moemesh.v1.StepResultH\x00\x12+\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x19.moemesh.v1.SessionClosedH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\xd7\x01\n\x08\x43\x61pacity\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x17\n\x0fkv_budget_bytes\x18\x06 \x01(\x04\x12\x15\n\rkv_free_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cqueued_steps\x18\x08 \x01(\r\x12\x15\n\rbatched_steps\x18\t \x01(\x04\"\x98\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12 \n\x05\x64type\x18\x08 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\x0f\n\x07version\x18\t \x01(\t\x12\x18\n\x10protocol_version\x18\n \x01(\r\x12&\n\x08\x63\x61pacity\x18\x0b \x01(\x0b\x32\x14.moemesh.v1.Capacity\x12\x14\n\x0cquantization\x18\x0c \x01(\t*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x32\xd7\x01\n\x05Shard\x12\x42\n\x07\x46orward\x12\x1a.moemesh.v1.ForwardRequest\x1a\x1b.moemesh.v1.ForwardResponse\x12O\n\x10InferenceSession\x12\x1a.moemesh.v1.SessionRequest\x1a\x1b.moemesh.v1.SessionResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protocol/shard.proto\x12\nmoemesh.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"t\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12!\n\x05input\x18\x04 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tlast_only\x18\x05 \x01(\x08\"5\n\x0f\x46orwardResponse\x12\"\n\x06output\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\"u\n\x0bOpenSession\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x0c\n\x04push\x18\x05 \x01(\x08\x12\x16\n\x0e\x63ompact_logits\x18\x06 \x01(\x08\"@\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\"\x86\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x10\n\x08position\x18\x02 \x01(\r\x12!\n\x05input\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x11\n\tlast_only\x18\x04 \x01(\x08\x12%\n\x05route\x18\x05 \x03(\x0b\x32\x16.moemesh.v1.PushTarget\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.moemesh.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.moemesh.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.CloseSessionH\x00\x42\x06\n\x04kind\"K\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\npush_token\x18\x03 \x01(\x0c\"e\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\"\n\x06output\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x12\n\npush_error\x18\x04 \x01(\t\"\x0f\n\rSessionClosed\"\x9d\x01\n\x0fSessionResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.moemesh.v1.SessionOpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.moemesh.v1.StepResultH\x00\x12+\n\x06\x63losed\x18\x03 \x01(\x0b\x32\x19.moemesh.v1.SessionClosedH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"\xed\x01\n\x08\x43\x61pacity\x12\x14\n\x0cmax_sessions\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\x12\x17\n\x0fkv_budget_bytes\x18\x06 \x01(\x04\x12\x15\n\rkv_free_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cqueued_steps\x18\x08 \x01(\r\x12\x15\n\rbatched_steps\x18\t \x01(\x04\x12\x14\n\x0cpushed_steps\x18\n \x01(\x04\"\x98\x02\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12 \n\x05\x64type\x18\x08 \x01(\x0e\x32\x11.moemesh.v1.DType\x12\x0f\n\x07version\x18\t \x01(\t\x12\x18\n\x10protocol_version\x18\n \x01(\r\x12&\n\x08\x63\x61pacity\x18\x0b \x01(\x0b\x32\x14.moemesh.v1.Capacity\x12\x14\n\x0cquantization\x18\x0c \x01(\t\"O\n\nPushedStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x1e\n\x04step\x18\x03 \x01(\x0b\x32\x10.moemesh.v1.Step\"0\n\x0bPushSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04*Q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x32\x92\x02\n\x05Shard\x12\x42\n\x07\x46orward\x12\x1a.moemesh.v1.ForwardRequest\x1a\x1b.moemesh.v1.ForwardResponse\x12O\n\x10InferenceSession\x12\x1a.moemesh.v1.SessionRequest\x1a\x1b.moemesh.v1.SessionResponse(\x01\x30\x01\x12\x39\n\x04Info\x12\x17.moemesh.v1.InfoRequest\x1a\x18.moemesh.v1.InfoResponse\x12\x39\n\x04Push\x12\x16.moemesh.v1.PushedStep\x1a\x17.moemesh.v1.PushSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1454
-  _globals['_DTYPE']._serialized_end=1535
+  _globals['_DTYPE']._serialized_start=1791
+  _globals['_DTYPE']._serialized_end=1872
   _globals['_TENSOR']._serialized_start=36
   _globals['_TENSOR']._serialized_end=107
   _globals['_FORWARDREQUEST']._serialized_start=109
@@ -40,27 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDRESPONSE']._serialized_start=227
   _globals['_FORWARDRESPONSE']._serialized_end=280
   _globals['_OPENSESSION']._serialized_start=282
-  _globals['_OPENSESSION']._serialized_end=361
-  _globals['_STEP']._serialized_start=363
-  _globals['_STEP']._serialized_end=458
-  _globals['_CLOSESESSION']._serialized_start=460
-  _globals['_CLOSESESSION']._serialized_end=474
-  _globals['_SESSIONREQUEST']._serialized_start=477
-  _globals['_SESSIONREQUEST']._serialized_end=619
-  _globals['_SESSIONOPENED']._serialized_start=621
-  _globals['_SESSIONOPENED']._serialized_end=676
-  _globals['_STEPRESULT']._serialized_start=678
-  _globals['_STEPRESULT']._serialized_end=759
-  _globals['_SESSIONCLOSED']._serialized_start=761
-  _globals['_SESSIONCLOSED']._serialized_end=776
-  _globals['_SESSIONRESPONSE']._serialized_start=779
-  _globals['_SESSIONRESPONSE']._serialized_end=936
-  _globals['_INFOREQUEST']._serialized_start=938
-  _globals['_INFOREQUEST']._serialized_end=951
-  _globals['_CAPACITY']._serialized_start=954
-  _globals['_CAPACITY']._serialized_end=1169
-  _globals['_INFORESPONSE']._serialized_start=1172
-  _globals['_INFORESPONSE']._serialized_end=1452
-  _globals['_SHARD']._serialized_start=1538
-  _globals['_SHARD']._serialized_end=1753
+  _globals['_OPENSESSION']._serialized_end=399
+  _globals['_PUSHTARGET']._serialized_start=401
+  _globals['_PUSHTARGET']._serialized_end=465
+  _globals['_STEP']._serialized_start=468
+  _globals['_STEP']._serialized_end=602
+  _globals['_CLOSESESSION']._serialized_start=604
+  _globals['_CLOSESESSION']._serialized_end=618
+  _globals['_SESSIONREQUEST']._serialized_start=621
+  _globals['_SESSIONREQUEST']._serialized_end=763
+  _globals['_SESSIONOPENED']._serialized_start=765
+  _globals['_SESSIONOPENED']._serialized_end=840
+  _globals['_STEPRESULT']._serialized_start=842
+  _globals['_STEPRESULT']._serialized_end=943
+  _globals['_SESSIONCLOSED']._serialized_start=945
+  _globals['_SESSIONCLOSED']._serialized_end=960
+  _globals['_SESSIONRESPONSE']._serialized_start=963
+  _globals['_SESSIONRESPONSE']._serialized_end=1120
+  _globals['_INFOREQUEST']._serialized_start=1122
+  _globals['_INFOREQUEST']._serialized_end=1135
+  _globals['_CAPACITY']._serialized_start=1138
+  _globals['_CAPACITY']._serialized_end=1375
+  _globals['_INFORESPONSE']._serialized_start=1378
+  _globals['_INFORESPONSE']._serialized_end=1658
+  _globals['_PUSHEDSTEP']._serialized_start=1660
+  _globals['_PUSHEDSTEP']._serialized_end=1739
+  _globals['_PUSHSUMMARY']._serialized_start=1741
+  _globals['_PUSHSUMMARY']._serialized_end=1789
+  _globals['_SHARD']._serialized_start=1875
+  _globals['_SHARD']._serialized_end=2149
 # @@protoc_insertion_point(module_scope)

@@ -310,6 +310,16 @@ class Client:
         """A session replaced a failed hop (`note` says how): kept in `recoveries`."""
         self.recoveries.append(note)
 
+    def push_address(self, hop: Hop) -> str | None:
+        """Where another peer pushes to `hop`: its address with the fingerprint pinned (the one
+        trusted on first use when none was given); None for a peer reached through a tunnel of
+        ours, which only this client can use."""
+        if hop.address in self._tunnelled:
+            return None
+        target, pin = split_pin(hop.address)
+        pin = pin or self._channels.first_seen(hop.address)
+        return f"{target}#{pin}" if pin else (target if self.config.insecure_lan else None)
+
     def route(self) -> tuple[str, list[Hop]]:
         """Find what the peers serve and plan a chain; returns (model id, hops)."""
         known = self.candidates(refresh=True)
@@ -326,10 +336,13 @@ class Client:
             self._wait_for_hole_punch(hops)
         return known.model_id, hops
 
-    def session(self, max_length: int, route: tuple[str, list[Hop]] | None = None) -> InferenceSession:
-        """Open a session on every hop of `route` (default: a route planned now)."""
+    def session(
+        self, max_length: int, route: tuple[str, list[Hop]] | None = None, push: bool | None = None
+    ) -> InferenceSession:
+        """Open a session on every hop of `route` (default: a route planned now); `push` (default:
+        the config's) has each hop push its output straight to the next."""
         model_id, hops = route or self.route()
-        return InferenceSession(self, hops, model_id, max_length)
+        return InferenceSession(self, hops, model_id, max_length, push)
 
     # -- generation -------------------------------------------------------------------------
 

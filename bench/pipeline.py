@@ -107,8 +107,13 @@ def build_llama(folder: Path, shape: dict[str, int]) -> Path:
     if (folder / "config.json").is_file():
         return folder
     torch.manual_seed(0)
-    cfg = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=32000,
-                      max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).eval().save_pretrained(folder)
     return folder
 

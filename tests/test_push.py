@@ -142,3 +142,24 @@ def test_a_failing_hop_in_pushed_mode_changes_no_token(
             STOPPED.clear()
     assert tokens == expected
     assert len(recoveries) == 3 and all(why in note for note in recoveries), recoveries
+
+
+def test_a_warm_spare_takes_over_with_nothing_to_replay(tiny_models: dict[str, Path]) -> None:
+    """With warm spares, a second peer of the hop's layers runs every step beside it; killed, the
+    hop is replaced by it at once, and the tokens are those of an undisturbed run."""
+    with local_swarm(tiny_models["mixtral"], [(0, 4), (0, 4)]) as servers:
+        with Client([s.pinned for s in servers], config=ClientConfig(warm_spares=True)) as client:
+            expected = list(client.generate(PROMPT, 32, stop_at_eos=False))
+            assert not client.recoveries
+            by_address = {s.pinned: s for s in servers}
+            tokens: list[int] = []
+            with client.session(len(PROMPT) + 33) as session:
+                logits = session.step(PROMPT)
+                while len(tokens) < 32:
+                    tokens.append(int(np.argmax(logits)))
+                    if len(tokens) == 10:
+                        _kill(by_address[session.hops[0].address])
+                    logits = session.step([tokens[-1]])
+    assert tokens == expected
+    (note,) = client.recoveries
+    assert "its warm spare, 0 steps replayed" in note, note

@@ -310,6 +310,19 @@ class Client:
         """A session replaced a failed hop (`note` says how): kept in `recoveries`."""
         self.recoveries.append(note)
 
+    def spare(self, hop: Hop) -> Hop | None:
+        """The nearest other peer (not avoided) serving all of `hop`'s layers; None when none is known."""
+        known = self.candidates()
+        peers = [
+            p
+            for p in self._usable(known.peers)
+            if p.start <= hop.start and hop.end <= p.end and p.address != hop.address and p.peer_id != hop.peer
+        ]
+        if not peers:
+            return None
+        best = min(peers, key=lambda p: p.rtt_s)
+        return Hop(best.address, hop.start, hop.end, best.peer_id)
+
     def push_address(self, hop: Hop) -> str | None:
         """Where another peer pushes to `hop`: its address with the fingerprint pinned (the one
         trusted on first use when none was given); None for a peer reached through a tunnel of

@@ -22,5 +22,6 @@ class ClientConfig:
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
     exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
+    warm_spares: bool = False  # keep a second session of each hop in step on another peer (2x compute, no replay)
     push: bool = True  # hops push their outputs straight to the next hop (else the client relays every hop's)
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS

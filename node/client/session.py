@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 
 from node.client.config import ClientConfig
+from node.client.spare import WarmSpare
 from node.client.stream import HopStream, StepRecord
 from node.errors import PeerError, PeerRefused, PeerUnavailable, PushNotDelivered, RouteError, SessionClosed
 from node.plan.routing import Hop
@@ -89,6 +90,10 @@ class SessionHost(Protocol):
         only this client can reach it (through a tunnel of its own)."""
         ...
 
+    def spare(self, hop: Hop) -> Hop | None:
+        """Another peer (not avoided) able to run all of `hop`'s layers, to keep warm; None if none is known."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Ran:
@@ -131,9 +136,12 @@ class InferenceSession:
         self._closed = False
         self._streams: list[HopStream | None] = [None] * len(self.hops)
         self._history: list[list[StepRecord]] = [[] for _ in self.hops]
+        self._spares: list[WarmSpare | None] = [None] * len(self.hops)
         try:
             for k in range(len(self.hops)):
                 self._open(k)
+            if host.config.warm_spares:
+                self._spares = [self._open_spare(hop) for hop in self.hops]
         except BaseException:
             self.close()
             raise
@@ -143,8 +151,26 @@ class InferenceSession:
         config = self._host.config
         push = self.push and self._host.push_address(hop) is not None
         return HopStream(
-            channel, hop, self.model_id, self.max_length, config, step_ids=self._step_ids, push=push, compact_logits=True
+            channel,
+            hop,
+            self.model_id,
+            self.max_length,
+            config,
+            step_ids=self._step_ids,
+            push=push,
+            compact_logits=True,
         )
+
+    def _open_spare(self, hop: Hop) -> WarmSpare | None:
+        spare = self._host.spare(hop)
+        if spare is None:
+            log.info("no warm spare for layers %d:%d: no other peer serves them", hop.start, hop.end)
+            return None
+        try:
+            return WarmSpare(self._connect(spare))
+        except PeerError as e:
+            log.info("no warm spare for layers %d:%d: %s", hop.start, hop.end, e)
+            return None
 
     def _open(self, k: int) -> HopStream:
         stream = self._streams[k]
@@ -183,6 +209,9 @@ class InferenceSession:
                     raise ran.error
                 self._recover(k, ran.error)
         self.position = position + len(ids)
+        for spare, history in zip(self._spares, self._history, strict=True):
+            if spare is not None:  # off the critical path: the chain's answer is in already
+                spare.feed(history[-1])
         logits = logits_of(tensor, self.hops[-1].address)
         return logits[-1] if last_only else logits
 
@@ -249,6 +278,8 @@ class InferenceSession:
         failed = self.hops[k]
         self._host.avoid(failed, error)
         self._drop(k)
+        if self._promote(k, error):
+            return
         problems = [f"{failed.address}: {error}"]
         no_route: RouteError | None = None
         for attempt in self._attempts():
@@ -313,6 +344,25 @@ class InferenceSession:
             raise
         return streams, histories
 
+    def _promote(self, k: int, error: PeerError) -> bool:
+        """Hand hop k to its warm spare once it has answered every step it owes; False without one."""
+        spare, self._spares[k] = self._spares[k], None
+        if spare is None:
+            return False
+        try:
+            stream = spare.catch_up()
+        except PeerError as e:
+            log.info("the warm spare of layers %d:%d failed too: %s", self.hops[k].start, self.hops[k].end, e)
+            spare.close()
+            return False
+        failed = self.hops[k]
+        self.hops[k], self._streams[k] = stream.hop, stream
+        self._tell(
+            f"layers {failed.start}:{failed.end} moved from {failed.address} ({error})"
+            f" to {stream.hop.address} [{stream.hop.start}:{stream.hop.end}], its warm spare, 0 steps replayed"
+        )
+        return True
+
     def _avoid_the_one_of(self, hops: Sequence[Hop], error: PeerError) -> None:
         bad = next((h for h in hops if h.address == error.address), None)
         if bad is not None:
@@ -330,6 +380,10 @@ class InferenceSession:
         self.hops[k : k + 1] = hops
         self._streams[k : k + 1] = list(streams)
         self._history[k : k + 1] = histories
+        old = self._spares[k]
+        if old is not None:
+            old.close()
+        self._spares[k : k + 1] = [None] * len(hops)
 
     def _tell(self, note: str) -> None:
         log.info("%s", note)
@@ -340,10 +394,11 @@ class InferenceSession:
 
     def close(self) -> None:
         self._closed = True
-        for stream in self._streams:
+        for stream in [*self._streams, *(s.stream for s in self._spares if s is not None)]:
             if stream is not None:
                 stream.close()
         self._streams = [None] * len(self.hops)
+        self._spares = [None] * len(self.hops)
 
     def __enter__(self) -> InferenceSession:
         return self

@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +180,10 @@ class HopStream:
     def result(self, step_id: int, timeout: float, upstream: HopStream | None = None) -> Tensor:
         """This hop's output of step `step_id` (see `_answer` for `upstream`)."""
         return self._answer("result", timeout, step_id, upstream).result.output
+
+    def has_answer(self) -> bool:
+        """Whether an answer (or the stream's end) has come and not been taken yet (never waits)."""
+        return bool(self._backlog) or not self._responses.empty() or self._broken is not None
 
     def push_error(self, step_id: int) -> str | None:
         """Why this hop could not push step `step_id` on, if it said so (never waits)."""

@@ -97,7 +97,9 @@ class Pusher:
         try:
             channel = await self._channel(link.address)
             call = channel.stream_unary(
-                PUSH_METHOD, request_serializer=PushedStep.SerializeToString, response_deserializer=PushSummary.FromString
+                PUSH_METHOD,
+                request_serializer=PushedStep.SerializeToString,
+                response_deserializer=PushSummary.FromString,
             )
             summary = await call(self._requests(link))
             if summary.dropped:

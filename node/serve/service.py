@@ -230,7 +230,9 @@ class ShardService:
             stream.read = asyncio.ensure_future(anext(requests, None))
         while True:
             pushed = asyncio.ensure_future(stream.pushed.get()) if stream.token else None
-            waiting: set[asyncio.Future[Any]] = {stream.read, moving} if pushed is None else {stream.read, moving, pushed}
+            waiting: set[asyncio.Future[Any]] = (
+                {stream.read, moving} if pushed is None else {stream.read, moving, pushed}
+            )
             try:
                 done, _ = await asyncio.wait(waiting, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -21,7 +21,8 @@ MoemeshError
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
 │   ├── PeerRefused        it answered with an error status (code and message kept)
-│   └── PushNotDelivered   it could not push a step on to the next hop (the client relays it)
+│   ├── PushNotDelivered   it could not push a step on to the next hop (the client relays it)
+│   └── PeerSlow           it answers, but several times slower than it did: the session moves off it
 └── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
     ├── InvalidRecord      a peer record that must not be believed
     └── FrameError         a peer broke the sync protocol's framing
@@ -47,6 +48,7 @@ __all__ = [
     "Overloaded",
     "PeerError",
     "PeerRefused",
+    "PeerSlow",
     "PeerTimeout",
     "PeerUnavailable",
     "PeerUntrusted",
@@ -138,6 +140,10 @@ class PeerError(MoemeshError):
 
 class PeerUnavailable(PeerError):
     """The peer cannot be reached or the connection broke."""
+
+
+class PeerSlow(PeerError):
+    """The peer answers, but several times slower than it did: the session moves off it."""
 
 
 class PushNotDelivered(PeerError):

@@ -145,7 +145,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes", "draining", "kv_budget_bytes", "kv_free_bytes", "queued_steps", "batched_steps", "pushed_steps")
+    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes", "draining", "kv_budget_bytes", "kv_free_bytes", "queued_steps", "batched_steps", "pushed_steps", "decode_ms")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class Capacity(_message.Message):
     QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     active_sessions: int
     max_length: int
@@ -166,7 +167,8 @@ class Capacity(_message.Message):
     queued_steps: int
     batched_steps: int
     pushed_steps: int
-    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ..., pushed_steps: _Optional[int] = ...) -> None: ...
+    decode_ms: float
+    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ..., pushed_steps: _Optional[int] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "hidden_size", "vocab_size", "dtype", "version", "protocol_version", "capacity", "quantization")

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
+PACE_WEIGHT = 0.3  # of a peer's newest decode step in the moving average of its pace: a slowdown shows in a few
 
 
 class Client:
@@ -89,6 +90,7 @@ class Client:
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
+        self._pace: dict[str, float] = {}  # address -> moving average of seconds per block of a decode step through it
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
@@ -241,7 +243,8 @@ class Client:
             if (info.model_id, info.start, info.end) != (model_id, view.start, view.end):
                 log.info("ignoring %s: it now serves %s %d:%d", view.address, info.model_id, info.start, info.end)
                 continue
-            peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization))
+            throughput = info.throughput or view.throughput  # the one it measures from real steps, when it has
+            peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization, throughput=throughput))
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
             raise refused[0]
@@ -296,10 +299,22 @@ class Client:
         with self._lock:
             self._avoid[hop.peer or hop.address] = time.monotonic() + self.config.avoid_s
 
+    def observed(self, hop: Hop, seconds: float) -> None:
+        """A session's decode step through `hop` took `seconds`: the peer's pace as this client sees it."""
+        per_block = seconds / max(hop.end - hop.start, 1)
+        with self._lock:
+            old = self._pace.get(hop.address)
+            self._pace[hop.address] = per_block if old is None else PACE_WEIGHT * per_block + (1 - PACE_WEIGHT) * old
+
     def _usable(self, peers: Sequence[PeerView]) -> list[PeerView]:
+        """The peers not avoided, each with the throughput this client measured through it when it has."""
         now = time.monotonic()
         with self._lock:
-            return [p for p in peers if self._avoid.get(p.peer_id, 0.0) <= now]
+            return [
+                replace(p, throughput=1.0 / self._pace[p.address]) if p.address in self._pace else p
+                for p in peers
+                if self._avoid.get(p.peer_id, 0.0) <= now
+            ]
 
     def replacement(self, start: int, end: int, refresh: bool = False) -> list[Hop]:
         """A chain of peers not avoided for blocks [start, end), or RouteError naming the gap."""

@@ -32,9 +32,18 @@ import grpc
 import numpy as np
 
 from node.client.config import ClientConfig
+from node.client.pace import HopPace, slow_hop
 from node.client.spare import WarmSpare
 from node.client.stream import HopStream, StepRecord
-from node.errors import PeerError, PeerRefused, PeerUnavailable, PushNotDelivered, RouteError, SessionClosed
+from node.errors import (
+    PeerError,
+    PeerRefused,
+    PeerSlow,
+    PeerUnavailable,
+    PushNotDelivered,
+    RouteError,
+    SessionClosed,
+)
 from node.plan.routing import Hop
 from protocol import check_tensor, make_tensor
 from protocol.shard_pb2 import PushTarget, Tensor
@@ -94,6 +103,10 @@ class SessionHost(Protocol):
         """Another peer (not avoided) able to run all of `hop`'s layers, to keep warm; None if none is known."""
         ...
 
+    def observed(self, hop: Hop, seconds: float) -> None:
+        """A decode step through `hop` took `seconds` (its compute and the network leg to it)."""
+        ...
+
 
 @dataclass(frozen=True)
 class _Ran:
@@ -137,6 +150,7 @@ class InferenceSession:
         self._streams: list[HopStream | None] = [None] * len(self.hops)
         self._history: list[list[StepRecord]] = [[] for _ in self.hops]
         self._spares: list[WarmSpare | None] = [None] * len(self.hops)
+        self._paces = [HopPace(host.config.slow_steps) for _ in self.hops]
         try:
             for k in range(len(self.hops)):
                 self._open(k)
@@ -212,6 +226,8 @@ class InferenceSession:
         for spare, history in zip(self._spares, self._history, strict=True):
             if spare is not None:  # off the critical path: the chain's answer is in already
                 spare.feed(history[-1])
+        if len(ids) == 1:
+            self._move_off_slow_hops()
         logits = logits_of(tensor, self.hops[-1].address)
         return logits[-1] if last_only else logits
 
@@ -249,6 +265,7 @@ class InferenceSession:
         stream = self._streams[k]
         assert stream is not None
         step_id, timeout = stream.send(tensor, position, last_only, route)
+        since = time.perf_counter()
         for j in range(k, last + 1):
             stream, upstream = self._streams[j], self._streams[j - 1] if j > k else None
             assert stream is not None
@@ -263,7 +280,20 @@ class InferenceSession:
             except PeerError as e:
                 return _Ran(outputs, e)
             outputs.append(out)
+            if len(tensor.shape) > 1 and tensor.shape[1] == 1:  # a decode step: the hop's pace
+                now = time.perf_counter()
+                self._paces[j].add(now - since)
+                self._host.observed(self.hops[j], now - since)
+                since = now
         return _Ran(outputs)
+
+    def _move_off_slow_hops(self) -> None:
+        """Move a hop that stayed several times slower than it was to another peer, when one serves its layers."""
+        config = self._host.config
+        slow = slow_hop(self._paces, config.slow_factor, config.slow_margin_s)
+        if slow is not None and self._host.spare(self.hops[slow[0]]) is not None:
+            k, ratio = slow
+            self._recover(k, PeerSlow(self.hops[k].address, f"{ratio:.1f}x slower than at the session's start"))
 
     # -- failover ----------------------------------------------------------------------------
 
@@ -277,7 +307,7 @@ class InferenceSession:
         """
         failed = self.hops[k]
         self._host.avoid(failed, error)
-        self._drop(k)
+        self._drop(k, goodbye=not isinstance(error, PeerSlow))  # a slow peer would make us wait for its goodbye
         if self._promote(k, error):
             return
         problems = [f"{failed.address}: {error}"]
@@ -357,6 +387,7 @@ class InferenceSession:
             return False
         failed = self.hops[k]
         self.hops[k], self._streams[k] = stream.hop, stream
+        self._paces[k] = HopPace(self._host.config.slow_steps)
         self._tell(
             f"layers {failed.start}:{failed.end} moved from {failed.address} ({error})"
             f" to {stream.hop.address} [{stream.hop.start}:{stream.hop.end}], its warm spare, 0 steps replayed"
@@ -368,10 +399,10 @@ class InferenceSession:
         if bad is not None:
             self._host.avoid(bad, error)
 
-    def _drop(self, k: int) -> None:
+    def _drop(self, k: int, goodbye: bool = True) -> None:
         stream, self._streams[k] = self._streams[k], None
         if stream is not None:
-            stream.close()
+            stream.close(goodbye)
 
     def _splice(
         self, k: int, hops: Sequence[Hop], streams: Sequence[HopStream], histories: Sequence[list[StepRecord]]
@@ -384,6 +415,7 @@ class InferenceSession:
         if old is not None:
             old.close()
         self._spares[k : k + 1] = [None] * len(hops)
+        self._paces[k : k + 1] = [HopPace(self._host.config.slow_steps) for _ in hops]
 
     def _tell(self, note: str) -> None:
         log.info("%s", note)

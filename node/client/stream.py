@@ -213,8 +213,9 @@ class HopStream:
         sent = [self.send(r.input, r.position, r.last_only) for r in steps]
         return [self.result(step_id, t) for step_id, t in sent]
 
-    def close(self) -> None:
-        if self._broken is None:
+    def close(self, goodbye: bool = True) -> None:
+        """End the stream; with `goodbye`, close the session first and wait for the peer to say so."""
+        if self._broken is None and goodbye:
             try:
                 self._requests.put(SessionRequest(close=CloseSession()))
                 self._answer("closed", self._config.info_timeout_s)

@@ -141,11 +141,14 @@ def peers_from_members(members: Mapping[str, Member], model_id: str, now: float)
 
 
 def peer_from_info(address: str, info: InfoResponse, rtt_s: float = 0.0) -> PeerInfo:
-    """The peer at `address` as its Info answered (keyed by the address: Info names no peer id)."""
+    """The peer at `address` as its Info answered (keyed by the address: Info names no peer id).
+    Its throughput is the one it measures from real decode steps, when it has any."""
+    blocks = max(info.end - info.start, 1)
     return PeerInfo(
         address,
         info.start,
         info.end,
+        blocks / (info.capacity.decode_ms / 1000) if info.capacity.decode_ms > 0 else 0.0,
         address=address,
         model_id=info.model_id,
         num_layers=info.num_layers,

@@ -213,6 +213,7 @@ class ShardService:
                 queued_steps=engine.queued,
                 batched_steps=engine.batched_steps,
                 pushed_steps=self.pushed_steps,
+                decode_ms=1000 * engine.scheduler.decode_ewma_s,
             ),
         ).SerializeToString()
 

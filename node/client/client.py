@@ -40,7 +40,15 @@ from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
 from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
-from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
+from node.plan.peers import (
+    UNKNOWN_BLOCK_SECONDS,
+    PeerInfo,
+    PeerView,
+    check_version,
+    compatible,
+    peer_from_info,
+    peers_from_record,
+)
 from node.plan.routing import Hop, best_chain
 from node.tls import normalize_fingerprint, split_pin
 from protocol import VersionMismatchError
@@ -90,7 +98,8 @@ class Client:
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
-        self._pace: dict[str, float] = {}  # address -> moving average of seconds per block of a decode step through it
+        # address -> (best, current) moving average of the seconds per block of a decode step through it
+        self._pace: dict[str, tuple[float, float]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
@@ -243,7 +252,7 @@ class Client:
             if (info.model_id, info.start, info.end) != (model_id, view.start, view.end):
                 log.info("ignoring %s: it now serves %s %d:%d", view.address, info.model_id, info.start, info.end)
                 continue
-            throughput = info.throughput or view.throughput  # the one it measures from real steps, when it has
+            throughput = info.live_throughput or view.throughput  # the one it measures from real steps, when it has
             peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization, throughput=throughput))
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
@@ -304,17 +313,29 @@ class Client:
         per_block = seconds / max(hop.end - hop.start, 1)
         with self._lock:
             old = self._pace.get(hop.address)
-            self._pace[hop.address] = per_block if old is None else PACE_WEIGHT * per_block + (1 - PACE_WEIGHT) * old
+            pace = per_block if old is None else PACE_WEIGHT * per_block + (1 - PACE_WEIGHT) * old[1]
+            self._pace[hop.address] = (min(pace, old[0]) if old else pace, pace)
+
+    def slowdown(self, address: str) -> float:
+        """How many times slower the peer at `address` answers now than at its best, as this client
+        measured it from real steps (1.0 when not measured)."""
+        with self._lock:
+            best, now = self._pace.get(address, (1.0, 1.0))
+        return max(now / best, 1.0) if best > 0 else 1.0
 
     def _usable(self, peers: Sequence[PeerView]) -> list[PeerView]:
-        """The peers not avoided, each with the throughput this client measured through it when it has."""
+        """The peers not avoided, each one's throughput divided by how much slower it got since this
+        client measured it at its best (its own network and overhead cancel out of that ratio)."""
         now = time.monotonic()
         with self._lock:
-            return [
-                replace(p, throughput=1.0 / self._pace[p.address]) if p.address in self._pace else p
-                for p in peers
-                if self._avoid.get(p.peer_id, 0.0) <= now
-            ]
+            avoided = {p for p, until in self._avoid.items() if until > now}
+        return [
+            replace(p, throughput=(p.throughput or 1 / UNKNOWN_BLOCK_SECONDS) / self.slowdown(p.address))
+            if p.address in self._pace
+            else p
+            for p in peers
+            if p.peer_id not in avoided
+        ]
 
     def replacement(self, start: int, end: int, refresh: bool = False) -> list[Hop]:
         """A chain of peers not avoided for blocks [start, end), or RouteError naming the gap."""

@@ -25,6 +25,6 @@ class ClientConfig:
     warm_spares: bool = False  # keep a second session of each hop in step on another peer (2x compute, no replay)
     slow_factor: float = 4.0  # a session moves off a hop this many times slower than it was (0: never)
     slow_steps: int = 6  # ... on average over this many decode steps
-    slow_margin_s: float = 0.1  # ... and slower by at least this much per step
+    slow_margin_s: float = 0.05  # ... and slower by at least this much per step
     push: bool = True  # hops push their outputs straight to the next hop (else the client relays every hop's)
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS

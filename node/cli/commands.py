@@ -143,7 +143,9 @@ def _generate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or (),
         model_folder=args.model,
         model_id=args.model_id,
-        config=ClientConfig(insecure_lan=args.insecure_lan, exact=args.exact),
+        config=ClientConfig(
+            insecure_lan=args.insecure_lan, exact=args.exact, push=not args.relay, warm_spares=args.warm_spares
+        ),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer
         deadline = time.monotonic() + args.wait

@@ -87,7 +87,7 @@ def test_a_new_session_goes_around_a_peer_measured_slow(swarm: list[ServerProces
         with client.session(len(PROMPT) + TOKENS + 1) as session:
             _decode(session, tokens, SLOW_FROM)
             victim = by_address[session.hops[1].address]
-            assert client.slowdown(victim.pinned) < 3  # its normal pace so far
+            assert client.slowdown(victim.pinned) < 4  # about its normal pace so far (a shared machine is noisy)
             with bursts(victim):
                 _decode(session, tokens, TOKENS)
             assert session.hops[1].address == victim.pinned and not client.recoveries

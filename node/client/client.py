@@ -36,6 +36,7 @@ import grpc
 from node.client.channels import Channels
 from node.client.config import ClientConfig
 from node.client.known import KnownPeers
+from node.client.pace import PeerPace
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
+SLOWDOWN_NOTICED = 2.0  # a peer this many times slower than it normally was loses routes in proportion
 PACE_WEIGHT = 0.3  # of a peer's newest decode step in the moving average of its pace: a slowdown shows in a few
 
 
@@ -98,8 +100,7 @@ class Client:
         self._avoid: dict[str, float] = {}  # peer -> until (monotonic)
         self._known: KnownPeers | None = None
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
-        # address -> (best, current) moving average of the seconds per block of a decode step through it
-        self._pace: dict[str, tuple[float, float]] = {}
+        self._pace: dict[str, PeerPace] = {}  # address -> its pace as this client's sessions measured it
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         if model_folder is not None:
@@ -310,32 +311,35 @@ class Client:
 
     def observed(self, hop: Hop, seconds: float) -> None:
         """A session's decode step through `hop` took `seconds`: the peer's pace as this client sees it."""
-        per_block = seconds / max(hop.end - hop.start, 1)
         with self._lock:
-            old = self._pace.get(hop.address)
-            pace = per_block if old is None else PACE_WEIGHT * per_block + (1 - PACE_WEIGHT) * old[1]
-            self._pace[hop.address] = (min(pace, old[0]) if old else pace, pace)
+            pace = self._pace.get(hop.address)
+            if pace is None:
+                pace = self._pace[hop.address] = PeerPace(PACE_WEIGHT)
+            pace.add(seconds / max(hop.end - hop.start, 1))
 
     def slowdown(self, address: str) -> float:
-        """How many times slower the peer at `address` answers now than at its best, as this client
-        measured it from real steps (1.0 when not measured)."""
+        """How many times slower the peer at `address` answers now than it normally did, as this
+        client measured it from real steps (1.0 when not measured)."""
         with self._lock:
-            best, now = self._pace.get(address, (1.0, 1.0))
-        return max(now / best, 1.0) if best > 0 else 1.0
+            pace = self._pace.get(address)
+            return pace.slowdown if pace is not None else 1.0
 
     def _usable(self, peers: Sequence[PeerView]) -> list[PeerView]:
-        """The peers not avoided, each one's throughput divided by how much slower it got since this
-        client measured it at its best (its own network and overhead cancel out of that ratio)."""
+        """The peers not avoided, each one's throughput divided by how much slower it got than this
+        client normally saw it (its own network and overhead cancel out of that ratio; under
+        SLOWDOWN_NOTICED it is noise of a shared machine)."""
         now = time.monotonic()
         with self._lock:
             avoided = {p for p, until in self._avoid.items() if until > now}
-        return [
-            replace(p, throughput=(p.throughput or 1 / UNKNOWN_BLOCK_SECONDS) / self.slowdown(p.address))
-            if p.address in self._pace
-            else p
-            for p in peers
-            if p.peer_id not in avoided
-        ]
+        usable = []
+        for p in peers:
+            if p.peer_id in avoided:
+                continue
+            slowdown = self.slowdown(p.address)
+            if slowdown >= SLOWDOWN_NOTICED:
+                p = replace(p, throughput=(p.throughput or 1 / UNKNOWN_BLOCK_SECONDS) / slowdown)
+            usable.append(p)
+        return usable
 
     def replacement(self, start: int, end: int, refresh: bool = False) -> list[Hop]:
         """A chain of peers not avoided for blocks [start, end), or RouteError naming the gap."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-__all__ = ["HopPace", "slow_hop"]
+__all__ = ["HopPace", "PeerPace", "slow_hop"]
 
 BASELINE_STEPS = 8  # decode steps whose median is the hop's normal pace
 
@@ -60,3 +60,26 @@ def slow_hop(paces: list[HopPace], factor: float, margin_s: float) -> tuple[int,
         if ratio >= factor * max(1.0, statistics.median(others) if others else 1.0) and pace.extra_s() >= margin_s:
             return k, ratio
     return None
+
+
+class PeerPace:
+    """A client's view of one peer's pace across its sessions: a baseline (the median of its
+    first decode steps) and a moving average of the latest, per block."""
+
+    def __init__(self, weight: float) -> None:
+        self._weight = weight
+        self._first: list[float] = []
+        self.baseline_s = 0.0
+        self.now_s = 0.0
+
+    def add(self, per_block_s: float) -> None:
+        self.now_s = per_block_s if not self.now_s else self._weight * per_block_s + (1 - self._weight) * self.now_s
+        if not self.baseline_s:
+            self._first.append(per_block_s)
+            if len(self._first) == BASELINE_STEPS + 1:
+                self.baseline_s = statistics.median(self._first[1:])  # the first may pay for a connection
+
+    @property
+    def slowdown(self) -> float:
+        """How many times slower it answers now than it normally did (1.0 until known)."""
+        return max(self.now_s / self.baseline_s, 1.0) if self.baseline_s else 1.0

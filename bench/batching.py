@@ -1,5 +1,7 @@
 """Benchmark: aggregate decode tokens/s of 1, 4 and 8 concurrent sessions on one server
-(continuous batching), and the stall a SIGKILL of the serving peer adds to a generation.
+(continuous batching), and the stall a SIGKILL of the serving peer adds to a generation after
+48 and 512 tokens of history, recovered by replaying the history to the other peer (the stall
+grows with the history) and by a warm spare kept in step on it (it does not).
 
 Ratios are taken within each round (rounds interleave the settings; this machine is shared
 and noisy). Target: 8 sessions >= 3x the single-session rate.
@@ -27,8 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import BENCH, SMALL, build  # noqa: E402
 
-from node.client import Client, Hop  # noqa: E402
-from node.testing.launch import local_swarm  # noqa: E402
+from node.client import Client, ClientConfig, Hop  # noqa: E402
+from node.testing.launch import ServerProcess, local_swarm  # noqa: E402
 
 
 def aggregate_decode(address: str, sessions: int, prompt: list[int], tokens: int) -> float:
@@ -64,24 +66,45 @@ def aggregate_decode(address: str, sessions: int, prompt: list[int], tokens: int
     return sessions * tokens / elapsed
 
 
-def kill_stall(folder: Path, layers: int, prompt: list[int], tokens: int) -> tuple[float, float, int]:
-    """Generate through one of two servers of the whole model; SIGKILL it halfway. Returns
-    (median token interval, the interval that held the recovery, steps replayed)."""
-    with local_swarm(folder, [(0, layers), (0, layers)]) as servers:
-        with Client([s.pinned for s in servers]) as client:
-            model_id, _ = client.route()
-            victim = servers[0]
-            route = (model_id, [Hop(victim.pinned, 0, layers, victim.pinned)])
-            stamps = [time.perf_counter()]
-            for i, _ in enumerate(client.generate(prompt, tokens, stop_at_eos=False, route=route)):
-                stamps.append(time.perf_counter())
-                if i + 1 == tokens // 2:
-                    victim.process.kill()
-                    victim.process.wait()
-            gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
-            assert client.recoveries, "the generation did not notice the kill"
-            replayed = int(client.recoveries[0].rsplit(",", 1)[1].split()[0])
-            return statistics.median(gaps), gaps[tokens // 2 - 1], replayed
+def kill_stall(
+    servers: list[ServerProcess], layers: int, prompt: list[int], history: int, warm_spares: bool
+) -> tuple[float, float, int]:
+    """Generate through the first of the servers of the whole model; SIGKILL it after `history`
+    tokens. Returns (median token interval, the interval that held the recovery, steps replayed)."""
+    with Client([s.pinned for s in servers], config=ClientConfig(warm_spares=warm_spares)) as client:
+        model_id, _ = client.route()
+        victim = servers[0]
+        route = (model_id, [Hop(victim.pinned, 0, layers, victim.pinned)])
+        stamps = [time.perf_counter()]
+        tokens = history + 8
+        for i, _ in enumerate(client.generate(prompt, tokens, stop_at_eos=False, route=route)):
+            stamps.append(time.perf_counter())
+            if i + 1 == history:
+                victim.process.kill()
+                victim.process.wait()
+        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+        assert client.recoveries, "the generation did not notice the kill"
+        replayed = int(client.recoveries[0].rsplit(",", 1)[1].split()[0])
+        return statistics.median(gaps), gaps[history - 1], replayed
+
+
+def kill_stalls(folder: Path, layers: int, prompt: list[int], histories: list[int]) -> dict[str, float]:
+    """The stall of a SIGKILL after each of `histories` tokens, recovered by replay and by a warm spare."""
+    summary: dict[str, float] = {}
+    for warm in (False, True):
+        for history in histories:
+            with local_swarm(folder, [(0, layers), (0, layers)]) as servers:
+                median_gap, stall_gap, replayed = kill_stall(servers, layers, prompt, history, warm)
+            how = "warm spare" if warm else "replay"
+            stall = summary[f"kill_stall_s_{history}_{'warm' if warm else 'replay'}"] = stall_gap - median_gap
+            target = 0.5 if history <= 48 else 2.0
+            print(
+                f"SIGKILL of the serving peer after {history} tokens, {how}: the token after it took {stall_gap:.3f} s"
+                f" against a median {median_gap:.3f} s, a stall of {stall:.3f} s ({replayed} steps replayed)"
+                + (f" -> target <= {target:g} s {'met' if stall <= target else 'NOT met'}" if warm else ""),
+                flush=True,
+            )
+    return summary
 
 
 def main() -> int:
@@ -90,6 +113,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=24, help="decode tokens per session (default 24)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--histories", type=int, nargs="+", default=[48, 512], help="tokens before the SIGKILL (default 48 512)"
+    )
+    parser.add_argument("--stall-only", action="store_true", help="only the SIGKILL stalls")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench")
     args = parser.parse_args()
 
@@ -100,6 +127,9 @@ def main() -> int:
     layers = shape["num_hidden_layers"]
     prompt = torch.randint(1, 1000, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     counts = (1, 4, 8)
+    if args.stall_only:
+        print(json.dumps(kill_stalls(folder, layers, prompt, args.histories)))
+        return 0
 
     rounds: list[dict[int, float]] = []
     with local_swarm(folder, [(0, layers)]) as (server,):
@@ -125,13 +155,8 @@ def main() -> int:
     eight = summary["8_sessions_x_one"]
     print(f"target: 8 sessions >= 3x one session: {eight:.2f}x -> {'met' if eight >= 3 else 'NOT met'}")
 
-    median_gap, stall_gap, replayed = kill_stall(folder, layers, prompt, 2 * args.tokens)
-    summary["kill_stall_s"] = stall_gap - median_gap
-    print(
-        f"\nSIGKILL of the serving peer halfway through {2 * args.tokens} tokens: the token after it took"
-        f" {stall_gap:.3f} s against a median {median_gap:.3f} s, a stall of {stall_gap - median_gap:.3f} s"
-        f" ({replayed} steps replayed on the spare peer)"
-    )
+    print()
+    summary.update(kill_stalls(folder, layers, prompt, args.histories))
     print(json.dumps(summary))
     return 0
 

@@ -5,6 +5,8 @@ same run on the same machine (this machine is shared and noisy: compare ratios, 
 
     python bench/pipeline.py              # the bench model of DESIGN.md, random weights, bf16
     python bench/pipeline.py --small      # a small model, for a quick check
+    python bench/pipeline.py --llama      # random Llamas of ~58M and ~551M parameters, fp32: a 2-server
+                                          # pipeline (client-relayed and pushed) vs transformers generate
 """
 
 from __future__ import annotations
@@ -90,6 +92,32 @@ def build(folder: Path, shape: dict[str, int], dtype: torch.dtype) -> Path:
     return folder
 
 
+# Random Llamas (fp32) of the size Petals' own benchmarks use: hidden 512 / 8 layers (~58M
+# parameters) and hidden 1536 / 16 layers (~551M).
+LLAMAS = {
+    "llama-58m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "llama-551m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=16),
+}
+
+
+def build_llama(folder: Path, shape: dict[str, int]) -> Path:
+    """A Llama checkpoint with random weights (transformers' own init, seeded), fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    return folder
+
+
 def h_dim(cfg: object) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # type: ignore[attr-defined]
 
@@ -97,10 +125,11 @@ def h_dim(cfg: object) -> int:
 class HFRunner:
     """transformers generate, as a user would call it."""
 
-    def __init__(self, folder: Path, experts: str) -> None:
+    def __init__(self, folder: Path, experts: str | None) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(folder, experts_implementation=experts).eval()
+        kwargs = {"experts_implementation": experts} if experts else {}
+        self.model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
     def __call__(self, prompt: list[int], tokens: int) -> tuple[float, float]:
         ids = torch.tensor([prompt])
@@ -117,11 +146,12 @@ class HFRunner:
 class SwarmRunner:
     """A session through a chain of serving processes: prefill the prompt, then greedy decode."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, push: bool | None = None) -> None:
         self.client = client
+        self.push = push
 
     def __call__(self, prompt: list[int], tokens: int) -> tuple[float, float]:
-        with self.client.session(len(prompt) + tokens + 1) as session:
+        with self.client.session(len(prompt) + tokens + 1, push=self.push) as session:
             t0 = time.perf_counter()
             token = int(session.step(prompt).argmax())
             t1 = time.perf_counter()
@@ -129,6 +159,55 @@ class SwarmRunner:
                 token = int(session.step([token]).argmax())
             t2 = time.perf_counter()
         return t1 - t0, tokens / (t2 - t1)
+
+
+def interleave(
+    runners: dict[str, Callable[[list[int], int], tuple[float, float]]], prompt: list[int], tokens: int, repeat: int
+) -> list[dict[str, tuple[float, float]]]:
+    """Rounds that interleave the settings, so drift on this shared machine hits them all alike."""
+    for run in runners.values():
+        run(prompt, 2)  # warm-up
+    rounds: list[dict[str, tuple[float, float]]] = []
+    for r in range(repeat):
+        rounds.append({label: run(prompt, tokens) for label, run in runners.items()})
+        print(
+            f"round {r + 1}/{repeat}: " + ", ".join(f"{k} {v[1]:.1f} tok/s" for k, v in rounds[-1].items()),
+            flush=True,
+        )
+    return rounds
+
+
+def llama_main(args: argparse.Namespace) -> int:
+    """Each random Llama: transformers generate vs a 2-server pipeline on loopback, relayed and pushed."""
+    prompt = torch.randint(1, 32000, (16,), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens = 64 if args.tokens == 32 else args.tokens
+    results: dict[str, dict[str, float]] = {}
+    for name, shape in LLAMAS.items():
+        print(f"building/reusing {name} in {args.cache / name} ...", flush=True)
+        folder = build_llama(args.cache / name, shape)
+        layers = shape["num_hidden_layers"]
+        runners: dict[str, Callable[[list[int], int], tuple[float, float]]] = {}
+        with contextlib.ExitStack() as stack:
+            runners[HF] = HFRunner(folder, None)
+            servers = stack.enter_context(local_swarm(folder, split_evenly(layers, 2)))
+            client = stack.enter_context(Client([s.pinned for s in servers]))
+            runners["relayed"] = SwarmRunner(client, push=False)
+            runners["pushed"] = SwarmRunner(client, push=True)
+            rounds = interleave(runners, prompt, tokens, args.repeat)
+        row = {"hf_tok_s": statistics.median(rd[HF][1] for rd in rounds)}
+        for mode in ("relayed", "pushed"):
+            row[f"{mode}_tok_s"] = statistics.median(rd[mode][1] for rd in rounds)
+            row[f"{mode}_x_hf"] = statistics.median(rd[mode][1] / rd[HF][1] for rd in rounds)
+        results[name] = row
+        print(
+            f"{name}: fp32, greedy {tokens} tokens after {len(prompt)}, 2-server pipeline on loopback:"
+            f" transformers {row['hf_tok_s']:.1f} tok/s; relayed {row['relayed_tok_s']:.1f} tok/s"
+            f" = {row['relayed_x_hf']:.2f}x; pushed {row['pushed_tok_s']:.1f} tok/s = {row['pushed_x_hf']:.2f}x"
+            f" -> target >= 1.0x {'met' if max(row['relayed_x_hf'], row['pushed_x_hf']) >= 1.0 else 'NOT met'}",
+            flush=True,
+        )
+    print(json.dumps(results))
+    return 0
 
 
 def main() -> int:
@@ -140,7 +219,10 @@ def main() -> int:
     parser.add_argument("--spin", type=int, help="GOMP_SPINCOUNT for the serving processes (default: unset)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench")
+    parser.add_argument("--llama", action="store_true", help="random Llamas, 58M and 551M, fp32 (see above)")
     args = parser.parse_args()
+    if args.llama:
+        return llama_main(args)
 
     shape = SMALL if args.small else BENCH
     dtype = getattr(torch, args.dtype)
@@ -158,18 +240,8 @@ def main() -> int:
             servers = stack.enter_context(local_swarm(folder, split_evenly(layers, parts), env=env))
             client = stack.enter_context(Client([s.pinned for s in servers]))
             runners[ONE if parts == 1 else f"moemesh, {parts}-span pipeline"] = SwarmRunner(client)
-        for run in runners.values():
-            run(prompt, 2)  # warm-up
-        # Rounds interleave the settings, so drift on this shared machine hits them all alike;
         # each round's ratios are taken within the round, then the median over rounds is shown.
-        rounds: list[dict[str, tuple[float, float]]] = []
-        for r in range(args.repeat):
-            rounds.append({label: run(prompt, args.tokens) for label, run in runners.items()})
-            print(
-                f"round {r + 1}/{args.repeat}: "
-                + ", ".join(f"{k.split(',')[-1].strip()} {v[1]:.1f} tok/s" for k, v in rounds[-1].items()),
-                flush=True,
-            )
+        rounds = interleave(runners, prompt, args.tokens, args.repeat)
 
     def median(values: list[float]) -> float:
         return statistics.median(values)

@@ -148,17 +148,23 @@ class Load:
     active_sessions: int = 0
     free_kv_tokens: int = 0
     queue_length: int = 0
+    decode_ms: float = 0.0  # moving average of a decode step's compute time, from real steps (0: none yet)
 
     def body(self) -> dict[str, Any]:
         return {
             "active_sessions": self.active_sessions,
             "free_kv_tokens": self.free_kv_tokens,
             "queue_length": self.queue_length,
+            "decode_ms": self.decode_ms,
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Load:
-        return cls(*(_int(body, f, MAX_COUNT) for f in ("active_sessions", "free_kv_tokens", "queue_length")))
+        sessions, free, queued = (
+            _int(body, f, MAX_COUNT) for f in ("active_sessions", "free_kv_tokens", "queue_length")
+        )
+        decode_ms = _float(body, "decode_ms", MAX_RTT_MS) if "decode_ms" in body else 0.0  # older peers leave it out
+        return cls(sessions, free, queued, decode_ms)
 
 
 def _rtts_from_body(body: Mapping[str, Any], limits: Limits) -> dict[str, float]:

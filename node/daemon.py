@@ -327,7 +327,12 @@ class Daemon:
         typical = engine.config.default_length  # not linear in length once sliding windows cap a cache
         per_token = engine.span.cache_bytes(typical) / typical
         free = max(0, engine.kv_free_bytes) // max(1.0, per_token)
-        return Load(active_sessions=len(engine.sessions), free_kv_tokens=int(free), queue_length=engine.queued)
+        return Load(
+            active_sessions=len(engine.sessions),
+            free_kv_tokens=int(free),
+            queue_length=engine.queued,
+            decode_ms=1000 * engine.scheduler.decode_ewma_s,  # measured from real steps: a slow peer shows
+        )
 
     def _serving_fields(self) -> dict[str, Any]:
         """Our member record's fields about what we serve."""

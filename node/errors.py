@@ -23,7 +23,9 @@ MoemeshError
 │   ├── PeerTimeout        it timed out: no answer before the deadline
 │   ├── PeerUntrusted      it is not the peer we expected: its TLS certificate is not the pinned one
 │   ├── PeerLied           a spot-check found its outputs wrong (another peer computed others)
-│   └── PeerRefused        it answered with an error status (code and message kept)
+│   ├── PeerRefused        it answered with an error status (code and message kept)
+│   ├── PushNotDelivered   it could not push a step on to the next hop (the client relays it)
+│   └── PeerSlow           it answers, but several times slower than it did: the session moves off it
 ├── MeshError              the libp2p side: no bootstrap peer reachable, a DHT operation failed
 │   ├── InvalidRecord      a peer record that must not be believed
 │   ├── KeyRefused         a peer of a private swarm did not prove the swarm key (or we did not)
@@ -59,9 +61,11 @@ __all__ = [
     "PeerError",
     "PeerLied",
     "PeerRefused",
+    "PeerSlow",
     "PeerTimeout",
     "PeerUnavailable",
     "PeerUntrusted",
+    "PushNotDelivered",
     "RequestError",
     "RouteError",
     "SessionClosed",
@@ -162,6 +166,14 @@ class PeerError(MoemeshError):
 
 class PeerUnavailable(PeerError):
     """The peer cannot be reached or the connection broke."""
+
+
+class PeerSlow(PeerError):
+    """The peer answers, but several times slower than it did: the session moves off it."""
+
+
+class PushNotDelivered(PeerError):
+    """The peer could not push a step on to the next hop (it said so): the client relays that step."""
 
 
 class PeerTimeout(PeerError):

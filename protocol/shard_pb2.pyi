@@ -51,28 +51,44 @@ class ForwardResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "start", "end", "max_length")
+    __slots__ = ("model_id", "start", "end", "max_length", "push", "compact_logits")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_LOGITS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start: int
     end: int
     max_length: int
-    def __init__(self, model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    push: bool
+    compact_logits: bool
+    def __init__(self, model_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., push: _Optional[bool] = ..., compact_logits: _Optional[bool] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("address", "session_id", "token")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    token: bytes
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "position", "input", "last_only")
+    __slots__ = ("step_id", "position", "input", "last_only", "route")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     LAST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     position: int
     input: Tensor
     last_only: bool
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., last_only: _Optional[bool] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[PushTarget]
+    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., last_only: _Optional[bool] = ..., route: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ()
@@ -89,22 +105,26 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "max_length")
+    __slots__ = ("session_id", "max_length", "push_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "output", "length")
+    __slots__ = ("step_id", "output", "length", "push_error")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     output: Tensor
     length: int
-    def __init__(self, step_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ...) -> None: ...
+    push_error: str
+    def __init__(self, step_id: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., length: _Optional[int] = ..., push_error: _Optional[str] = ...) -> None: ...
 
 class SessionClosed(_message.Message):
     __slots__ = ()
@@ -125,7 +145,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capacity(_message.Message):
-    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes", "draining", "kv_budget_bytes", "kv_free_bytes", "queued_steps", "batched_steps")
+    __slots__ = ("max_sessions", "active_sessions", "max_length", "max_message_bytes", "draining", "kv_budget_bytes", "kv_free_bytes", "queued_steps", "batched_steps", "pushed_steps", "decode_ms")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +155,8 @@ class Capacity(_message.Message):
     KV_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     active_sessions: int
     max_length: int
@@ -144,7 +166,9 @@ class Capacity(_message.Message):
     kv_free_bytes: int
     queued_steps: int
     batched_steps: int
-    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
+    pushed_steps: int
+    decode_ms: float
+    def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ..., pushed_steps: _Optional[int] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "hidden_size", "vocab_size", "dtype", "version", "protocol_version", "capacity", "quantization")
@@ -196,3 +220,21 @@ class TokenizerResponse(_message.Message):
     files: _containers.ScalarMap[str, bytes]
     chat_template: str
     def __init__(self, model_id: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., chat_template: _Optional[str] = ...) -> None: ...
+
+class PushedStep(_message.Message):
+    __slots__ = ("session_id", "token", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token: bytes
+    step: Step
+    def __init__(self, session_id: _Optional[str] = ..., token: _Optional[bytes] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class PushSummary(_message.Message):
+    __slots__ = ("accepted", "dropped")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    dropped: int
+    def __init__(self, accepted: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class ShardStub:
                 request_serializer=protocol_dot_shard__pb2.TokenizerRequest.SerializeToString,
                 response_deserializer=protocol_dot_shard__pb2.TokenizerResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_unary(
+                '/moemesh.v1.Shard/Push',
+                request_serializer=protocol_dot_shard__pb2.PushedStep.SerializeToString,
+                response_deserializer=protocol_dot_shard__pb2.PushSummary.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -83,6 +88,13 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """server to server: steps for sessions opened with push
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Tokenizer,
                     request_deserializer=protocol_dot_shard__pb2.TokenizerRequest.FromString,
                     response_serializer=protocol_dot_shard__pb2.TokenizerResponse.SerializeToString,
+            ),
+            'Push': grpc.stream_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=protocol_dot_shard__pb2.PushedStep.FromString,
+                    response_serializer=protocol_dot_shard__pb2.PushSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class Shard:
             '/moemesh.v1.Shard/Tokenizer',
             protocol_dot_shard__pb2.TokenizerRequest.SerializeToString,
             protocol_dot_shard__pb2.TokenizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/moemesh.v1.Shard/Push',
+            protocol_dot_shard__pb2.PushedStep.SerializeToString,
+            protocol_dot_shard__pb2.PushSummary.FromString,
             options,
             channel_credentials,
             insecure,

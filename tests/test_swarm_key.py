@@ -24,6 +24,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
 from node.client import Client, ClientConfig
+from node.client.stream import ask_info
 from node.errors import ConfigError, PeerRefused, PeerTimeout, PeerUnavailable, RouteError
 from node.mesh.dht import KAD_PROTOCOL
 from node.mesh.host import MeshConfig, MeshNode, noise_only_host
@@ -225,8 +226,12 @@ def test_clients_need_the_key(private: dict[str, Any]) -> None:
     with Client(bootstrap=[boot], config=ClientConfig(swarm_key=key)) as client:
         model_id, hops = client.route()
         assert {h.address for h in hops} == {daemons["a"].pinned, daemons["b"].pinned}
+        second = daemons["b"].pinned
+        before = ask_info(client.channel(second), second, 10.0).capacity.pushed_steps
         tokens = list(client.generate([3, 1, 4], 4, stop_at_eos=False, route=(model_id, hops)))
         assert len(tokens) == 4
+        if hops[1].address == second:  # the first hop proved the key to the second: its steps were pushed
+            assert ask_info(client.channel(second), second, 10.0).capacity.pushed_steps > before
     with Client(bootstrap=[boot]) as stranger, pytest.raises(RouteError):
         stranger.route()  # it reads no record
     for config in (ClientConfig(), ClientConfig(swarm_key=SwarmKey.load(private["other"]))):

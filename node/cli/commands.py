@@ -202,6 +202,8 @@ def _generate(args: argparse.Namespace) -> int:
             exact=args.exact,
             verify_probability=args.verify,
             swarm_key=_swarm_key(args),
+            push=not args.relay,
+            warm_spares=args.warm_spares,
         ),
     ) as client:
         chat = ids is None and not args.raw and client.text.has_chat_template  # a text prompt needs the tokenizer

@@ -220,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep looking for a full route this long (peers still starting); default 0",
     )
+    gen.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay every hop's output through this client (default: each hop pushes to the next)",
+    )
+    gen.add_argument(
+        "--warm-spares",
+        action="store_true",
+        help="keep a second session of each hop in step on another peer: no replay when one fails (2x compute)",
+    )
     _add_client_tls_options(gen)
 
     daemon = sub.add_parser(

@@ -1,8 +1,10 @@
 """The client SDK: find a chain of peers, open a session along it, stream tokens (no torch).
 
 client.py    Client: discovery, channels, routes, generation; plan_route
-session.py   InferenceSession and its failover, behind the narrow SessionHost
+session.py   InferenceSession: push along the chain, failover, behind the narrow SessionHost
 stream.py    the Info call and one InferenceSession stream per hop
+spare.py     WarmSpare: a second session of a hop kept in step, to take over with no replay
+pace.py      HopPace: each hop's pace from real steps, and which hop became slow
 sampling.py  Sampling and sample
 config.py    ClientConfig
 text.py      the tokenizer and chat template (imported only for text prompts)

@@ -36,12 +36,21 @@ import grpc
 from node.client.channels import Channels
 from node.client.config import ClientConfig
 from node.client.known import KnownPeers, NatBlocked
+from node.client.pace import PeerPace
 from node.client.sampling import Sampling, sample
 from node.client.session import InferenceSession
 from node.client.stream import ask_info
 from node.client.verify import SpotChecker, Verification
 from node.errors import ConfigError, MoemeshError, PeerError, PeerUntrusted, RouteError
-from node.plan.peers import PeerInfo, PeerView, check_version, compatible, peer_from_info, peers_from_record
+from node.plan.peers import (
+    UNKNOWN_BLOCK_SECONDS,
+    PeerInfo,
+    PeerView,
+    check_version,
+    compatible,
+    peer_from_info,
+    peers_from_record,
+)
 from node.plan.routing import Hop, best_chain
 from node.tls import normalize_fingerprint, split_pin
 from protocol import VersionMismatchError
@@ -54,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
+SLOWDOWN_NOTICED = 2.0  # a peer this many times slower than it normally was loses routes in proportion
+PACE_WEIGHT = 0.3  # of a peer's newest decode step in the moving average of its pace: a slowdown shows in a few
 
 
 class Client:
@@ -94,6 +105,7 @@ class Client:
         self.recoveries: list[str] = []  # every failed hop this client's sessions replaced
         self.verifications: list[Verification] = []  # every spot-check of a peer's outputs (node.client.verify)
         self._spot = SpotChecker(self, self.verifications)
+        self._pace: dict[str, PeerPace] = {}  # address -> its pace as this client's sessions measured it
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moemesh-client")
         self._text: TextCodec | None = None
         self._text_lock = threading.Lock()
@@ -256,7 +268,8 @@ class Client:
             if (info.model_id, info.start, info.end) != (model_id, view.start, view.end):
                 log.info("ignoring %s: it now serves %s %d:%d", view.address, info.model_id, info.start, info.end)
                 continue
-            peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization))
+            throughput = info.live_throughput or view.throughput  # the one it measures from real steps, when it has
+            peers.append(replace(view, rtt_s=info.rtt_s, quantization=info.quantization, throughput=throughput))
         num_layers = max((v.num_layers for v in offers), default=0)
         if not num_layers and refused:
             raise refused[0]
@@ -314,10 +327,37 @@ class Client:
         with self._lock:
             self._avoid[hop.peer or hop.address] = time.monotonic() + self.config.avoid_s
 
+    def observed(self, hop: Hop, seconds: float) -> None:
+        """A session's decode step through `hop` took `seconds`: the peer's pace as this client sees it."""
+        with self._lock:
+            pace = self._pace.get(hop.address)
+            if pace is None:
+                pace = self._pace[hop.address] = PeerPace(PACE_WEIGHT)
+            pace.add(seconds / max(hop.end - hop.start, 1))
+
+    def slowdown(self, address: str) -> float:
+        """How many times slower the peer at `address` answers now than it normally did, as this
+        client measured it from real steps (1.0 when not measured)."""
+        with self._lock:
+            pace = self._pace.get(address)
+            return pace.slowdown if pace is not None else 1.0
+
     def _usable(self, peers: Sequence[PeerView]) -> list[PeerView]:
+        """The peers not avoided, each one's throughput divided by how much slower it got than this
+        client normally saw it (its own network and overhead cancel out of that ratio; under
+        SLOWDOWN_NOTICED it is noise of a shared machine)."""
         now = time.monotonic()
         with self._lock:
-            return [p for p in peers if self._avoid.get(p.peer_id, 0.0) <= now]
+            avoided = {p for p, until in self._avoid.items() if until > now}
+        usable = []
+        for p in peers:
+            if p.peer_id in avoided:
+                continue
+            slowdown = self.slowdown(p.address)
+            if slowdown >= SLOWDOWN_NOTICED:
+                p = replace(p, throughput=(p.throughput or 1 / UNKNOWN_BLOCK_SECONDS) / slowdown)
+            usable.append(p)
+        return usable
 
     def replacement(self, start: int, end: int, refresh: bool = False) -> list[Hop]:
         """A chain of peers not avoided for blocks [start, end), or RouteError naming the gap."""
@@ -333,6 +373,29 @@ class Client:
         """A session replaced a failed hop (`note` says how): kept in `recoveries`."""
         self.recoveries.append(note)
 
+    def spare(self, hop: Hop) -> Hop | None:
+        """The nearest other peer (not avoided) serving all of `hop`'s layers; None when none is known."""
+        known = self.candidates()
+        peers = [
+            p
+            for p in self._usable(known.peers)
+            if p.start <= hop.start and hop.end <= p.end and p.address != hop.address and p.peer_id != hop.peer
+        ]
+        if not peers:
+            return None
+        best = min(peers, key=lambda p: p.rtt_s)
+        return Hop(best.address, hop.start, hop.end, best.peer_id)
+
+    def push_address(self, hop: Hop) -> str | None:
+        """Where another peer pushes to `hop`: its address with the fingerprint pinned (the one
+        trusted on first use when none was given); None for a peer reached through a tunnel of
+        ours, which only this client can use."""
+        if hop.address in self._tunnelled:
+            return None
+        target, pin = split_pin(hop.address)
+        pin = pin or self._channels.first_seen(hop.address)
+        return f"{target}#{pin}" if pin else (target if self.config.insecure_lan else None)
+
     def route(self) -> tuple[str, list[Hop]]:
         """Find what the peers serve and plan a chain; returns (model id, hops)."""
         known = self.candidates(refresh=True)
@@ -346,10 +409,13 @@ class Client:
             self._wait_for_hole_punch(hops)
         return known.model_id, hops
 
-    def session(self, max_length: int, route: tuple[str, list[Hop]] | None = None) -> InferenceSession:
-        """Open a session on every hop of `route` (default: a route planned now)."""
+    def session(
+        self, max_length: int, route: tuple[str, list[Hop]] | None = None, push: bool | None = None
+    ) -> InferenceSession:
+        """Open a session on every hop of `route` (default: a route planned now); `push` (default:
+        the config's) has each hop push its output straight to the next."""
         model_id, hops = route or self.route()
-        return InferenceSession(self, hops, model_id, max_length)
+        return InferenceSession(self, hops, model_id, max_length, push)
 
     # -- generation -------------------------------------------------------------------------
 

@@ -24,6 +24,11 @@ class ClientConfig:
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
     exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
+    warm_spares: bool = False  # keep a second session of each hop in step on another peer (2x compute, no replay)
+    slow_factor: float = 4.0  # a session moves off a hop this many times slower than it was (0: never)
+    slow_steps: int = 6  # ... on average over this many decode steps
+    slow_margin_s: float = 0.05  # ... and slower by at least this much per step
+    push: bool = True  # hops push their outputs straight to the next hop (else the client relays every hop's)
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS
     tokenizer_cache: Path | None = None  # tokenizers fetched from peers, per model id; None: $MOEMESH_CACHE/tokenizers
     # Spot-checks of peers' outputs (node.client.verify): the chance that a generation is checked,

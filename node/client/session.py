@@ -5,26 +5,48 @@ error status, told to move by a peer shutting down), the layers it ran are route
 peers, its past inputs are replayed to them, step by step as it got them, to rebuild the
 same KV cache, and the step goes on. So a failure changes no token.
 
+With push (the default, `ClientConfig.push`), a step goes to the first hop with the rest of
+the chain as its route: each hop pushes its output straight to the next (`node.serve.push`)
+and also answers the client with it, off the critical path: that copy is the next hop's
+recorded input. The last hop's logits come to the client directly, so a token costs hops + 1
+network legs instead of 2 per hop. A failed hop is replaced as above, and the step goes on
+from it, the client injecting the failed hop's recorded input into the replacement with the
+rest of the route. A link a hop could not push over (it said so) is relayed by the client
+from then on; hops that take no push (older servers, peers behind NAT that only the client's
+tunnel reaches) split the chain into segments the client relays between.
+
 What the session needs from outside is the narrow `SessionHost` (routes for a span, an
 avoid list, channels, the config, where recoveries are told); `Client` is one.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 import numpy as np
 
 from node.client.config import ClientConfig
+from node.client.pace import HopPace, slow_hop
+from node.client.spare import WarmSpare
 from node.client.stream import HopStream, StepRecord
-from node.errors import PeerError, PeerRefused, PeerUnavailable, RouteError, SessionClosed
+from node.errors import (
+    PeerError,
+    PeerRefused,
+    PeerSlow,
+    PeerUnavailable,
+    PushNotDelivered,
+    RouteError,
+    SessionClosed,
+)
 from node.plan.routing import Hop
 from protocol import check_tensor, make_tensor
-from protocol.shard_pb2 import Tensor
+from protocol.shard_pb2 import PushTarget, Tensor
 
 # Called after each hop's step with (hop, its past inputs, this step, its output), before the output
 # goes on: a spot-check (node.client.verify) raises PeerLied, and the hop fails over like any other.
@@ -76,11 +98,52 @@ class SessionHost(Protocol):
         """A failed hop was replaced; `note` says what failed and where its layers went."""
         ...
 
+    def push_address(self, hop: Hop) -> str | None:
+        """The address another peer dials to push to `hop` ("host:port#fingerprint"), or None when
+        only this client can reach it (through a tunnel of its own)."""
+        ...
+
+    def spare(self, hop: Hop) -> Hop | None:
+        """Another peer (not avoided) able to run all of `hop`'s layers, to keep warm; None if none is known."""
+        ...
+
+    def observed(self, hop: Hop, seconds: float) -> None:
+        """A decode step through `hop` took `seconds` (its compute and the network leg to it)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Ran:
+    """What one step through a segment of hops gave: each hop's output in order, up to the one
+    that failed (with `error`), if one did."""
+
+    outputs: list[Tensor]
+    error: PeerError | None = None
+
+
+def logits_of(tensor: Tensor, address: str) -> np.ndarray:
+    """The fp32 logits [T, V] of the last hop's output (fp32, or bf16/fp16 widened exactly)."""
+    meta = check_tensor(tensor, what="logits")
+    if len(meta.shape) != 3 or meta.dtype not in ("float32", "bfloat16", "float16"):
+        raise PeerError(address, f"expected logits [1, T, V], got {meta.dtype} {meta.shape}")
+    if meta.dtype == "bfloat16":  # the upper half of an fp32: shifting it up is the exact widening
+        logits = (np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16).view("<f4")
+    elif meta.dtype == "float16":
+        logits = np.frombuffer(tensor.data, dtype="<f2").astype("<f4")
+    else:
+        logits = np.frombuffer(tensor.data, dtype="<f4")
+    return logits.reshape(meta.shape)[0]
+
 
 class InferenceSession:
     """A generation session across a chain of hops; each hop keeps its own KV cache."""
 
-    def __init__(self, host: SessionHost, hops: Sequence[Hop], model_id: str, max_length: int) -> None:
+    def __init__(
+        self, host: SessionHost, hops: Sequence[Hop], model_id: str, max_length: int, push: bool | None = None
+    ) -> None:
+        self.push = host.config.push if push is None else push  # hops push to the next (else the client relays)
+        self._step_ids = itertools.count()  # one counter for every hop: a pushed step keeps its id along the chain
+        self._relayed: set[tuple[str, str]] = set()  # links (from, to) a hop could not push over
         self.hops = list(hops)
         self.max_length = max_length
         self.model_id = model_id
@@ -91,15 +154,42 @@ class InferenceSession:
         self._closed = False
         self._streams: list[HopStream | None] = [None] * len(self.hops)
         self._history: list[list[StepRecord]] = [[] for _ in self.hops]
+        self._spares: list[WarmSpare | None] = [None] * len(self.hops)
+        self._paces = [HopPace(host.config.slow_steps) for _ in self.hops]
         try:
             for k in range(len(self.hops)):
                 self._open(k)
+            if host.config.warm_spares:
+                self._spares = [self._open_spare(hop) for hop in self.hops]
         except BaseException:
             self.close()
             raise
 
     def _connect(self, hop: Hop) -> HopStream:
-        return HopStream(self._host.channel(hop.address), hop, self.model_id, self.max_length, self._host.config)
+        channel = self._host.channel(hop.address)
+        config = self._host.config
+        push = self.push and self._host.push_address(hop) is not None
+        return HopStream(
+            channel,
+            hop,
+            self.model_id,
+            self.max_length,
+            config,
+            step_ids=self._step_ids,
+            push=push,
+            compact_logits=True,
+        )
+
+    def _open_spare(self, hop: Hop) -> WarmSpare | None:
+        spare = self._host.spare(hop)
+        if spare is None:
+            log.info("no warm spare for layers %d:%d: no other peer serves them", hop.start, hop.end)
+            return None
+        try:
+            return WarmSpare(self._connect(spare))
+        except PeerError as e:
+            log.info("no warm spare for layers %d:%d: %s", hop.start, hop.end, e)
+            return None
 
     def _open(self, k: int) -> HopStream:
         stream = self._streams[k]
@@ -127,24 +217,96 @@ class InferenceSession:
         tensor = make_tensor("int64", (1, len(ids)), np.asarray(ids, dtype="<i8").tobytes())
         k = 0
         while k < len(self.hops):
-            try:
-                out = self._open(k).step(tensor, position, last_only)
-                if self.check is not None:
-                    self.check(self.hops[k], self._history[k], StepRecord(position, tensor, last_only), out)
-            except PeerError as e:
-                if not should_fail_over(e):
-                    raise
-                self._recover(k, e)
-                continue  # the same input, to the replacement
-            self._history[k].append(StepRecord(position, tensor, last_only))
-            tensor = out
-            k += 1
+            self._open(k)
+            last = self._segment_end(k)
+            ran = self._run_segment(k, last, tensor, position, last_only)
+            error = ran.error
+            for out in ran.outputs:  # every hop that ran it: its input is its history
+                record = StepRecord(position, tensor, last_only)
+                if self.check is not None:  # a spot-check; a liar fails over like a dead hop
+                    try:
+                        self.check(self.hops[k], self._history[k], record, out)
+                    except PeerError as e:  # hops after it computed on its output: the replay rolls them back
+                        error = e
+                        break
+                self._history[k].append(record)
+                tensor, k = out, k + 1
+            if error is not None:  # hop k failed: the same input to its replacement, then on
+                if not should_fail_over(error):
+                    raise error
+                self._recover(k, error)
         self.position = position + len(ids)
-        meta = check_tensor(tensor, what="logits")
-        if meta.dtype != "float32" or len(meta.shape) != 3:
-            raise PeerError(self.hops[-1].address, f"expected fp32 logits [1, T, V], got {meta.dtype} {meta.shape}")
-        logits = np.frombuffer(tensor.data, dtype="<f4").reshape(meta.shape)[0]
+        for spare, history in zip(self._spares, self._history, strict=True):
+            if spare is not None:  # off the critical path: the chain's answer is in already
+                spare.feed(history[-1])
+        if len(ids) == 1:
+            self._move_off_slow_hops()
+        logits = logits_of(tensor, self.hops[-1].address)
         return logits[-1] if last_only else logits
+
+    def _pushes(self, k: int) -> bool:
+        """Whether hop k pushes its output straight to hop k + 1 (both opened, both take push)."""
+        a, b = self._streams[k], self._streams[k + 1]
+        return (
+            a is not None
+            and b is not None
+            and bool(a.push_token and b.push_token)
+            and (self.hops[k].address, self.hops[k + 1].address) not in self._relayed
+        )
+
+    def _segment_end(self, k: int) -> int:
+        """The last hop of the chain of pushes that starts at hop k (k itself when it pushes to none)."""
+        last = k
+        while self.push and last + 1 < len(self.hops):
+            self._open(last + 1)
+            if not self._pushes(last):
+                break
+            last += 1
+        return last
+
+    def _target(self, j: int) -> PushTarget:
+        stream = self._streams[j]
+        address = self._host.push_address(self.hops[j])
+        assert stream is not None and address is not None  # _pushes checked both
+        return PushTarget(address=address, session_id=stream.session_id, token=stream.push_token)
+
+    def _run_segment(self, k: int, last: int, tensor: Tensor, position: int, last_only: bool) -> _Ran:
+        """Run one step through hops k..last, pushed from hop to hop: their outputs in order (each
+        the next one's input), up to the first that failed."""
+        route = [self._target(j) for j in range(k + 1, last + 1)]
+        outputs: list[Tensor] = []
+        stream = self._streams[k]
+        assert stream is not None
+        step_id, timeout = stream.send(tensor, position, last_only, route)
+        since = time.perf_counter()
+        for j in range(k, last + 1):
+            stream, upstream = self._streams[j], self._streams[j - 1] if j > k else None
+            assert stream is not None
+            try:
+                try:
+                    out = stream.result(step_id, timeout, upstream)
+                except PushNotDelivered as e:  # relay it ourselves, over this link from now on
+                    log.info("relaying the link to %s from now on: %s", stream.hop.address, e)
+                    self._relayed.add((self.hops[j - 1].address, self.hops[j].address))
+                    step_id, timeout = stream.send(outputs[-1], position, last_only, route[j - k :])
+                    out = stream.result(step_id, timeout)
+            except PeerError as e:
+                return _Ran(outputs, e)
+            outputs.append(out)
+            if len(tensor.shape) > 1 and tensor.shape[1] == 1:  # a decode step: the hop's pace
+                now = time.perf_counter()
+                self._paces[j].add(now - since)
+                self._host.observed(self.hops[j], now - since)
+                since = now
+        return _Ran(outputs)
+
+    def _move_off_slow_hops(self) -> None:
+        """Move a hop that stayed several times slower than it was to another peer, when one serves its layers."""
+        config = self._host.config
+        slow = slow_hop(self._paces, config.slow_factor, config.slow_margin_s)
+        if slow is not None and self._host.spare(self.hops[slow[0]]) is not None:
+            k, ratio = slow
+            self._recover(k, PeerSlow(self.hops[k].address, f"{ratio:.1f}x slower than at the session's start"))
 
     # -- failover ----------------------------------------------------------------------------
 
@@ -158,7 +320,9 @@ class InferenceSession:
         """
         failed = self.hops[k]
         self._host.avoid(failed, error)
-        self._drop(k)
+        self._drop(k, goodbye=not isinstance(error, PeerSlow))  # a slow peer would make us wait for its goodbye
+        if self._promote(k, error):
+            return
         problems = [f"{failed.address}: {error}"]
         no_route: RouteError | None = None
         for attempt in self._attempts():
@@ -223,15 +387,35 @@ class InferenceSession:
             raise
         return streams, histories
 
+    def _promote(self, k: int, error: PeerError) -> bool:
+        """Hand hop k to its warm spare once it has answered every step it owes; False without one."""
+        spare, self._spares[k] = self._spares[k], None
+        if spare is None:
+            return False
+        try:
+            stream = spare.catch_up()
+        except PeerError as e:
+            log.info("the warm spare of layers %d:%d failed too: %s", self.hops[k].start, self.hops[k].end, e)
+            spare.close()
+            return False
+        failed = self.hops[k]
+        self.hops[k], self._streams[k] = stream.hop, stream
+        self._paces[k] = HopPace(self._host.config.slow_steps)
+        self._tell(
+            f"layers {failed.start}:{failed.end} moved from {failed.address} ({error})"
+            f" to {stream.hop.address} [{stream.hop.start}:{stream.hop.end}], its warm spare, 0 steps replayed"
+        )
+        return True
+
     def _avoid_the_one_of(self, hops: Sequence[Hop], error: PeerError) -> None:
         bad = next((h for h in hops if h.address == error.address), None)
         if bad is not None:
             self._host.avoid(bad, error)
 
-    def _drop(self, k: int) -> None:
+    def _drop(self, k: int, goodbye: bool = True) -> None:
         stream, self._streams[k] = self._streams[k], None
         if stream is not None:
-            stream.close()
+            stream.close(goodbye)
 
     def _splice(
         self, k: int, hops: Sequence[Hop], streams: Sequence[HopStream], histories: Sequence[list[StepRecord]]
@@ -240,6 +424,11 @@ class InferenceSession:
         self.hops[k : k + 1] = hops
         self._streams[k : k + 1] = list(streams)
         self._history[k : k + 1] = histories
+        old = self._spares[k]
+        if old is not None:
+            old.close()
+        self._spares[k : k + 1] = [None] * len(hops)
+        self._paces[k : k + 1] = [HopPace(self._host.config.slow_steps) for _ in hops]
 
     def _tell(self, note: str) -> None:
         log.info("%s", note)
@@ -250,10 +439,11 @@ class InferenceSession:
 
     def close(self) -> None:
         self._closed = True
-        for stream in self._streams:
+        for stream in [*self._streams, *(s.stream for s in self._spares if s is not None)]:
             if stream is not None:
                 stream.close()
         self._streams = [None] * len(self.hops)
+        self._spares = [None] * len(self.hops)
 
     def __enter__(self) -> InferenceSession:
         return self

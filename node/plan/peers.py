@@ -86,6 +86,12 @@ class PeerInfo(PeerView):
     draining: bool = False
     kv_free_bytes: int = 0
     batched_steps: int = 0  # decode steps it ran batched with other sessions' since it started
+    decode_ms: float = 0.0  # its moving average of a decode step's compute time, from real steps (0: none yet)
+
+    @property
+    def live_throughput(self) -> float:
+        """Tokens/s through one block, from its real decode steps (0: none yet)."""
+        return max(self.end - self.start, 1) / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
 
 
 def direct_address(record: PeerRecord) -> str:
@@ -160,6 +166,7 @@ def peer_from_info(address: str, info: InfoResponse, rtt_s: float = 0.0) -> Peer
         draining=info.capacity.draining,
         kv_free_bytes=info.capacity.kv_free_bytes,
         batched_steps=info.capacity.batched_steps,
+        decode_ms=info.capacity.decode_ms,
     )
 
 

@@ -4,6 +4,7 @@
     engine.py      Engine: the span, sessions, KV budget, the compute thread; executes batches
     scheduler.py   Scheduler: continuous batching, one round = schedule -> execute -> update
     service.py     the gRPC edge: parse, call the engine, map domain errors to statuses
+    push.py        Pusher: a hop's outputs pushed straight to the next hop's session
     lifecycle.py   Lifecycle: signals, drain, grace (serve and daemon); serve()
     throughput.py  measure_throughput: tokens/s per block, cached
 

@@ -67,6 +67,7 @@ class Session:
     decoding: bool = False  # its last step was one token: the next one is due soon
     last_done: float = 0.0  # when its last step finished (monotonic)
     client: str = ""  # who opened it (the gRPC peer): its share of sessions and its turn in the scheduler
+    compact_logits: bool = False  # its logits leave in the compute dtype (fp32 would be their exact widening)
 
 
 @dataclass(frozen=True)
@@ -368,8 +369,8 @@ class Engine:
                 outs = list(out.split(1))
                 batched = len(ready)
             logits = self.emits_logits(last)
-            for (i, _, _), out in zip(ready, outs, strict=True):
-                outputs[i] = to_message(out.float() if logits else out)
+            for (i, session, _), out in zip(ready, outs, strict=True):
+                outputs[i] = to_message(out.float() if logits and not session.compact_logits else out)
             log.debug(
                 "%d step(s) of %s tokens in %.2f ms",
                 len(ready),

@@ -23,7 +23,8 @@ from node.swarmkey import GRPC_METADATA, MAX_SKEW_S, SwarmKey
 
 __all__ = ["ProvingInterceptor", "SwarmGate"]
 
-_STREAMING = {"InferenceSession"}  # stream-stream methods of the Shard service; the rest are unary
+_STREAMING = {"InferenceSession"}  # stream-stream methods of the Shard service
+_CLIENT_STREAMING = {"Push"}  # stream-unary (server to server); the rest are unary
 MAX_NONCES = 100_000  # remembered proofs (one per call within the skew window)
 
 
@@ -75,8 +76,11 @@ class SwarmGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-        if details.method.rsplit("/", 1)[-1] in _STREAMING:
+        method = details.method.rsplit("/", 1)[-1]
+        if method in _STREAMING:
             return grpc.stream_stream_rpc_method_handler(deny)
+        if method in _CLIENT_STREAMING:
+            return grpc.stream_unary_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
 
 

@@ -104,6 +104,7 @@ class BatchResult:
 
 
 Execute = Callable[[Batch], Awaitable[BatchResult]]
+DECODE_EWMA_WEIGHT = 0.3  # of the newest decode batch in the moving average: a slowdown shows within a few tokens
 
 
 class Scheduler:
@@ -120,6 +121,7 @@ class Scheduler:
         self._decode_s = 0.0  # compute time of the last decode batch
         self._long_s = 0.0  # compute time of the last other round (a prefill, a slice of a Forward)
         self.batched_steps = 0  # statistics: decode steps run batched with other sessions' steps
+        self.decode_ewma_s = 0.0  # moving average of decode batches' compute time: what a token costs here now
 
     @property
     def queued(self) -> int:
@@ -314,6 +316,8 @@ class Scheduler:
         """Settle each step's future, and record when its session stepped (who is due next)."""
         if batch.decode:
             self._decode_s = finished - started
+            a, old = DECODE_EWMA_WEIGHT, self.decode_ewma_s
+            self.decode_ewma_s = a * self._decode_s + (1 - a) * old if old else self._decode_s
         else:
             self._long_s = finished - started
         self.batched_steps += result.batched

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -40,6 +42,7 @@ from node.errors import (
     WrongModel,
 )
 from node.serve.engine import Engine, Session
+from node.serve.push import Pusher
 from node.textfiles import pack
 from node.tls import Certificate
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
@@ -49,11 +52,15 @@ from protocol.shard_pb2 import (
     ForwardRequest,
     ForwardResponse,
     InfoResponse,
+    PushedStep,
+    PushSummary,
     SessionClosed,
     SessionOpened,
     SessionRequest,
     SessionResponse,
+    Step,
     StepResult,
+    Tensor,
     TokenizerRequest,
 )
 
@@ -136,10 +143,19 @@ async def _internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
 
 @dataclass
 class _Stream:
-    """One InferenceSession stream: who it belongs to and the session it opened."""
+    """One InferenceSession stream: who it belongs to and the session it opened; with push, the
+    steps other servers pushed to that session wait in `pushed` for this stream's turn."""
 
     client: str
     session: Session | None = None
+    token: bytes = b""  # the session's push token: set when it takes pushed steps
+    pushed: asyncio.Queue[PushedStep | StepResult] = field(default_factory=lambda: asyncio.Queue(_PUSH_BACKLOG))
+    read: asyncio.Future[bytes | None] | None = None  # the client's next request, being read
+    active: float = field(default_factory=time.monotonic)  # the last request, the client's or a pushed one
+    last_step: int = -1  # the step_id of the last step run: a pushed step must come after it
+
+
+_PUSH_BACKLOG = 64  # pushed steps one session may have waiting; more are dropped (the client times out)
 
 
 class ShardService:
@@ -149,6 +165,10 @@ class ShardService:
         self.engine = engine
         self.inflight = InFlight(engine.config.inflight_bytes_per_client)
         self._tokenizer: bytes | None = None  # the Tokenizer answer, read from the model folder once
+        config = engine.config
+        self.pusher = Pusher(config.max_message_bytes, config.insecure_lan, swarm_key=config.swarm_key)
+        self._pushable: dict[str, _Stream] = {}  # session id -> its stream, for sessions opened with push
+        self.pushed_steps = 0  # statistics: steps run that another server pushed here
 
     async def forward(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         client = context.peer()
@@ -219,26 +239,42 @@ class ShardService:
                 kv_free_bytes=max(engine.kv_free_bytes, 0),
                 queued_steps=engine.queued,
                 batched_steps=engine.batched_steps,
+                pushed_steps=self.pushed_steps,
+                decode_ms=1000 * engine.scheduler.decode_ewma_s,
             ),
         ).SerializeToString()
 
-    async def _next_request(self, requests: AsyncIterator[bytes], moving: asyncio.Future[Any]) -> bytes | None:
-        """The stream's next request; None at its end. Raises IdleTimeout or Draining when the session sat
-        idle too long or `moving` is done (the server is shutting down: the session must move)."""
-        engine = self.engine
-        read = asyncio.ensure_future(anext(requests, None))
-        try:
-            done, _ = await asyncio.wait(
-                {read, moving}, timeout=engine.config.idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+    async def _next_request(
+        self, requests: AsyncIterator[bytes], moving: asyncio.Future[Any], stream: _Stream
+    ) -> bytes | PushedStep | StepResult | None:
+        """The stream's next request: the client's raw bytes, a step pushed to its session (or a
+        push failure to report), None at the client's end. Raises IdleTimeout or Draining when the
+        session sat idle too long or `moving` is done (the server is shutting down: the session
+        must move)."""
+        idle_s = self.engine.config.idle_timeout_s
+        if not stream.pushed.empty():
+            return stream.pushed.get_nowait()
+        if stream.read is None:
+            stream.read = asyncio.ensure_future(anext(requests, None))
+        while True:
+            pushed = asyncio.ensure_future(stream.pushed.get()) if stream.token else None
+            waiting: set[asyncio.Future[Any]] = (
+                {stream.read, moving} if pushed is None else {stream.read, moving, pushed}
             )
-        finally:
-            if not read.done():
-                read.cancel()
-        if read in done:
-            return read.result()
-        if moving in done:
-            raise Draining("server is shutting down: move this session to another peer")
-        raise IdleTimeout(f"no request for {engine.config.idle_timeout_s:g} s: session closed")
+            try:
+                done, _ = await asyncio.wait(waiting, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if pushed is not None and not pushed.done():
+                    pushed.cancel()
+            if pushed is not None and pushed in done:
+                return pushed.result()  # the client's read, if done too, waits for the next call
+            if stream.read in done:
+                read, stream.read = stream.read, None
+                return read.result()
+            if moving in done:
+                raise Draining("server is shutting down: move this session to another peer")
+            if time.monotonic() - stream.active >= idle_s:
+                raise IdleTimeout(f"no request for {idle_s:g} s: session closed")
 
     async def session(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         client = context.peer()
@@ -247,11 +283,20 @@ class ShardService:
         try:
             while True:
                 try:
-                    raw = await self._next_request(requests, moving)
-                    if raw is None:
+                    item = await self._next_request(requests, moving, stream)
+                    if item is None:
                         return
-                    with self.inflight.hold(client, len(raw)):  # before the bytes are copied anywhere
-                        response = await self._answer(stream, _parse(SessionRequest, raw))
+                    stream.active = time.monotonic()
+                    if isinstance(item, PushedStep):
+                        if item.step.step_id <= stream.last_step:  # overtaken while it waited: stale
+                            continue
+                        response = await self._run_step(stream, item.step)
+                        self.pushed_steps += 1
+                    elif isinstance(item, StepResult):  # a step of ours that could not be pushed on
+                        response = SessionResponse(result=item).SerializeToString()
+                    else:
+                        with self.inflight.hold(client, len(item)):  # before the bytes are copied anywhere
+                            response = await self._answer(stream, _parse(SessionRequest, item))
                     yield response  # not holding the bytes while a slow reader takes the answer
                 except RequestError as e:
                     await _abort(context, e)
@@ -261,8 +306,68 @@ class ShardService:
                     await _internal(context, "InferenceSession")
         finally:  # also when the client went away (the handler is cancelled): free the cache
             moving.cancel()
+            if stream.read is not None:
+                stream.read.cancel()
             if stream.session is not None:
+                self._pushable.pop(stream.session.id, None)
                 self.engine.close(stream.session)
+
+    async def _run_step(self, stream: _Stream, s: Step) -> bytes:
+        """Run step `s` of the stream's session, push its output on along `s.route`, and answer it."""
+        session = stream.session
+        if session is None:
+            raise SessionStateError("unknown session: send open before steps")
+        if session.closed:
+            raise SessionStateError(f"session {session.id} is closed")
+        if not s.HasField("input"):
+            raise InvalidRequest("step has no input tensor")
+        stream.last_step = max(stream.last_step, s.step_id)
+        out = await self.engine.step(session, s.position, s.input, s.last_only)
+        if s.route and not session.closed:  # the next hop first: it is on the critical path
+            self._push_on(stream, s, out)
+        result = StepResult(step_id=s.step_id, output=out, length=session.cache.length)
+        return SessionResponse(result=result).SerializeToString()
+
+    def _push_on(self, stream: _Stream, s: Step, out: Tensor) -> None:
+        target, rest = s.route[0], s.route[1:]
+        step = Step(step_id=s.step_id, position=s.position, input=out, last_only=s.last_only, route=rest)
+        message = PushedStep(session_id=target.session_id, token=target.token, step=step)
+
+        def failed(why: str) -> None:  # back on this stream: its client relays the step instead
+            if stream.session is not None and not stream.session.closed:
+                with contextlib.suppress(asyncio.QueueFull):
+                    stream.pushed.put_nowait(StepResult(step_id=s.step_id, push_error=why))
+
+        self.pusher.push(target.address, message, failed)
+
+    async def push(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        """Steps another server pushes to sessions opened here with push, each put in its
+        session's turn. A step for an unknown or closed session, with a wrong token, or older
+        than the session's last step (a hop the client gave up on, waking up) is dropped."""
+        accepted = dropped = 0
+        try:
+            async for raw in requests:
+                message = _parse(PushedStep, raw)
+                stream = self._pushable.get(message.session_id)
+                if (
+                    stream is None
+                    or not secrets.compare_digest(stream.token, message.token)
+                    or not message.HasField("step")
+                    or message.step.step_id <= stream.last_step
+                    or stream.pushed.full()
+                ):
+                    dropped += 1
+                    log.debug("dropped a step pushed to session %s by %s", message.session_id, context.peer())
+                    continue
+                stream.pushed.put_nowait(message)
+                accepted += 1
+        except RequestError as e:
+            await _abort(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, "Push")
+        return PushSummary(accepted=accepted, dropped=dropped).SerializeToString()
 
     async def _answer(self, stream: _Stream, req: SessionRequest) -> bytes:
         """One request of a session stream, and the answer to send (RequestError when refused)."""
@@ -273,19 +378,14 @@ class ShardService:
                 raise SessionStateError("a session is already open on this stream")
             o = req.open
             stream.session = session = await self.engine.open(o.model_id, o.start, o.end, o.max_length, stream.client)
+            session.compact_logits = o.compact_logits
             opened = SessionOpened(session_id=session.id, max_length=session.cache.max_length)
+            if o.push:
+                stream.token = opened.push_token = secrets.token_bytes(16)
+                self._pushable[session.id] = stream
             return SessionResponse(opened=opened).SerializeToString()
         if kind == "step":
-            if session is None:
-                raise SessionStateError("unknown session: send open before steps")
-            if session.closed:
-                raise SessionStateError(f"session {session.id} is closed")
-            s = req.step
-            if not s.HasField("input"):
-                raise InvalidRequest("step has no input tensor")
-            out = await self.engine.step(session, s.position, s.input, s.last_only)
-            result = StepResult(step_id=s.step_id, output=out, length=session.cache.length)
-            return SessionResponse(result=result).SerializeToString()
+            return await self._run_step(stream, req.step)
         if kind == "close":
             if session is None or session.closed:
                 raise SessionStateError("no open session to close")
@@ -301,6 +401,7 @@ class ShardService:
                 "Info": grpc.unary_unary_rpc_method_handler(self.info),
                 "Tokenizer": grpc.unary_unary_rpc_method_handler(self.tokenizer),
                 "InferenceSession": grpc.stream_stream_rpc_method_handler(self.session),
+                "Push": grpc.stream_unary_rpc_method_handler(self.push),
             },
         )
 

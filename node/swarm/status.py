@@ -165,6 +165,7 @@ def format_crdt_report(view: dict[str, Any]) -> str:
         load = m["load"]
         busy = (
             f"{load['active_sessions']} sessions, {load['free_kv_tokens']} free KV tokens, queue {load['queue_length']}"
+            + (f", {load['decode_ms']:.1f} ms/token" if load.get("decode_ms") else "")
             if load
             else "no load reported"
         )

@@ -2,7 +2,8 @@
 
     python -m node.testing.liar SCALE serve --model M --layers 2:4 ...
 
-runs the ordinary serve command, except that every Forward and session step answers its
+runs the ordinary serve command, except that every Forward and session step answers (and
+pushes on) its
 true output plus Gaussian noise of SCALE times the output's own standard deviation: a peer
 that looks healthy (it answers in time, with the right shapes) and lies. Test code only.
 """
@@ -15,7 +16,8 @@ import torch
 
 from node.serve import service
 from node.serve.codec import from_message, to_message
-from protocol.shard_pb2 import ForwardResponse, SessionRequest, SessionResponse, Tensor
+from node.serve.engine import Engine, Session
+from protocol.shard_pb2 import ForwardResponse, Tensor
 
 __all__ = ["LyingShardService", "perturb"]
 
@@ -37,11 +39,15 @@ class LyingShardService(service.ShardService):
         answer = ForwardResponse.FromString(await super().forward(raw, context))  # type: ignore[arg-type]
         return ForwardResponse(output=perturb(answer.output, self.SCALE)).SerializeToString()
 
-    async def _answer(self, stream: service._Stream, req: SessionRequest) -> bytes:
-        answer = SessionResponse.FromString(await super()._answer(stream, req))
-        if answer.WhichOneof("kind") == "result":
-            answer.result.output.CopyFrom(perturb(answer.result.output, self.SCALE, answer.result.step_id))
-        return answer.SerializeToString()
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        true_step = engine.step
+
+        async def lying_step(session: Session, position: int, msg: Tensor, last_only: bool) -> Tensor:
+            # at the engine, so what it pushes to the next hop lies as much as what it answers
+            return perturb(await true_step(session, position, msg, last_only), self.SCALE, position)
+
+        engine.step = lying_step  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from kernels.moe import (
     route_topk_softmax,
     run_experts,
 )
+from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
 from kernels.quant import (
     QUANT_MODES,
     Int4Weight,
@@ -53,6 +54,9 @@ __all__ = [
     "KernelError",
     "ModelConfig",
     "QUANT_MODES",
+    "PackedLinear",
+    "PackedTensor",
+    "PackedWeight",
     "QuantLinear",
     "QuantTensor",
     "ShapeError",
@@ -71,6 +75,8 @@ __all__ = [
     "linear",
     "linear_fast",
     "linear_reference",
+    "pack_span",
+    "packing_available",
     "quantize",
     "quantize_span",
     "relative_error",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import Weight, linear
+from kernels.quant import AnyWeight, linear
 
 __all__ = [
     "Activation",
@@ -151,8 +151,8 @@ def route_softmax_group(
 def _expert(
     x: torch.Tensor,  # [n, H]
     expert: int,
-    gate_up: Weight,  # [E, 2I, H] ([E, H, 2I] for ClampedSwiGLU)
-    down: Weight,  # [E, H, I] ([E, I, H] for ClampedSwiGLU)
+    gate_up: AnyWeight,  # [E, 2I, H] ([E, H, 2I] for ClampedSwiGLU)
+    down: AnyWeight,  # [E, H, I] ([E, I, H] for ClampedSwiGLU)
     act: ExpertAct,
 ) -> torch.Tensor:  # [n, H]
     if isinstance(act, ClampedSwiGLU):  # GPT-OSS's experts are kept unquantized (kernels.quant skips them)
@@ -171,8 +171,8 @@ def experts_reference(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> torch.Tensor:
     """One-hot dispatch over every expert: the definition the fast path must match."""
@@ -214,8 +214,8 @@ def dispatch(ids: torch.Tensor) -> Dispatch:  # ids [T, k]
 def run_experts(
     x: torch.Tensor,  # [T, H]
     plan: Dispatch,
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> list[torch.Tensor]:
     """Each hit expert over its token rows: one [n_i, H] output per expert of the plan."""
@@ -243,8 +243,8 @@ def experts_grouped(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> torch.Tensor:
     """dispatch -> experts -> combine, visiting only the experts that were hit (same sums as the reference)."""
@@ -256,8 +256,8 @@ def experts_forward(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: Weight,
-    down: Weight,
+    gate_up: AnyWeight,
+    down: AnyWeight,
     act: ExpertAct,
 ) -> torch.Tensor:
     """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""

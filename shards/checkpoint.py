@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, quantize_span
+from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, pack_span, quantize_span
 from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from kernels.rope import yarn_mscale
 from shards.errors import CheckpointError, SpanSpecError
@@ -483,12 +483,16 @@ class Checkpoint:
             header["model.embed_tokens.weight"]["dtype"], torch.float32
         )
 
-    def load_span(self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none") -> SpanModel:
+    def load_span(
+        self, start: int, end: int, dtype: torch.dtype | None = None, quantize: str = "none", pack: bool = True
+    ) -> SpanModel:
         """Build layers [start, end) with their weights, reading only the tensors they need.
 
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
         ones dequantized first, except those transformers itself keeps in fp32. `quantize`
-        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded.
+        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded; then bf16
+        weights are packed for the CPU's matmuls (`kernels.packed`) unless `pack` is false
+        (a span to be moved to another device).
         """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
@@ -514,6 +518,8 @@ class Checkpoint:
         span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
         state.clear()  # the span holds the only reference: quantizing then frees each weight
         quantize_span(span, quantize)
+        if pack:
+            pack_span(span)
         return span.eval()
 
 

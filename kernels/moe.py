@@ -37,8 +37,11 @@ __all__ = [
     "Dispatch",
     "combine",
     "dispatch",
+    "experts_dense",
     "experts_forward",
+    "experts_gathered",
     "experts_grouped",
+    "experts_one_token",
     "experts_reference",
     "route",
     "route_sigmoid_group",
@@ -252,6 +255,77 @@ def experts_grouped(
     return combine(run_experts(x, plan, gate_up, down, act), plan, weights, torch.zeros_like(x))
 
 
+def experts_one_token(
+    x: torch.Tensor,  # [1, H]
+    ids: torch.Tensor,  # [1, k]
+    weights: torch.Tensor,  # [1, k]
+    gate_up: AnyWeight,
+    down: AnyWeight,
+    act: ExpertAct,
+) -> torch.Tensor:
+    """One token (a decode step of one session): its k experts ascending, without a plan's
+    indexing; the same sums as the reference (adding to zeros is exact)."""
+    chosen = ids[0].tolist()
+    out: torch.Tensor | None = None
+    for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
+        y = (_expert(x, chosen[slot], gate_up, down, act) * weights[:, slot, None]).to(x.dtype)
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
+def _gather(w: AnyWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of experts `ids` [n] as one [n, N, K] tensor (quantized ones dequantized)."""
+    from kernels.quant import Int4Weight, Int8Weight, dequantize
+
+    if isinstance(w, torch.Tensor):
+        return w[ids]
+    if isinstance(w, Int8Weight):
+        return dequantize(Int8Weight(w.codes[ids], w.scales[ids]), dtype)
+    if isinstance(w, Int4Weight):
+        return dequantize(Int4Weight(w.packed[ids], w.scale_zeros[ids], w.group), dtype)
+    raise TypeError("packed weights are CPU-only: the gathered path is for accelerators")
+
+
+def experts_gathered(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
+    act: Activation,
+) -> torch.Tensor:
+    """Few tokens on an accelerator: gather the chosen experts' weights and run them as batched
+    matmuls, with no host synchronisation (the grouped path reads the ids on the host). Not
+    bit-identical to the reference (another summation order): within fp32 rounding."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [T*k]
+    rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
+    gate, up = torch.bmm(_gather(gate_up, flat, x.dtype), rows)[..., 0].chunk(2, dim=-1)  # [T*k, I] each
+    y = torch.bmm(_gather(down, flat, x.dtype), (act(gate) * up)[:, :, None])[..., 0]  # [T*k, H]
+    return (y * weights.reshape(-1, 1)).view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def experts_dense(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
+    act: ExpertAct,
+) -> torch.Tensor:
+    """Many tokens on an accelerator: every expert over every row, weighted by its routing
+    weight (zero where not chosen), experts ascending; no host synchronisation."""
+    out = torch.zeros_like(x)
+    for expert in range(gate_up.shape[0]):
+        w = (weights * (ids == expert)).sum(dim=-1, keepdim=True)  # [T, 1]
+        out += (_expert(x, expert, gate_up, down, act) * w).to(x.dtype)
+    return out
+
+
+GATHER_MAX_ROWS = 16  # tokens x top-k up to which an accelerator gathers experts, else runs all
+
+
 def experts_forward(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -260,5 +334,12 @@ def experts_forward(
     down: AnyWeight,
     act: ExpertAct,
 ) -> torch.Tensor:
-    """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""
-    return experts_grouped(x, ids, weights, gate_up, down, act)
+    """Dispatcher. On the CPU the grouped path (host-side plans cost nothing there), one
+    token without a plan; on an accelerator paths that never wait for the device."""
+    if x.device.type == "cpu":
+        if x.shape[0] == 1:
+            return experts_one_token(x, ids, weights, gate_up, down, act)
+        return experts_grouped(x, ids, weights, gate_up, down, act)
+    if ids.numel() <= GATHER_MAX_ROWS and not isinstance(act, ClampedSwiGLU):
+        return experts_gathered(x, ids, weights, gate_up, down, act)
+    return experts_dense(x, ids, weights, gate_up, down, act)

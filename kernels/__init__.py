@@ -8,6 +8,7 @@ from kernels.attention import attention_reference, attention_sdpa, attention_sin
 from kernels.cache import KVCache
 from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
+from kernels.memory import SpanBytes
 from kernels.moe import (
     ClampedSwiGLU,
     Dispatch,
@@ -63,6 +64,7 @@ __all__ = [
     "QuantLinear",
     "QuantTensor",
     "ShapeError",
+    "SpanBytes",
     "SpanModel",
     "UnsupportedModelError",
     "attention_reference",

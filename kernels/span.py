@@ -392,6 +392,7 @@ class SpanModel(nn.Module):
         """
         first, last = self._layers(layers, [cache])
         self.check_input(x, first)
+        x = x.to(self.device)  # inputs may come from the CPU (the wire) to a span on an accelerator
         t = x.shape[1]
         cache.check_step(position, t)
         positions = torch.arange(position, position + t)[None]  # [1, T]
@@ -420,6 +421,7 @@ class SpanModel(nn.Module):
             if cache.batch != 1:
                 raise ShapeError("decode takes caches of batch 1 (one per session)")
             cache.check_step(position, 1)
+        x = x.to(self.device)
         h = self._run(x, torch.tensor(positions)[:, None], caches, positions, first, last)  # [B, 1, H]
         for cache, position in zip(caches, positions, strict=True):
             cache.length = position + 1

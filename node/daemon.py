@@ -228,6 +228,7 @@ class Daemon:
     # -- serving --------------------------------------------------------------------------
 
     async def _start_serving(self, server_config: ServerConfig) -> None:
+        from node.serve.device import block_bytes, device_name
         from node.serve.engine import Engine
         from node.serve.service import start_server
         from node.serve.throughput import measure_throughput
@@ -250,6 +251,8 @@ class Daemon:
             num_layers=span.cfg.num_layers,
             throughput=throughput,
             quantization=span.quantization,
+            device=device_name(span),
+            block_bytes=block_bytes(span),
         )
         self.serving = Serving(engine, server, address, port, shard)
         tls = f"TLS fingerprint {self.certificate.fingerprint}" if self.certificate else "PLAINTEXT (--insecure-lan)"
@@ -327,6 +330,7 @@ class Daemon:
 
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
         """Pick the weakest window of the swarm's view and claim it (state "loading") before loading it."""
+        from node.serve.device import blocks_that_fit
         from shards import Checkpoint
 
         server = self.config.server
@@ -334,7 +338,8 @@ class Daemon:
         checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
         num_layers = checkpoint.config.num_layers
         model_id = checkpoint.model_id()
-        length = min(self.config.max_layers or num_layers, num_layers)
+        fit = blocks_that_fit(server, checkpoint, server.device)  # what --max-memory (or free memory) holds
+        length = min(self.config.max_layers or num_layers, num_layers, fit)
         start, end = agent.choose_span(model_id, num_layers, length)
         served = len(agent.servers(model_id))
         self.say(

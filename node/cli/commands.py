@@ -46,6 +46,7 @@ def _events(enabled: bool) -> Any:
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
     from node.serve.config import ServerConfig
+    from node.serve.device import resolve_device
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
@@ -60,6 +61,8 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         dtype=args.dtype,
         quantize=args.quantize,
+        device=resolve_device(args.device),  # "cuda" without a GPU: an error here, before anything loads
+        max_memory_bytes=args.max_memory or 0,
         max_sessions=args.max_sessions,
         max_sessions_per_client=args.max_sessions_per_client or 0,
         max_queued_per_client=args.max_queued_per_client,

@@ -142,3 +142,37 @@ def test_a_pipeline_of_a_cpu_and_a_gpu_peer_generates_as_one_cpu_process(tiny_mo
         with Client(addresses) as client:
             assert [client.info(a).device for a in addresses] == ["cpu", "cuda"]
             assert list(client.generate(prompt, 8, stop_at_eos=False)) == expected  # greedy: rounding rarely flips
+
+
+@pytest.mark.slow
+def test_an_auto_daemon_takes_the_window_its_max_memory_holds_and_advertises_its_device(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from node.daemon import DaemonConfig
+    from node.mesh.autonat import AutoNATConfig
+    from node.mesh.host import MeshConfig
+    from node.mesh.nat import NatConfig
+    from node.mesh.reader import SwarmReader
+    from node.swarm.agent import SwarmConfig
+    from node.testing.inprocess import DaemonThread
+
+    folder = tiny_models["mixtral"]
+    checkpoint = Checkpoint(folder)
+    sizes = SpanBytes(checkpoint.config, checkpoint.compute_dtype, "int8")
+    budget = sizes.embedding + sizes.head + 3 * sizes.per_block
+    config = DaemonConfig(
+        identity=tmp_path / "d.key",
+        mesh=MeshConfig(),
+        server=ServerConfig(model=folder, start=0, end=4, quantize="int8", max_memory_bytes=budget),
+        nat=NatConfig(AutoNATConfig(confirmations=1)),
+        cache_dir=tmp_path / "cache",
+        swarm=SwarmConfig(lease_s=6.0, sync_interval_s=0.5),
+        auto_layers=True,
+    )
+    with DaemonThread(config) as d:
+        ready = d.ready(timeout=120)
+        start, end = ready["layers"]
+        assert end - start == 3  # the largest window that fits, not the whole model
+        with SwarmReader([ready["multiaddrs"][0]], traversal=True) as reader:
+            (shard,) = reader.everyone().records[ready["peer_id"]].shards
+        assert (shard.device, shard.block_bytes, shard.quantization) == ("cpu", sizes.per_block, "int8")

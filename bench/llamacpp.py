@@ -85,10 +85,13 @@ def build(cache: Path, jobs: int) -> Path:
 
 
 def _with_tokenizer(model: Path, tokenizer_from: Path, work: Path) -> Path:
-    """`model`'s folder, plus the tokenizer files of `tokenizer_from` when it has none of its own."""
-    if (model / "tokenizer.json").is_file() or (model / "tokenizer.model").is_file():
-        return model
+    """`model`'s folder as the converter needs it: an `architectures` entry in its config, and the
+    tokenizer files of `tokenizer_from` when it has none of its own."""
     import json as _json
+
+    has_tokenizer = (model / "tokenizer.json").is_file() or (model / "tokenizer.model").is_file()
+    if has_tokenizer and _json.loads((model / "config.json").read_text()).get("architectures"):
+        return model
 
     folder = work / f"{model.name}-with-tokenizer"
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def _with_tokenizer(model: Path, tokenizer_from: Path, work: Path) -> Path:
         config["architectures"] = [{"mixtral": "MixtralForCausalLM"}.get(config["model_type"], "")]
     (folder / "config.json").write_text(_json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer_from / name).is_file():
+        if not has_tokenizer and (tokenizer_from / name).is_file():
             shutil.copy(tokenizer_from / name, folder / name)
     return folder
 

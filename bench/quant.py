@@ -5,7 +5,8 @@ Speed, on the bench model (random weights, bf16), one process, the span called i
 weights one token reads, the streaming-read bandwidth measured here (``tensor.sum()`` over
 1 GiB of fp32), and the fraction of that limit reached. Rounds interleave the settings and
 the bandwidth probe; ratios are taken within each round, then the median over rounds is
-shown (this machine is shared and noisy: compare ratios, not times).
+shown (this machine is shared and noisy: compare ratios, not times). Then the same through
+serving processes: one process and a 2-span pipeline at each precision, interleaved.
 
 Quality, on the demo model (SmolLM2-135M upcycled to 4 experts, a real language model):
 perplexity on bench/text.txt (public-domain English), per-layer relative error of the
@@ -15,17 +16,20 @@ unquantized, shows for scale how far greedy decoding moves under rounding alone)
     python bench/quant.py                 # both parts
     python bench/quant.py --small         # a small random model instead of the bench model
     python bench/quant.py --skip-quality  # speed only (no demo model needed)
+    python bench/quant.py --skip-pipelines  # no serving processes (1 process vs a 2-span pipeline)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import BENCH, SMALL, build  # noqa: E402
 
-from kernels import SpanModel, layer_errors, weight_bytes_per_token  # noqa: E402
+from kernels import ModelConfig, SpanModel, layer_errors, weight_bytes_per_token  # noqa: E402
 from shards import Checkpoint  # noqa: E402
 
 MODES = ("none", "int8", "int4")
@@ -74,25 +78,65 @@ def decode_rate(span: SpanModel, prompt: torch.Tensor, tokens: int) -> tuple[flo
     return t1 - t0, tokens / (time.perf_counter() - t1)
 
 
+def _span_worker(folder: str, mode: str, prompt: torch.Tensor, conn: Connection) -> None:
+    """A process holding one precision's span: it answers ("run", tokens) with decode_rate's figures.
+
+    One process per precision: once torch's int8 kernel has run in a process, oneDNN's packed
+    bf16 matmuls there run 2-5x slower, which would understate bf16 in a shared process."""
+    started = time.perf_counter()
+    checkpoint = Checkpoint(Path(folder))
+    span = checkpoint.load_span(0, checkpoint.config.num_layers, dtype=torch.bfloat16, quantize=mode)
+    decode_rate(span, prompt[:, :8], 2)  # warm-up
+    conn.send((weight_bytes_per_token(span), time.perf_counter() - started))
+    while (command := conn.recv()) is not None:
+        conn.send(decode_rate(span, prompt, command))
+
+
 def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    checkpoint = Checkpoint(folder)
-    cfg = checkpoint.config
-    spans: dict[str, SpanModel] = {}
-    for mode in MODES:
-        started = time.perf_counter()
-        spans[mode] = checkpoint.load_span(0, cfg.num_layers, dtype=torch.bfloat16, quantize=mode)
-        print(f"loaded {LABEL[mode]} in {time.perf_counter() - started:.1f} s", flush=True)
-    nbytes = {mode: weight_bytes_per_token(span) for mode, span in spans.items()}
+    import multiprocessing
+
+    cfg = Checkpoint(folder).config
     prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    context = multiprocessing.get_context("spawn")
+    workers: dict[str, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
+    nbytes: dict[str, int] = {}
+    try:
+        for mode in MODES:  # one at a time: loading and quantizing take the cores
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_span_worker, args=(str(folder), mode, prompt, theirs), daemon=True)
+            process.start()
+            workers[mode] = (process, mine)
+            nbytes[mode], took = mine.recv()
+            print(f"loaded {LABEL[mode]} in {took:.1f} s (its own process)", flush=True)
+        return _speed_rounds(folder, args, cfg, nbytes, workers)
+    finally:
+        for process, conn in workers.values():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+def _speed_rounds(
+    folder: Path,
+    args: argparse.Namespace,
+    cfg: ModelConfig,
+    nbytes: dict[str, int],
+    workers: dict[str, tuple[object, Connection]],
+) -> dict[str, dict[str, float]]:
+    def decode(mode: str) -> tuple[float, float]:
+        conn = workers[mode][1]
+        conn.send(args.tokens)
+        return conn.recv()  # type: ignore[no-any-return]
+
     buffer = torch.ones(2**28)  # 1 GiB of fp32
     streaming_read(buffer)
-    for span in spans.values():
-        decode_rate(span, prompt[:, :8], 2)  # warm-up
     rounds: list[dict[str, tuple[float, float]]] = []
     bandwidths: list[float] = []
     for r in range(args.repeat):
         bandwidths.append(max(streaming_read(buffer) for _ in range(3)))
-        rounds.append({mode: decode_rate(span, prompt, args.tokens) for mode, span in spans.items()})
+        rounds.append({mode: decode(mode) for mode in MODES})
         bandwidths[-1] = max(bandwidths[-1], streaming_read(buffer))
         print(
             f"round {r + 1}/{args.repeat}: read {bandwidths[-1] / 1e9:.1f} GB/s, "
@@ -134,6 +178,52 @@ def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]
     ]
     for what, value, target, fmt in checks:
         print(f"target: {what}: {fmt.format(value)} -> {'met' if value >= target else 'NOT met'}")
+    return summary
+
+
+def pipelines(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Decode tok/s through serving processes: one process and a 2-span pipeline, at each precision,
+    in interleaved rounds (gRPC and sessions included, as a client sees them)."""
+    import contextlib
+
+    from pipeline import SwarmRunner
+
+    from node.client import Client
+    from node.testing.launch import local_swarm
+    from shards import split_evenly
+
+    cfg = Checkpoint(folder).config
+    prompt = torch.randint(1, cfg.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    runners: dict[tuple[str, int], SwarmRunner] = {}
+    with contextlib.ExitStack() as stack:
+        for mode in MODES:
+            for parts in (1, 2):
+                spans = split_evenly(cfg.num_layers, parts)
+                servers = stack.enter_context(local_swarm(folder, spans, extra_args=["--quantize", mode], timeout=900))
+                runners[mode, parts] = SwarmRunner(stack.enter_context(Client([s.pinned for s in servers])))
+                print(f"serving {LABEL[mode]} in {parts} process(es)", flush=True)
+        for run in runners.values():
+            run(prompt[:8], 2)  # warm-up
+        rounds = []
+        for r in range(args.repeat):
+            rounds.append({key: run(prompt, args.tokens)[1] for key, run in runners.items()})
+            print(
+                f"pipeline round {r + 1}/{args.repeat}: "
+                + ", ".join(f"{LABEL[m]} x{p} {v:.1f} tok/s" for (m, p), v in rounds[-1].items()),
+                flush=True,
+            )
+    med = statistics.median
+    print(f"\n{'weights':8} {'1 process tok/s':>15} {'2 spans tok/s':>14} {'2 spans x 1':>11}")
+    summary: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        one, two = med([rd[mode, 1] for rd in rounds]), med([rd[mode, 2] for rd in rounds])
+        ratio = med([rd[mode, 2] / rd[mode, 1] for rd in rounds])
+        summary[LABEL[mode]] = {"one_process_tok_s": one, "two_spans_tok_s": two, "two_spans_x_one": ratio}
+        print(f"{LABEL[mode]:8} {one:15.2f} {two:14.2f} {ratio:11.2f}")
+    for mode in MODES:
+        ratio = summary[LABEL[mode]]["two_spans_x_one"]
+        print(f"target: {LABEL[mode]} 2-span pipeline >= 0.95x one process: {ratio:.2f}x ->"
+              f" {'met' if ratio >= 0.95 else 'NOT met'}")  # fmt: skip
     return summary
 
 
@@ -261,6 +351,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench")
     parser.add_argument("--demo", type=Path, help="the demo model folder (default: build or reuse the cached one)")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-pipelines", action="store_true", help="no serving processes (1 vs 2 spans)")
     parser.add_argument("--profile", action="store_true", help="also print a per-op profile of decode steps")
     parser.add_argument("--profile-rows", type=int, default=15, help="ops per profile table (default 15)")
     parser.add_argument("--skip-quality", action="store_true")
@@ -272,6 +363,8 @@ def main() -> int:
         print(f"building/reusing {name} model in {args.cache / name} ...", flush=True)
         folder = build(args.cache / name, SMALL if args.small else BENCH, torch.bfloat16)
         summary["speed"] = speed(folder, args)
+        if not args.skip_pipelines:
+            summary["pipelines"] = pipelines(folder, args)
         if args.profile:
             profile(folder, args)
     if not args.skip_quality:

@@ -8,13 +8,17 @@ from kernels.attention import attention_reference, attention_sdpa, attention_sin
 from kernels.cache import KVCache
 from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
+from kernels.memory import SpanBytes
 from kernels.moe import (
     ClampedSwiGLU,
     Dispatch,
     combine,
     dispatch,
+    experts_dense,
     experts_forward,
+    experts_gathered,
     experts_grouped,
+    experts_one_token,
     experts_reference,
     route,
     route_sigmoid_group,
@@ -22,6 +26,7 @@ from kernels.moe import (
     route_topk_softmax,
     run_experts,
 )
+from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
 from kernels.quant import (
     QUANT_MODES,
     Int4Weight,
@@ -53,9 +58,13 @@ __all__ = [
     "KernelError",
     "ModelConfig",
     "QUANT_MODES",
+    "PackedLinear",
+    "PackedTensor",
+    "PackedWeight",
     "QuantLinear",
     "QuantTensor",
     "ShapeError",
+    "SpanBytes",
     "SpanModel",
     "UnsupportedModelError",
     "attention_reference",
@@ -64,13 +73,18 @@ __all__ = [
     "combine",
     "dequantize",
     "dispatch",
+    "experts_dense",
     "experts_forward",
+    "experts_gathered",
     "experts_grouped",
+    "experts_one_token",
     "experts_reference",
     "layer_errors",
     "linear",
     "linear_fast",
     "linear_reference",
+    "pack_span",
+    "packing_available",
     "quantize",
     "quantize_span",
     "relative_error",

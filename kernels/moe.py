@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.quant import Weight, linear
+from kernels.quant import AnyWeight, linear
 
 __all__ = [
     "Activation",
@@ -37,8 +37,11 @@ __all__ = [
     "Dispatch",
     "combine",
     "dispatch",
+    "experts_dense",
     "experts_forward",
+    "experts_gathered",
     "experts_grouped",
+    "experts_one_token",
     "experts_reference",
     "route",
     "route_sigmoid_group",
@@ -151,8 +154,8 @@ def route_softmax_group(
 def _expert(
     x: torch.Tensor,  # [n, H]
     expert: int,
-    gate_up: Weight,  # [E, 2I, H] ([E, H, 2I] for ClampedSwiGLU)
-    down: Weight,  # [E, H, I] ([E, I, H] for ClampedSwiGLU)
+    gate_up: AnyWeight,  # [E, 2I, H] ([E, H, 2I] for ClampedSwiGLU)
+    down: AnyWeight,  # [E, H, I] ([E, I, H] for ClampedSwiGLU)
     act: ExpertAct,
 ) -> torch.Tensor:  # [n, H]
     if isinstance(act, ClampedSwiGLU):  # GPT-OSS's experts are kept unquantized (kernels.quant skips them)
@@ -171,8 +174,8 @@ def experts_reference(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> torch.Tensor:
     """One-hot dispatch over every expert: the definition the fast path must match."""
@@ -214,8 +217,8 @@ def dispatch(ids: torch.Tensor) -> Dispatch:  # ids [T, k]
 def run_experts(
     x: torch.Tensor,  # [T, H]
     plan: Dispatch,
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> list[torch.Tensor]:
     """Each hit expert over its token rows: one [n_i, H] output per expert of the plan."""
@@ -243,8 +246,8 @@ def experts_grouped(
     x: torch.Tensor,  # [T, H]
     ids: torch.Tensor,  # [T, k]
     weights: torch.Tensor,  # [T, k]
-    gate_up: Weight,  # [E, 2I, H]
-    down: Weight,  # [E, H, I]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
     act: ExpertAct,
 ) -> torch.Tensor:
     """dispatch -> experts -> combine, visiting only the experts that were hit (same sums as the reference)."""
@@ -252,13 +255,91 @@ def experts_grouped(
     return combine(run_experts(x, plan, gate_up, down, act), plan, weights, torch.zeros_like(x))
 
 
+def experts_one_token(
+    x: torch.Tensor,  # [1, H]
+    ids: torch.Tensor,  # [1, k]
+    weights: torch.Tensor,  # [1, k]
+    gate_up: AnyWeight,
+    down: AnyWeight,
+    act: ExpertAct,
+) -> torch.Tensor:
+    """One token (a decode step of one session): its k experts ascending, without a plan's
+    indexing; the same sums as the reference (adding to zeros is exact)."""
+    chosen = ids[0].tolist()
+    out: torch.Tensor | None = None
+    for slot in sorted(range(len(chosen)), key=chosen.__getitem__):
+        y = (_expert(x, chosen[slot], gate_up, down, act) * weights[:, slot, None]).to(x.dtype)
+        out = y if out is None else out + y
+    assert out is not None
+    return out
+
+
+def _gather(w: AnyWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights of experts `ids` [n] as one [n, N, K] tensor (quantized ones dequantized)."""
+    from kernels.quant import Int4Weight, Int8Weight, dequantize
+
+    if isinstance(w, torch.Tensor):
+        return w[ids]
+    if isinstance(w, Int8Weight):
+        return dequantize(Int8Weight(w.codes[ids], w.scales[ids]), dtype)
+    if isinstance(w, Int4Weight):
+        return dequantize(Int4Weight(w.packed[ids], w.scale_zeros[ids], w.group), dtype)
+    raise TypeError("packed weights are CPU-only: the gathered path is for accelerators")
+
+
+def experts_gathered(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
+    act: Activation,
+) -> torch.Tensor:
+    """Few tokens on an accelerator: gather the chosen experts' weights and run them as batched
+    matmuls, with no host synchronisation (the grouped path reads the ids on the host). Not
+    bit-identical to the reference (another summation order): within fp32 rounding."""
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [T*k]
+    rows = x.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, H, 1]
+    gate, up = torch.bmm(_gather(gate_up, flat, x.dtype), rows)[..., 0].chunk(2, dim=-1)  # [T*k, I] each
+    y = torch.bmm(_gather(down, flat, x.dtype), (act(gate) * up)[:, :, None])[..., 0]  # [T*k, H]
+    return (y * weights.reshape(-1, 1)).view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def experts_dense(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k]
+    weights: torch.Tensor,  # [T, k]
+    gate_up: AnyWeight,  # [E, 2I, H]
+    down: AnyWeight,  # [E, H, I]
+    act: ExpertAct,
+) -> torch.Tensor:
+    """Many tokens on an accelerator: every expert over every row, weighted by its routing
+    weight (zero where not chosen), experts ascending; no host synchronisation."""
+    out = torch.zeros_like(x)
+    for expert in range(gate_up.shape[0]):
+        w = (weights * (ids == expert)).sum(dim=-1, keepdim=True)  # [T, 1]
+        out += (_expert(x, expert, gate_up, down, act) * w).to(x.dtype)
+    return out
+
+
+GATHER_MAX_ROWS = 16  # tokens x top-k up to which an accelerator gathers experts, else runs all
+
+
 def experts_forward(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: Weight,
-    down: Weight,
+    gate_up: AnyWeight,
+    down: AnyWeight,
     act: ExpertAct,
 ) -> torch.Tensor:
-    """Dispatcher: the grouped path whenever it applies (it always does on CPU today)."""
-    return experts_grouped(x, ids, weights, gate_up, down, act)
+    """Dispatcher. On the CPU the grouped path (host-side plans cost nothing there), one
+    token without a plan; on an accelerator paths that never wait for the device."""
+    if x.device.type == "cpu":
+        if x.shape[0] == 1:
+            return experts_one_token(x, ids, weights, gate_up, down, act)
+        return experts_grouped(x, ids, weights, gate_up, down, act)
+    if ids.numel() <= GATHER_MAX_ROWS and not isinstance(act, ClampedSwiGLU):
+        return experts_gathered(x, ids, weights, gate_up, down, act)
+    return experts_dense(x, ids, weights, gate_up, down, act)

@@ -35,10 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.packed import PackedTensor, PackedWeight, packed_linear
+
 if TYPE_CHECKING:
     from kernels.span import SpanModel
 
 __all__ = [
+    "AnyWeight",
     "INT4_GROUP",
     "QUANT_MODES",
     "Int4Weight",
@@ -109,7 +112,8 @@ class Int4Weight:
 
 
 QuantWeight = Int8Weight | Int4Weight
-Weight = torch.Tensor | QuantWeight  # what the matmuls of the span and the experts take
+Weight = torch.Tensor | QuantWeight  # a weight as quantized
+AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the experts take
 
 
 # ---- int4 packing: the byte layout of torch._convert_weight_to_int4pack_for_cpu --------------
@@ -241,10 +245,13 @@ def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:
     return isinstance(w, Int8Weight) or _int4_layout_ok()
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """Dispatcher: ``F.linear`` for plain weights, the packed kernel where it applies, else the reference."""
+def linear(x: torch.Tensor, w: AnyWeight) -> torch.Tensor:
+    """Dispatcher: ``F.linear`` for plain weights, oneDNN for packed bf16 ones (`kernels.packed`),
+    the packed quantized kernel where it applies, else the reference."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
+    if isinstance(w, PackedWeight):
+        return packed_linear(x, w)
     return linear_fast(x, w) if _fast_applies(x, w) else linear_reference(x, w)
 
 
@@ -277,9 +284,9 @@ class QuantTensor(nn.Module):
         return f"{self.kind}, shape={list(self.shape)}" + (f", group={self.group}" if self.group else "")
 
 
-def as_weight(p: torch.Tensor | QuantTensor) -> Weight:
-    """What the matmuls take: a plain tensor as it is, a `QuantTensor`'s quantized weight."""
-    return p.value if isinstance(p, QuantTensor) else p
+def as_weight(p: torch.Tensor | QuantTensor | PackedTensor) -> AnyWeight:
+    """What the matmuls take: a plain tensor as it is, a `QuantTensor`'s or `PackedTensor`'s weight."""
+    return p.value if isinstance(p, QuantTensor | PackedTensor) else p
 
 
 class QuantLinear(nn.Module):
@@ -356,7 +363,11 @@ def weight_bytes_per_token(span: nn.Module) -> int:
             continue
         tensors = [t for m in (gate_up, down) for t in (m.buffers() if isinstance(m, nn.Module) else [m])]
         expert_tensors |= {id(t) for t in tensors}
-        total += round(sum(_nbytes(t) for t in tensors) * cfg.top_k / cfg.num_experts)
+        packed = sum(m.nbytes for m in (gate_up, down) if isinstance(m, PackedTensor))
+        total += round((sum(_nbytes(t) for t in tensors) + packed) * cfg.top_k / cfg.num_experts)
+    for module in span.modules():  # packed projections (the experts' are counted above)
+        if isinstance(module, PackedTensor) and len(module.value.packed) == 1 and len(module.shape) == 2:
+            total += module.nbytes
     for name, t in chain(span.named_parameters(), span.named_buffers()):
         if id(t) in expert_tensors or name.endswith("inv_freq"):
             continue

@@ -26,6 +26,7 @@ from kernels.moe import (
     route_softmax_group,
     route_topk_softmax,
 )
+from kernels.packed import PackedLinear, PackedTensor
 from kernels.quant import QuantLinear, QuantTensor, as_weight, scales_of
 from kernels.rope import Rotary, apply_rotary
 
@@ -207,8 +208,9 @@ class MoEBlock(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(e)) if cfg.router_bias else None  # [E]
         self.score_bias = nn.Parameter(torch.empty(e)) if cfg.router == "sigmoid_group" else None  # [E]
         if cfg.expert_style == "gpt_oss":
-            self.gate_up: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, h, 2 * i))  # [E, H, 2I], interleaved
-            self.down: nn.Parameter | QuantTensor = nn.Parameter(torch.empty(e, i, h))  # [E, I, H]
+            # [E, H, 2I] interleaved, [E, I, H]; quantized or packed in place after loading
+            self.gate_up: nn.Parameter | QuantTensor | PackedTensor = nn.Parameter(torch.empty(e, h, 2 * i))
+            self.down: nn.Parameter | QuantTensor | PackedTensor = nn.Parameter(torch.empty(e, i, h))
             self.gate_up_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, 2 * i))
             self.down_bias: nn.Parameter | None = nn.Parameter(torch.empty(e, h))
         else:
@@ -344,6 +346,8 @@ class SpanModel(nn.Module):
         layer = self.layers[0]
         assert isinstance(layer, DecoderLayer)
         o_proj = layer.self_attn.o_proj  # norms and routers may stay fp32
+        if isinstance(o_proj, PackedLinear):  # packed weights are bf16 on the CPU
+            return torch.empty(0, dtype=o_proj.dtype)
         if isinstance(o_proj, QuantLinear):  # its scales are in the compute dtype, on its device
             return scales_of(o_proj.weight.value)
         assert isinstance(o_proj, nn.Linear)
@@ -388,6 +392,7 @@ class SpanModel(nn.Module):
         """
         first, last = self._layers(layers, [cache])
         self.check_input(x, first)
+        x = x.to(self.device)  # inputs may come from the CPU (the wire) to a span on an accelerator
         t = x.shape[1]
         cache.check_step(position, t)
         positions = torch.arange(position, position + t)[None]  # [1, T]
@@ -416,6 +421,7 @@ class SpanModel(nn.Module):
             if cache.batch != 1:
                 raise ShapeError("decode takes caches of batch 1 (one per session)")
             cache.check_step(position, 1)
+        x = x.to(self.device)
         h = self._run(x, torch.tensor(positions)[:, None], caches, positions, first, last)  # [B, 1, H]
         for cache, position in zip(caches, positions, strict=True):
             cache.length = position + 1

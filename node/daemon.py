@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
     from node.serve.config import ServerConfig
     from node.serve.engine import Engine
+    from shards import Checkpoint
+    from shards.manifest import Manifest
 
 __all__ = ["Daemon", "DaemonConfig", "Serving"]
 
@@ -250,6 +252,7 @@ class Daemon:
     # -- serving --------------------------------------------------------------------------
 
     async def _start_serving(self, server_config: ServerConfig) -> None:
+        from node.serve.device import block_bytes, device_name
         from node.serve.engine import Engine
         from node.serve.service import start_server
         from node.serve.throughput import measure_throughput
@@ -285,6 +288,8 @@ class Daemon:
             num_layers=span.cfg.num_layers,
             throughput=throughput,
             quantization=span.quantization,
+            device=device_name(span),
+            block_bytes=block_bytes(span),
         )
         self.serving = Serving(engine, server, address, port, shard)
         tls = f"TLS fingerprint {self.certificate.fingerprint}" if self.certificate else "PLAINTEXT (--insecure-lan)"
@@ -372,21 +377,24 @@ class Daemon:
         return {pid: (m.model_id, m.p2p_addresses) for pid, m in members if pid != self.peer_id}
 
     async def _auto_span(self, agent: SwarmAgent) -> tuple[int, int]:
-        """Pick the span (the weakest window of the swarm's view, or --layers of a fetched model) and
-        claim it (state "loading") before loading it."""
+        """Pick the span (the weakest window of the swarm's view that fits in memory, or --layers
+        of a fetched model) and claim it (state "loading") before loading it."""
+        from node.serve.device import blocks_that_fit
         from shards import Checkpoint, parse_layers
 
         server = self.config.server
         assert server is not None and self._node is not None
+        source: Checkpoint | Manifest
         if self.weights.remote:
-            manifest = await self.weights.manifest(self._bridge, self._node, self._model_peers)
+            source = manifest = await self.weights.manifest(self._bridge, self._node, self._model_peers)
             num_layers, model_id = manifest.num_layers, manifest.model_id
         else:
-            checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
+            source = checkpoint = await asyncio.get_running_loop().run_in_executor(None, Checkpoint, server.model)
             num_layers = checkpoint.config.num_layers
             model_id = await asyncio.get_running_loop().run_in_executor(None, checkpoint.model_id)
-        length = min(self.config.max_layers or num_layers, num_layers)
         if self.config.auto_layers:
+            fit = blocks_that_fit(server, source, server.device)  # what --max-memory (or free memory) holds
+            length = min(self.config.max_layers or num_layers, num_layers, fit)
             start, end = agent.choose_span(model_id, num_layers, length)
         else:
             start, end = parse_layers(self.config.layers, num_layers)

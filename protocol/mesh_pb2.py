@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protocol/mesh.proto\x12\nmoemesh.v1\"\x89\x01\n\x07ShardAd\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x12\n\nthroughput\x18\x06 \x01(\x01\x12\x14\n\x0cquantization\x18\x07 \x01(\t\"\xf9\x02\n\nPeerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x16\n\x0egrpc_addresses\x18\x03 \x03(\t\x12\x15\n\rp2p_addresses\x18\x04 \x03(\t\x12#\n\x06shards\x18\x05 \x03(\x0b\x32\x13.moemesh.v1.ShardAd\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12\x18\n\x10software_version\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\t \x01(\x04\x12\x15\n\rexpires_at_ms\x18\n \x01(\x04\x12\x11\n\twithdrawn\x18\x0b \x01(\x08\x12.\n\x0creachability\x18\x0c \x01(\x0e\x32\x18.moemesh.v1.Reachability\x12\x19\n\x11\x63ircuit_addresses\x18\r \x03(\t\x12\r\n\x05relay\x18\x0e \x01(\x08\x12\x17\n\x0ftls_fingerprint\x18\x0f \x01(\t\"5\n\x10SignedPeerRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c*[\n\x0cReachability\x12\x18\n\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n\x13REACHABILITY_PUBLIC\x10\x01\x12\x18\n\x14REACHABILITY_PRIVATE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protocol/mesh.proto\x12\nmoemesh.v1\"\xae\x01\n\x07ShardAd\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\r\x12\x0b\n\x03\x65nd\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x12\n\nthroughput\x18\x06 \x01(\x01\x12\x14\n\x0cquantization\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x04\"\xf9\x02\n\nPeerRecord\x12\x0f\n\x07peer_id\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x16\n\x0egrpc_addresses\x18\x03 \x03(\t\x12\x15\n\rp2p_addresses\x18\x04 \x03(\t\x12#\n\x06shards\x18\x05 \x03(\x0b\x32\x13.moemesh.v1.ShardAd\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12\x18\n\x10software_version\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\t \x01(\x04\x12\x15\n\rexpires_at_ms\x18\n \x01(\x04\x12\x11\n\twithdrawn\x18\x0b \x01(\x08\x12.\n\x0creachability\x18\x0c \x01(\x0e\x32\x18.moemesh.v1.Reachability\x12\x19\n\x11\x63ircuit_addresses\x18\r \x03(\t\x12\r\n\x05relay\x18\x0e \x01(\x08\x12\x17\n\x0ftls_fingerprint\x18\x0f \x01(\t\"5\n\x10SignedPeerRecord\x12\x0e\n\x06record\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c*[\n\x0cReachability\x12\x18\n\x14REACHABILITY_UNKNOWN\x10\x00\x12\x17\n\x13REACHABILITY_PUBLIC\x10\x01\x12\x18\n\x14REACHABILITY_PRIVATE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REACHABILITY']._serialized_start=610
-  _globals['_REACHABILITY']._serialized_end=701
+  _globals['_REACHABILITY']._serialized_start=647
+  _globals['_REACHABILITY']._serialized_end=738
   _globals['_SHARDAD']._serialized_start=36
-  _globals['_SHARDAD']._serialized_end=173
-  _globals['_PEERRECORD']._serialized_start=176
-  _globals['_PEERRECORD']._serialized_end=553
-  _globals['_SIGNEDPEERRECORD']._serialized_start=555
-  _globals['_SIGNEDPEERRECORD']._serialized_end=608
+  _globals['_SHARDAD']._serialized_end=210
+  _globals['_PEERRECORD']._serialized_start=213
+  _globals['_PEERRECORD']._serialized_end=590
+  _globals['_SIGNEDPEERRECORD']._serialized_start=592
+  _globals['_SIGNEDPEERRECORD']._serialized_end=645
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ REACHABILITY_PUBLIC: Reachability
 REACHABILITY_PRIVATE: Reachability
 
 class ShardAd(_message.Message):
-    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "throughput", "quantization")
+    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "throughput", "quantization", "device", "block_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,8 @@ class ShardAd(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     start: int
@@ -32,7 +34,9 @@ class ShardAd(_message.Message):
     num_layers: int
     throughput: float
     quantization: str
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., throughput: _Optional[float] = ..., quantization: _Optional[str] = ...) -> None: ...
+    device: str
+    block_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., throughput: _Optional[float] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class PeerRecord(_message.Message):
     __slots__ = ("peer_id", "public_key", "grpc_addresses", "p2p_addresses", "shards", "protocol_version", "software_version", "seq", "issued_at_ms", "expires_at_ms", "withdrawn", "reachability", "circuit_addresses", "relay", "tls_fingerprint")

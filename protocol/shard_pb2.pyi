@@ -171,7 +171,7 @@ class Capacity(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_budget_bytes: _Optional[int] = ..., kv_free_bytes: _Optional[int] = ..., queued_steps: _Optional[int] = ..., batched_steps: _Optional[int] = ..., pushed_steps: _Optional[int] = ..., decode_ms: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "hidden_size", "vocab_size", "dtype", "version", "protocol_version", "capacity", "quantization")
+    __slots__ = ("model_id", "model_name", "start", "end", "num_layers", "hidden_size", "vocab_size", "dtype", "version", "protocol_version", "capacity", "quantization", "device", "block_bytes")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,8 @@ class InfoResponse(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_name: str
     start: int
@@ -196,7 +198,9 @@ class InfoResponse(_message.Message):
     protocol_version: int
     capacity: Capacity
     quantization: str
-    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., quantization: _Optional[str] = ...) -> None: ...
+    device: str
+    block_bytes: int
+    def __init__(self, model_id: _Optional[str] = ..., model_name: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class TokenizerRequest(_message.Message):
     __slots__ = ("model_id",)

@@ -1,6 +1,6 @@
 """Model partitioning: span specs and span loading from local safetensors checkpoints."""
 
-from shards.checkpoint import DTYPES, Checkpoint, model_config_from_hf
+from shards.checkpoint import DTYPES, Checkpoint, compute_dtype_of, embedding_dtype, model_config_from_hf
 from shards.errors import CheckpointError, ManifestError, ShardError, SpanSpecError, UnsupportedModelError
 from shards.spec import SpanSpec, parse_layers, split_evenly
 
@@ -13,6 +13,8 @@ __all__ = [
     "SpanSpec",
     "SpanSpecError",
     "UnsupportedModelError",
+    "compute_dtype_of",
+    "embedding_dtype",
     "model_config_from_hf",
     "parse_layers",
     "split_evenly",

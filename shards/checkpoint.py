@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, quantize_span
+from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, pack_span, quantize_span
 from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from kernels.rope import yarn_mscale
 from shards.errors import CheckpointError, SpanSpecError
 from shards.families import FAMILY_DEFAULTS
-from shards.manifest import load_manifest
+from shards.manifest import Manifest, load_manifest
 
-__all__ = ["Checkpoint", "DTYPES", "FAMILY_DEFAULTS", "model_config_from_hf"]
+__all__ = ["Checkpoint", "DTYPES", "FAMILY_DEFAULTS", "compute_dtype_of", "embedding_dtype", "model_config_from_hf"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,6 +112,20 @@ def _check_quantization(hf: dict[str, Any]) -> None:
         raise UnsupportedModelError(f"not supported: quantization 'fp8' in format {quant.get('fmt')!r} (only e4m3)")
     if method == "mxfp4" and hf.get("model_type") != "gpt_oss":
         raise UnsupportedModelError("not supported: quantization 'mxfp4' outside GPT-OSS's experts")
+
+
+def compute_dtype_of(hf: Mapping[str, Any], stored: Callable[[], str]) -> torch.dtype:
+    """The dtype a span is served in when none is asked for: the config's, else that of the
+    embedding as stored (`stored()`: its safetensors dtype name, read only when needed)."""
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if isinstance(named, str) and named in DTYPES:
+        return DTYPES[named]
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored(), torch.float32)
+
+
+def embedding_dtype(manifest: Manifest) -> str:
+    entry = manifest.tensor("model.embed_tokens.weight")
+    return entry.dtype if entry is not None else "F32"
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -467,16 +481,11 @@ class Checkpoint:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The one dtype a span is served in when none is asked for: the config's, else the embedding's."""
-        named = self.hf_config.get("dtype") or self.hf_config.get("torch_dtype")
-        if isinstance(named, str) and named in DTYPES:
-            return DTYPES[named]
         embed = "model.embed_tokens.weight"
         if embed in self._files and self._files[embed].is_file():
-            stored = _safetensors_header(self._files[embed])[embed]["dtype"]
-        else:  # a folder holding only a middle span: the manifest knows the embedding
-            entry = load_manifest(self.path).tensor(embed)
-            stored = entry.dtype if entry is not None else "F32"
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
+            return compute_dtype_of(self.hf_config, lambda: _safetensors_header(self._files[embed])[embed]["dtype"])
+        # a folder holding only a middle span: the manifest knows the embedding
+        return compute_dtype_of(self.hf_config, lambda: embedding_dtype(load_manifest(self.path)))
 
     def load_span(
         self,
@@ -485,13 +494,16 @@ class Checkpoint:
         dtype: torch.dtype | None = None,
         quantize: str = "none",
         progress: Callable[[int, int], None] | None = None,
+        pack: bool = True,
     ) -> SpanModel:
         """Build layers [start, end) with their weights, reading only the tensors they need.
 
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
         ones dequantized first, except those transformers itself keeps in fp32. `quantize`
-        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded. `progress(done,
-        total)` is called after each parameter is read; an exception it raises ends the load.
+        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded; then bf16
+        weights are packed for the CPU's matmuls (`kernels.packed`) unless `pack` is false
+        (a span to be moved to another device). `progress(done, total)` is called after each
+        parameter is read; an exception it raises ends the load.
         """
         if not 0 <= start < end <= self.config.num_layers:
             raise SpanSpecError(
@@ -520,6 +532,8 @@ class Checkpoint:
         span.rotary = type(span.rotary)(cfg.rope, complex_pairs=cfg.rope_style == "complex")  # real buffer, fp32
         state.clear()  # the span holds the only reference: quantizing then frees each weight
         quantize_span(span, quantize)
+        if pack:
+            pack_span(span)
         return span.eval()
 
 

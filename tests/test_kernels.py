@@ -18,8 +18,13 @@ from kernels import (
     attention_sdpa,
     combine,
     dispatch,
+    experts_dense,
+    experts_forward,
+    experts_gathered,
     experts_grouped,
+    experts_one_token,
     experts_reference,
+    quantize,
     route,
     run_experts,
 )
@@ -38,6 +43,38 @@ def test_grouped_experts_match_reference_bit_for_bit(tokens: int, dtype: torch.d
     ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
     fast = experts_grouped(x, ids, weights, gate_up, down, F.silu)
     assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_model_dtype", [False, True])
+def test_one_token_experts_match_reference_bit_for_bit(dtype: torch.dtype, in_model_dtype: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    gate_up = torch.randn(8, 2 * 24, 32, generator=g).to(dtype)
+    down = torch.randn(8, 32, 24, generator=g).to(dtype)
+    router = torch.randn(8, 32, generator=g).to(dtype)
+    for _ in range(8):
+        x = torch.randn(1, 32, generator=g).to(dtype)
+        weights, ids = route(x, router, 3, normalize=True, weights_in_model_dtype=in_model_dtype)
+        ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
+        assert torch.equal(experts_one_token(x, ids, weights, gate_up, down, F.silu), ref)
+        assert torch.equal(experts_forward(x, ids, weights, gate_up, down, F.silu), ref)  # the CPU's choice
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_sync_free_expert_paths_agree_with_reference(tokens: int, mode: str) -> None:
+    """The accelerator's paths (gathered weights, all experts weighted) computed here on the CPU:
+    within fp32 rounding of the reference, quantized experts too."""
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 64, generator=g)
+    gate_up, down = (
+        quantize(torch.randn(8, 2 * 32, 64, generator=g), mode),
+        quantize(torch.randn(8, 64, 32, generator=g), mode),
+    )
+    weights, ids = route(x, torch.randn(8, 64, generator=g), 2, normalize=True, weights_in_model_dtype=False)
+    ref = experts_reference(x, ids, weights, gate_up, down, F.silu)
+    torch.testing.assert_close(experts_gathered(x, ids, weights, gate_up, down, F.silu), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(experts_dense(x, ids, weights, gate_up, down, F.silu), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_dispatch_plan_covers_each_choice_once_and_combines_remote_outputs_exactly() -> None:

@@ -59,6 +59,7 @@ def test_a_record_becomes_one_view_per_span_of_the_model() -> None:
             rtt_s=0.002,
             protocol_version=1,
             quantization="none",  # a record without the field: full precision
+            device="cpu",  # likewise: a CPU
         ),
         PeerView(
             "pidA",
@@ -71,6 +72,7 @@ def test_a_record_becomes_one_view_per_span_of_the_model() -> None:
             rtt_s=0.002,
             protocol_version=1,
             quantization="none",  # a record without the field: full precision
+            device="cpu",  # likewise: a CPU
         ),
     ]
     assert views[0].block_seconds == pytest.approx(0.02)

@@ -39,6 +39,11 @@ def test_a_quantized_pipeline_says_so_equals_one_quantized_process_and_exact_avo
         addresses = [s.address for s in servers]
         with Client(addresses) as client:
             assert {client.info(a).quantization for a in addresses} == {"int8"}
+            assert {client.info(a).device for a in addresses} == {"cpu"}
+            sizes = Checkpoint(folder).config, torch.float32
+            from kernels import SpanBytes
+
+            assert {client.info(a).block_bytes for a in addresses} == {SpanBytes(*sizes, "int8").per_block}
             tokens = list(client.generate(prompt, 8, stop_at_eos=False))
         assert tokens == _one_process_greedy(folder, "int8", prompt, 8)
         with Client(addresses, config=ClientConfig(exact=True)) as client:

@@ -76,6 +76,7 @@ def _events(enabled: bool) -> Any:
 
 def _server_config(args: argparse.Namespace, remote: bool = False) -> ServerConfig:
     from node.serve.config import ServerConfig
+    from node.serve.device import resolve_device
     from shards import Checkpoint, parse_layers
 
     if not args.layers:
@@ -93,6 +94,8 @@ def _server_config(args: argparse.Namespace, remote: bool = False) -> ServerConf
         port=args.port,
         dtype=args.dtype,
         quantize=args.quantize,
+        device=resolve_device(args.device),  # "cuda" without a GPU: an error here, before anything loads
+        max_memory_bytes=args.max_memory or 0,
         max_sessions=args.max_sessions,
         max_sessions_per_client=args.max_sessions_per_client or 0,
         max_queued_per_client=args.max_queued_per_client,

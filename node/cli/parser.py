@@ -80,6 +80,21 @@ _port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "is outside 0..
 _megabytes = _number(float, "a number of megabytes", lambda v: 0 < v < 1e9, "MB must be positive")
 _probability = _number(float, "a probability", lambda v: 0 <= v <= 1, "is outside 0..1")
 _seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "seconds is not a duration")
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4,
+          "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
+
+
+def _to_bytes(text: str) -> int:
+    """'8GiB', '512MB', '1.5g', '1000000' -> bytes (decimal units, or binary with 'i')."""
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number) :]
+    if unit not in _UNITS or not number:
+        raise ValueError(text)
+    return int(float(number) * _UNITS[unit])
+
+
+_memory = _number(_to_bytes, "a memory size (e.g. 8GiB, 512MB)", lambda v: v >= 1, "must be positive")
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +104,19 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="weight-only quantization at load: int8 per output channel, int4 in groups of 32 (default none);"
         " records and Info say it, and clients with --exact avoid quantized peers",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where the span computes: cpu (default), cuda (an error without a GPU), or auto (cuda when present);"
+        " the KV caches live there too, tensors travel as CPU bytes",
+    )
+    parser.add_argument(
+        "--max-memory",
+        type=_memory,
+        help="memory the span's weights may take, e.g. 8GiB (default: a safe share of the free RAM, or of the"
+        " GPU's memory on cuda, less --kv-budget-mb); --layers auto takes the largest window that fits",
     )
     parser.add_argument(
         "--dtype",

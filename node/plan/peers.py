@@ -62,6 +62,8 @@ class PeerView:
     max_layers: int = 0  # how many layers it can hold; 0: its current span's length
     protocol_version: int | None = None  # None: the source does not say (the CRDT member)
     quantization: str = ""  # its weights: "none", "int8", "int4"; "": the source does not say
+    device: str = ""  # where it computes: "cpu", "cuda"; "": the source does not say
+    block_bytes: int = 0  # bytes one block of its weights takes there; 0: not said
 
     @property
     def can_hold(self) -> int:
@@ -122,6 +124,8 @@ def peers_from_record(
             rtt_s=rtt_s,
             protocol_version=record.protocol_version,
             quantization=ad.quantization or "none",
+            device=ad.device or "cpu",
+            block_bytes=ad.block_bytes,
         )
         for ad in record.shards
         if ad.model_id == model_id
@@ -158,6 +162,8 @@ def peer_from_info(address: str, info: InfoResponse, rtt_s: float = 0.0) -> Peer
         rtt_s=rtt_s,
         protocol_version=info.protocol_version,
         quantization=info.quantization or "none",
+        device=info.device or "cpu",
+        block_bytes=info.block_bytes,
         model_name=info.model_name,
         vocab_size=info.vocab_size,
         max_length=info.capacity.max_length,

@@ -22,6 +22,8 @@ class ServerConfig:
     port: int = 0  # 0: any free port (printed at start)
     dtype: str | None = None  # None: as stored in the checkpoint
     quantize: str = "none"  # weight-only quantization at load: "none", "int8", "int4" (kernels.quant)
+    device: str = "cpu"  # where the span computes: "cpu", "cuda" or "auto" (node.serve.device)
+    max_memory_bytes: int = 0  # the span's weights may take this much; 0: a safe share of free memory
     max_sessions: int = 64
     max_length: int = 8192  # longest session accepted (capped by the model's positions)
     default_length: int = 2048  # when a session does not say

@@ -45,6 +45,7 @@ from node.errors import (
 from node.progress import Ticks, ticks
 from node.serve.codec import from_message, to_message
 from node.serve.config import ServerConfig
+from node.serve.device import check_fits, resolve_device
 from node.serve.scheduler import Batch, BatchResult, QueuedStep, Scheduler
 from protocol import InvalidTensorError
 from protocol.shard_pb2 import Tensor
@@ -87,11 +88,17 @@ def _load_span(config: ServerConfig, progress: Progress | None, tick: Ticks) -> 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     checkpoint = Checkpoint(config.model)
+    device = resolve_device(config.device)
+    check_fits(config, checkpoint, device)  # before reading: a span that cannot fit is refused
     if progress:
         layers = checkpoint.config.num_layers
-        progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers)")
+        progress(f"loading layers {config.start}:{config.end} of {checkpoint.name} ({layers} layers) on {device}")
     dtype = DTYPES[config.dtype] if config.dtype else None
-    span = checkpoint.load_span(config.start, config.end, dtype, quantize=config.quantize, progress=tick)
+    span = checkpoint.load_span(
+        config.start, config.end, dtype, quantize=config.quantize, progress=tick, pack=device == "cpu"
+    )
+    if device != "cpu":  # weights, rotary tables and the KV caches it makes live there; the wire stays CPU
+        span = span.to(device)
     return span, checkpoint.model_id(), checkpoint.name
 
 

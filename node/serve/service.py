@@ -41,6 +41,7 @@ from node.errors import (
     TokenizerError,
     WrongModel,
 )
+from node.serve.device import block_bytes, device_name
 from node.serve.engine import Engine, Session
 from node.serve.push import Pusher
 from node.textfiles import pack
@@ -229,6 +230,8 @@ class ShardService:
             version=software_version(),
             protocol_version=PROTOCOL_VERSION,
             quantization=engine.span.quantization,
+            device=device_name(engine.span),
+            block_bytes=block_bytes(engine.span),
             capacity=Capacity(
                 max_sessions=engine.config.max_sessions,
                 active_sessions=len(engine.sessions),

@@ -50,6 +50,8 @@ def report(snapshot: SwarmSnapshot, paths: dict[str, str] | None = None) -> dict
                         "p2p_addresses": list(record.p2p_addresses),
                         "throughput": round(view.throughput, 3),
                         "quantization": view.quantization or "none",
+                        "device": view.device or "cpu",
+                        "block_bytes": view.block_bytes,
                         "version": record.software_version,
                         "protocol_version": record.protocol_version,
                         "record_age_s": round((snapshot.taken_at_ms - record.issued_at_ms) / 1000, 1),
@@ -103,7 +105,7 @@ def format_report(view: dict[str, Any]) -> str:
         for p in m["peers"]:
             lines.append(
                 f"  {p['peer_id']}  layers {p['start']}:{p['end']}  {', '.join(p['grpc_addresses'])}"
-                f"  {p['throughput']:.1f} tok/s/block  weights {p['quantization']}"
+                f"  {p['throughput']:.1f} tok/s/block  weights {p['quantization']} on {p.get('device', 'cpu')}"
                 f"  v{p['version']} (proto {p['protocol_version']})"
                 f"  record age {p['record_age_s']:.0f} s  {_reach_text(p)}"
             )

@@ -1,0 +1,222 @@
+"""Benchmark: llama.cpp (llama-bench) beside moemesh, one process, on the same models and CPU.
+
+llama.cpp is built once from the source vendored in the ``llama-cpp-python`` 0.3.36 sdist
+(PyPI) into a cache folder, the bench model (random weights) and the demo model are
+converted with its own ``convert_hf_to_gguf.py`` (the bench model is built here with the
+demo model's vocabulary size and borrows its tokenizer, since the converter needs a tokenizer
+it knows; both sides run that same model) and quantized with ``llama-quantize`` to Q8_0 and Q4_0. Then, in one
+run, llama-bench's decode and prefill tok/s at bf16, Q8_0 and Q4_0 are printed beside
+moemesh's one-process figures at bf16, int8 and int4 (the span called in process, as
+bench/quant.py does), with the ratios.
+
+Needs cmake, make and a C++ compiler (Debian/Ubuntu: ``apt-get install cmake g++``). The
+build takes a while on a small machine; it is done once (``--cache``).
+
+    python bench/llamacpp.py                  # build if needed, convert, bench both models
+    python bench/llamacpp.py --build-only     # just build llama.cpp into the cache
+    python bench/llamacpp.py --threads 2 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+PAIRS = (("bf16", "none", "bf16"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4"))  # gguf, --quantize, label
+TOOLS = ("llama-bench", "llama-quantize")
+
+
+def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, text=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def source(cache: Path) -> Path:
+    """The vendored llama.cpp source tree of the sdist, downloaded and unpacked once."""
+    tree = cache / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    archive = cache / SDIST_FILE
+    if not archive.is_file():
+        _run([sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:", "-d", str(cache)])
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name or m.name.endswith("vendor")]
+        tar.extractall(cache, members=members, filter="data")
+    return tree
+
+
+def build(cache: Path, jobs: int) -> Path:
+    """llama-bench and llama-quantize built (Release, native CPU), once; returns the bin folder."""
+    tree = source(cache)
+    out = cache / "build"
+    bin_dir = out / "bin"
+    if all((bin_dir / t).is_file() for t in TOOLS):
+        return bin_dir
+    missing = [t for t in ("cmake", "make", "c++") if shutil.which(t) is None]
+    if missing:
+        raise SystemExit(
+            f"llama.cpp needs {', '.join(missing)}: install them (Debian/Ubuntu: apt-get install cmake g++)"
+        )
+    _run(
+        [
+            "cmake", "-S", str(tree), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+            "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+            "-DGGML_OPENMP=ON",
+        ]
+    )  # fmt: skip
+    started = time.perf_counter()
+    _run(["cmake", "--build", str(out), "--config", "Release", "-j", str(jobs), "--target", *TOOLS])
+    print(f"built llama.cpp in {time.perf_counter() - started:.0f} s", flush=True)
+    return bin_dir
+
+
+def _with_tokenizer(model: Path, tokenizer_from: Path, work: Path) -> Path:
+    """`model`'s folder as the converter needs it: an `architectures` entry in its config, and the
+    tokenizer files of `tokenizer_from` when it has none of its own."""
+    import json as _json
+
+    has_tokenizer = (model / "tokenizer.json").is_file() or (model / "tokenizer.model").is_file()
+    if has_tokenizer and _json.loads((model / "config.json").read_text()).get("architectures"):
+        return model
+
+    folder = work / f"{model.name}-with-tokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        target = folder / f.name
+        if not target.exists() and f.name != "config.json":
+            target.symlink_to(f.resolve())
+    config = _json.loads((model / "config.json").read_text())
+    if not config.get("architectures"):  # the converter picks its class by this name
+        config["architectures"] = [{"mixtral": "MixtralForCausalLM"}.get(config["model_type"], "")]
+    (folder / "config.json").write_text(_json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if not has_tokenizer and (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def convert(tree: Path, bin_dir: Path, model: Path, tokenizer_from: Path, out: Path) -> dict[str, Path]:
+    """bf16, Q8_0 and Q4_0 GGUF files of `model` (converted and quantized once)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {q: out / f"{model.name}-{q}.gguf" for q, _, _ in PAIRS}
+    if not files["bf16"].is_file():
+        folder = _with_tokenizer(model, tokenizer_from, out)
+        env = {**os.environ, "PYTHONPATH": str(tree / "gguf-py"), "NO_LOCAL_GGUF": ""}
+        convert_py = str(tree / "convert_hf_to_gguf.py")
+        _run([sys.executable, convert_py, str(folder), "--outtype", "bf16", "--outfile", str(files["bf16"])], env=env)
+    for q in ("q8_0", "q4_0"):
+        if not files[q].is_file():
+            _run([str(bin_dir / "llama-quantize"), str(files["bf16"]), str(files[q]), q.upper(), "2"])
+    return files
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, tokens: int, repeat: int) -> dict[str, float]:
+    """llama-bench's prefill (pp) and decode-after-`prompt` (tg with depth) tok/s."""
+    cmd = [
+        str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", str(repeat), "-o", "json",
+        "-p", str(prompt), "-n", str(tokens), "-d", f"0,{prompt}",
+    ]  # fmt: skip
+    rows = json.loads(_run(cmd, capture_output=True).stdout)
+    got: dict[str, float] = {}
+    for row in rows:
+        if row.get("n_prompt", 0) > 0 and row.get("n_depth", 0) == 0:
+            got["prefill_tok_s"] = float(row["avg_ts"])
+        if row.get("n_gen", 0) > 0 and row.get("n_depth", 0) == prompt:
+            got["decode_tok_s"] = float(row["avg_ts"])
+    return got
+
+
+def moemesh_rates(model: Path, threads: int, prompt: int, tokens: int, repeat: int) -> dict[str, dict[str, float]]:
+    """moemesh's one-process decode tok/s after `prompt` and prefill tok/s, per --quantize."""
+    import statistics
+
+    import torch
+    from quant import decode_rate
+
+    from shards import Checkpoint
+
+    torch.set_num_threads(threads)
+    checkpoint = Checkpoint(model)
+    cfg = checkpoint.config
+    ids = torch.randint(1, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    spans = {m: checkpoint.load_span(0, cfg.num_layers, dtype=torch.bfloat16, quantize=m) for _, m, _ in PAIRS}
+    for span in spans.values():
+        decode_rate(span, ids[:, :8], 4)
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in spans}
+    for _ in range(repeat):
+        for m, span in spans.items():
+            runs[m].append(decode_rate(span, ids, tokens))
+    med = statistics.median
+    return {
+        m: {"prefill_tok_s": prompt / med(p for p, _ in r), "decode_tok_s": med(d for _, d in r)}
+        for m, r in runs.items()
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-llamacpp")
+    parser.add_argument("--bench-cache", type=Path, default=Path(tempfile.gettempdir()) / "moemesh-bench")
+    parser.add_argument("--demo", type=Path, help="the demo model folder (default: build or reuse the cached one)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
+    parser.add_argument("--threads", type=int, default=2, help="compute threads for both (default 2)")
+    parser.add_argument("--tokens", type=int, default=32, help="decode tokens (default 32)")
+    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--build-only", action="store_true")
+    args = parser.parse_args()
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    bin_dir = build(args.cache, args.jobs)
+    if args.build_only:
+        print(f"llama.cpp tools in {bin_dir}")
+        return 0
+    import torch
+    from pipeline import BENCH
+    from pipeline import build as build_bench
+
+    from node.demo_model import build_demo_model
+
+    demo = args.demo or build_demo_model()
+    # the bench model's shape with the demo model's vocabulary: the converter knows that tokenizer
+    vocab = json.loads((demo / "config.json").read_text())["vocab_size"]
+    bench = build_bench(
+        args.bench_cache / f"bench-vocab{vocab}-bfloat16", BENCH | {"vocab_size": vocab}, torch.bfloat16
+    )
+    tree = source(args.cache)
+    summary: dict[str, object] = {}
+    for name, model, prompt in (("bench model", bench, 128), ("demo model", demo, 16)):
+        files = convert(tree, bin_dir, model, demo, args.cache / "gguf")
+        theirs = {q: llama_bench(bin_dir, f, args.threads, prompt, args.tokens, args.repeat) for q, f in files.items()}
+        ours = moemesh_rates(model, args.threads, prompt, args.tokens, args.repeat)
+        print(
+            f"\n{name} ({model.name}): decode after {prompt} tokens and {prompt}-token prefill, {args.threads} threads"
+        )
+        print(f"{'llama.cpp':10} {'tok/s':>8} {'moemesh':>8} {'tok/s':>8} {'ratio':>6}   kind")
+        rows = []
+        for q, mode, label in PAIRS:
+            for kind in ("decode_tok_s", "prefill_tok_s"):
+                a, b = theirs[q].get(kind, float("nan")), ours[mode][kind]
+                rows.append({"model": name, "llamacpp": q, "moemesh": label, "kind": kind, "llamacpp_tok_s": a,
+                             "moemesh_tok_s": b, "ratio": b / a})  # fmt: skip
+                print(f"{q.upper():10} {a:8.1f} {label:>8} {b:8.1f} {b / a:6.2f}x  {kind.removesuffix('_tok_s')}")
+        summary[name] = rows
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,12 +8,16 @@ used, and `store` writes a checked answer into the client's cache folder for tha
 where `node.client.text.TextCodec` reads it like any model folder.
 
 What a peer sends is bounded (`MAX_TOKENIZER_BYTES` in all, only the names in `FILES`);
-the JSON files must be JSON objects and tokenizer.json must load. The chat template is
+the JSON files must be JSON objects and tokenizer.json must load; the answer carries the
+model's manifest, whose hash must be the model id asked for, and every file and the chat
+template must match a sha256 it lists (so no peer can serve a tokenizer of its own under
+another model's id, and the cache keeps only the model's own). The chat template is
 rendered in jinja2's sandbox (`TextCodec`), since it comes from a stranger.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from node.errors import TokenizerError
+from protocol.content import content_id
 from protocol.shard_pb2 import TokenizerResponse
 
 __all__ = ["FILES", "MAX_TOKENIZER_BYTES", "cache_root", "cached", "pack", "store", "unpack"]
@@ -50,9 +55,10 @@ def cached(root: Path, model_id: str) -> Path | None:
     return folder if (folder / "tokenizer.json").is_file() else None
 
 
-def pack(folder: Path, model_id: str) -> TokenizerResponse | None:
-    """The answer a peer gives for the model in `folder`; None when the folder has no tokenizer.json.
-    TokenizerError when its files are over the bound (the peer then serves none)."""
+def pack(folder: Path, model_id: str, manifest: bytes) -> TokenizerResponse | None:
+    """The answer a peer gives for the model in `folder`, whose canonical manifest is `manifest`;
+    None when the folder has no tokenizer.json. TokenizerError when its files are over the
+    bound (the peer then serves none)."""
     if not (folder / "tokenizer.json").is_file():
         return None
     files = {name: (folder / name).read_bytes() for name in FILES if (folder / name).is_file()}
@@ -64,8 +70,8 @@ def pack(folder: Path, model_id: str) -> TokenizerResponse | None:
     if isinstance(config, dict) and isinstance(config.get("chat_template"), str):
         template = config["chat_template"]
     elif (folder / TEMPLATE_FILE).is_file():
-        template = (folder / TEMPLATE_FILE).read_text()
-    response = TokenizerResponse(model_id=model_id, files=files, chat_template=template)
+        template = (folder / TEMPLATE_FILE).read_bytes().decode()  # as hashed: no newline translation
+    response = TokenizerResponse(model_id=model_id, files=files, chat_template=template, manifest=manifest)
     if (size := response.ByteSize()) > MAX_TOKENIZER_BYTES:
         raise TokenizerError(f"{folder}: the tokenizer files are {size} bytes, over the {MAX_TOKENIZER_BYTES} bound")
     return response
@@ -101,7 +107,28 @@ def unpack(raw: bytes, model_id: str, peer: str) -> TokenizerResponse:
         Tokenizer.from_str(response.files["tokenizer.json"].decode())
     except Exception as e:  # the tokenizers package raises a bare Exception for a bad file
         raise TokenizerError(f"{peer} sent a tokenizer.json that does not load: {str(e)[:200]}") from None
+    _check_against_manifest(response, model_id, peer)
     return response
+
+
+def _check_against_manifest(response: TokenizerResponse, model_id: str, peer: str) -> None:
+    """Every file and the chat template are the model's own: the manifest hashes to `model_id`,
+    and each byte sent matches a sha256 it lists."""
+    if content_id(response.manifest) != model_id:
+        raise TokenizerError(f"{peer} sent no manifest of model {model_id} with its tokenizer")
+    try:
+        listed = {str(name): str(digest) for name, _, digest in json.loads(response.manifest)["files"]}
+    except (ValueError, KeyError, TypeError):
+        raise TokenizerError(f"{peer} sent a malformed manifest of model {model_id}") from None
+    for name, data in response.files.items():
+        if listed.get(name) != hashlib.sha256(data).hexdigest():
+            raise TokenizerError(f"{peer} sent a {name} that is not model {model_id}'s (its sha256 differs)")
+    template = response.chat_template
+    if template:
+        config = json.loads(response.files.get("tokenizer_config.json", b"{}"))  # a JSON object: checked above
+        own = config.get("chat_template") == template
+        if not own and listed.get(TEMPLATE_FILE) != hashlib.sha256(template.encode()).hexdigest():
+            raise TokenizerError(f"{peer} sent a chat template that is not model {model_id}'s")
 
 
 def store(root: Path, response: TokenizerResponse) -> Path:

@@ -209,7 +209,7 @@ class TokenizerRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ...) -> None: ...
 
 class TokenizerResponse(_message.Message):
-    __slots__ = ("model_id", "files", "chat_template")
+    __slots__ = ("model_id", "files", "chat_template", "manifest")
     class FilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -220,10 +220,12 @@ class TokenizerResponse(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     files: _containers.ScalarMap[str, bytes]
     chat_template: str
-    def __init__(self, model_id: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., chat_template: _Optional[str] = ...) -> None: ...
+    manifest: bytes
+    def __init__(self, model_id: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., chat_template: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
 
 class PushedStep(_message.Message):
     __slots__ = ("session_id", "token", "step")

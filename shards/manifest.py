@@ -30,6 +30,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from protocol.content import content_id
 from shards.errors import CheckpointError, ManifestError
 
 __all__ = [
@@ -103,7 +104,7 @@ class Manifest:
 
     @property
     def model_id(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()[:24]
+        return content_id(self.canonical())
 
     @property
     def num_layers(self) -> int:

@@ -23,14 +23,17 @@ from node.errors import ConfigError, TokenizerError
 from node.testing.launch import local_swarm, start_server_process
 from node.textfiles import MAX_TOKENIZER_BYTES, cached, pack, store, unpack
 from protocol.shard_pb2 import TokenizerResponse
+from shards.manifest import load_manifest
 from tests.test_api import TEMPLATE, with_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _answer(folder: Path, model_id: str = "m1") -> TokenizerResponse:
-    response = pack(folder, model_id)
-    assert response is not None
+def _answer(folder: Path) -> TokenizerResponse:
+    """What a peer serving the model in `folder` answers (its model id: the manifest's hash)."""
+    manifest = load_manifest(folder)
+    response = pack(folder, manifest.model_id, manifest.canonical())
+    assert response is not None and response.model_id == manifest.model_id
     return response
 
 
@@ -44,20 +47,22 @@ def test_a_packed_folder_unpacks_and_stores_as_a_folder_that_encodes_alike(
     response = _answer(folder)
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} == set(response.files)
     assert response.chat_template == TEMPLATE
-    stored = store(tmp_path / "cache", unpack(response.SerializeToString(), "m1", "peer"))
-    assert stored == tmp_path / "cache" / "m1" and cached(tmp_path / "cache", "m1") == stored
+    model_id = response.model_id
+    stored = store(tmp_path / "cache", unpack(response.SerializeToString(), model_id, "peer"))
+    assert stored == tmp_path / "cache" / model_id and cached(tmp_path / "cache", model_id) == stored
     ours, theirs = TextCodec(folder), TextCodec(stored)
     chat = [{"role": "user", "content": "is it you"}]
     assert theirs.encode(theirs.render_chat(chat)) == ours.encode(ours.render_chat(chat))
     assert theirs.eos_token_ids == ours.eos_token_ids and theirs.eos_token_ids
-    assert pack(tiny_models["mixtral"], "m1") is None  # no tokenizer.json: nothing to serve
+    assert pack(tiny_models["mixtral"], "m1", b"") is None  # no tokenizer.json: nothing to serve
 
 
 def test_a_chat_template_from_its_own_file_travels_too(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     folder = with_tokenizer(tiny_models["mixtral"], tmp_path / "m")
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     (folder / "chat_template.jinja").write_text(TEMPLATE)
-    stored = store(tmp_path / "cache", unpack(_answer(folder).SerializeToString(), "m1", "peer"))
+    answer = _answer(folder)
+    stored = store(tmp_path / "cache", unpack(answer.SerializeToString(), answer.model_id, "peer"))
     assert TextCodec(stored).has_chat_template
 
 
@@ -71,11 +76,22 @@ def _bad_answers(good: TokenizerResponse) -> dict[str, tuple[bytes, str]]:
     return {
         "garbage": (b"\xff\xff\xff", "not a TokenizerResponse"),
         "oversize": (b"\0" * (MAX_TOKENIZER_BYTES + 1), "over the"),
-        "other model": (changed(lambda r: setattr(r, "model_id", "m2")), "not m1"),
+        "other model": (changed(lambda r: setattr(r, "model_id", "m2")), f"not {good.model_id}"),
         "unknown file": (changed(lambda r: r.files.__setitem__("../../.bashrc", b"x")), "unexpected tokenizer files"),
         "no tokenizer.json": (changed(lambda r: r.files.__delitem__("tokenizer.json")), "no tokenizer.json"),
         "bad json": (changed(lambda r: r.files.__setitem__("tokenizer_config.json", b"[1]")), "not a JSON object"),
         "bad tokenizer": (changed(lambda r: r.files.__setitem__("tokenizer.json", b"{}")), "does not load"),
+        # well-formed, but not the model's own bytes: the manifest (whose hash is the id) says so
+        "no manifest": (changed(lambda r: r.ClearField("manifest")), "no manifest of model"),
+        "another manifest": (changed(lambda r: setattr(r, "manifest", r.manifest + b" ")), "no manifest of model"),
+        "tampered file": (
+            changed(lambda r: r.files.__setitem__("generation_config.json", b'{"eos_token_id": 7}')),
+            "generation_config.json that is not model",
+        ),
+        "tampered template": (
+            changed(lambda r: setattr(r, "chat_template", "{{ 'mine' }}")),
+            "chat template that is not",
+        ),
     }
 
 
@@ -83,7 +99,7 @@ def test_a_bad_answer_is_a_clear_error_naming_the_peer(tiny_models: dict[str, Pa
     good = _answer(with_tokenizer(tiny_models["mixtral"], tmp_path / "m"))
     for case, (raw, says) in _bad_answers(good).items():
         with pytest.raises(TokenizerError, match=says) as caught:
-            unpack(raw, "m1", "10.0.0.9:7001")
+            unpack(raw, good.model_id, "10.0.0.9:7001")
         assert "10.0.0.9:7001" in str(caught.value), case
     with pytest.raises(TokenizerError, match="cannot name a cache folder"):
         store(tmp_path / "cache", TokenizerResponse(model_id="../x", files=dict(good.files)))
@@ -127,7 +143,7 @@ def test_a_peer_sending_a_bad_or_oversize_tokenizer_is_refused_and_the_next_aske
     channel = grpc.insecure_channel(liar(b""), options=[("grpc.max_receive_message_length", 64 << 20)])
 
     def fetch(*addresses: str) -> Path:
-        return swarm_tokenizer("m1", addresses, lambda a: channel, tmp_path / "cache", 10.0)
+        return swarm_tokenizer(good.model_id, addresses, lambda a: channel, tmp_path / "cache", 10.0)
 
     try:
         for case, (raw, says) in _bad_answers(good).items():
@@ -135,7 +151,7 @@ def test_a_peer_sending_a_bad_or_oversize_tokenizer_is_refused_and_the_next_aske
             with pytest.raises(TokenizerError, match=says) as caught:
                 fetch(address)
             assert "--model" in str(caught.value) and address in str(caught.value), case
-            assert cached(tmp_path / "cache", "m1") is None  # nothing of a bad answer is kept
+            assert cached(tmp_path / "cache", good.model_id) is None  # nothing of a bad answer is kept
         folder = fetch(liar(good.SerializeToString()))
         assert TextCodec(folder).has_chat_template
         assert fetch() == folder  # cached: no peer needed any more

@@ -63,6 +63,7 @@ from protocol.shard_pb2 import (
     StepResult,
     Tensor,
     TokenizerRequest,
+    TokenizerResponse,
 )
 
 __all__ = ["STATUS_OF", "InFlight", "ShardService", "start_server", "status_of"]
@@ -193,6 +194,12 @@ class ShardService:
         except Exception:
             await _internal(context, "Info")
 
+    def _pack_tokenizer(self) -> TokenizerResponse | None:
+        from shards.manifest import load_manifest
+
+        folder = self.engine.config.model
+        return pack(folder, self.engine.model_id, load_manifest(folder).canonical())  # cached: no hashing
+
     async def tokenizer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The model folder's tokenizer files and chat template (node.textfiles), read once."""
         try:
@@ -200,7 +207,7 @@ class ShardService:
             if req.model_id != self.engine.model_id:
                 raise WrongModel(f"this peer serves model {self.engine.model_id}, not {req.model_id[:40]!r}")
             if self._tokenizer is None:
-                response = await asyncio.to_thread(pack, self.engine.config.model, self.engine.model_id)
+                response = await asyncio.to_thread(self._pack_tokenizer)
                 self._tokenizer = b"" if response is None else response.SerializeToString()
         except RequestError as e:
             await _abort(context, e)

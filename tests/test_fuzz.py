@@ -1,5 +1,5 @@
 """Property-based fuzzing (hypothesis, bounded) of every handler of a live peer: the Shard
-service's gRPC methods (Forward, InferenceSession, Info) of a `moemesh serve`, whose raw
+service's gRPC methods (Forward, InferenceSession, Info, Tokenizer, Push) of a `moemesh serve`, whose raw
 garbage and well-formed hostile messages get a status with a message (never UNKNOWN, never a
 hang) while the server keeps serving; and a daemon's libp2p handlers (sync, record, tunnel,
 Kademlia, DHT values), which answer or end every stream and keep their record and service.
@@ -21,7 +21,16 @@ from node.client.channels import Channels
 from node.testing.fuzz import MESH_HANDLERS, MeshProbe, Outcome, messages
 from node.testing.launch import ServerProcess, start_daemon, start_server_process
 from protocol import DEFAULT_MAX_MESSAGE_BYTES
-from protocol.shard_pb2 import CloseSession, ForwardRequest, InfoResponse, OpenSession, SessionRequest, Step, Tensor
+from protocol.shard_pb2 import (
+    CloseSession,
+    ForwardRequest,
+    InfoResponse,
+    OpenSession,
+    PushedStep,
+    SessionRequest,
+    Step,
+    Tensor,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +89,24 @@ def _alive(channel: grpc.Channel) -> None:
 @given(raw=st.binary(max_size=4096))
 def test_garbage_bytes_to_every_method(server: tuple[ServerProcess, grpc.Channel], raw: bytes) -> None:
     _, channel = server
-    for method in ("Forward", "Info"):
+    for method in ("Forward", "Info", "Tokenizer"):
         _unary(channel, method, raw)
     call = channel.stream_stream("/moemesh.v1.Shard/InferenceSession")
     try:
         list(call(iter([raw, raw]), timeout=10))
     except grpc.RpcError as e:
         assert e.code() in ANSWERS, (e.code(), e.details())
+    _push(channel, [raw, raw])
     _alive(channel)
+
+
+def _push(channel: grpc.Channel, raw: list[bytes]) -> None:
+    """Steps pushed as another server would (client-streaming `Push`)."""
+    try:
+        channel.stream_unary("/moemesh.v1.Shard/Push")(iter(raw), timeout=10)
+    except grpc.RpcError as e:
+        assert e.code() in ANSWERS, (e.code(), e.details())
+        assert "Traceback" not in (e.details() or "")
 
 
 @FUZZ
@@ -98,6 +117,26 @@ def test_hostile_forwards(
     _, channel = server
     request = ForwardRequest(model_id=_model(model), start=start, end=end, input=tensor, last_only=last)
     _unary(channel, "Forward", request.SerializeToString())
+    _alive(channel)
+
+
+pushed = st.builds(
+    lambda sid, token, p, t, lo: PushedStep(
+        session_id=sid, token=token, step=Step(position=p, input=t, last_only=lo)
+    ).SerializeToString(),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.integers(0, 2**32 - 1) | st.integers(0, 8),
+    tensors,
+    st.booleans(),
+)
+
+
+@FUZZ
+@given(steps=st.lists(pushed | st.binary(max_size=512), min_size=1, max_size=6))
+def test_hostile_pushes(server: tuple[ServerProcess, grpc.Channel], steps: list[bytes]) -> None:
+    _, channel = server
+    _push(channel, steps)
     _alive(channel)
 
 

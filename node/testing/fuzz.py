@@ -1,6 +1,6 @@
 """Hostile messages for every handler of a live daemon, and a probe that sends them (tests, bench/fuzz.py).
 
-Handlers: the Shard service's gRPC methods (Forward, Info, InferenceSession) and our libp2p
+Handlers: the Shard service's gRPC methods (Forward, Info, InferenceSession, Tokenizer, Push) and our libp2p
 protocols (sync, record, the gRPC tunnel), Kademlia's own stream and its PUT_VALUE (DHT
 values). `messages(handler, rng)` makes one message: garbage, or a well-formed message
 with hostile contents (huge or empty dimensions, every dtype, layers and positions at the
@@ -29,14 +29,23 @@ from node.mesh.record import RECORD_PROTOCOL
 from node.mesh.records import make_record, peer_key, sign_record
 from node.mesh.sync import SYNC_PROTOCOL
 from node.mesh.tunnel import TUNNEL_PROTOCOL
-from protocol.shard_pb2 import CloseSession, ForwardRequest, OpenSession, SessionRequest, Step, Tensor
+from protocol.shard_pb2 import (
+    CloseSession,
+    ForwardRequest,
+    OpenSession,
+    PushedStep,
+    SessionRequest,
+    Step,
+    Tensor,
+    TokenizerRequest,
+)
 from protocol.swarm_pb2 import SyncFrame
 
 __all__ = ["GRPC_HANDLERS", "HANG_S", "MESH_HANDLERS", "MeshProbe", "Outcome", "grpc_send", "messages"]
 
 HANG_S = 10.0  # no answer and no end within this long: the handler hangs
 KAD_PROTOCOL = TProtocol("/ipfs/kad/1.0.0")
-GRPC_HANDLERS = ("Forward", "Info", "InferenceSession")
+GRPC_HANDLERS = ("Forward", "Info", "InferenceSession", "Tokenizer", "Push")
 MESH_HANDLERS = ("sync", "record", "tunnel", "kad", "dht-put")
 _PROTOCOLS = {"sync": SYNC_PROTOCOL, "record": RECORD_PROTOCOL, "tunnel": TUNNEL_PROTOCOL, "kad": KAD_PROTOCOL}
 _BAD_CODES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNIMPLEMENTED}
@@ -145,6 +154,21 @@ def messages(handler: str, rng: random.Random, *, model_id: str = "", target: st
         opened = SessionRequest(open=OpenSession(model_id=model_id, start=0, end=rng.choice([1, 2, 4]), max_length=64))
         requests = [_session_request(rng, model_id) for _ in range(rng.randrange(1, 7))]
         return tuple(r.SerializeToString() for r in ([opened] if rng.random() < 0.6 else []) + requests)
+    if handler == "Tokenizer":
+        if rng.random() < 0.5:
+            return (_garbage(rng),)
+        return (TokenizerRequest(model_id=rng.choice(["", "x" * rng.randrange(300), model_id])).SerializeToString(),)
+    if handler == "Push":  # steps for sessions it does not have, or bytes that are no step
+        return tuple(
+            _garbage(rng, 512)
+            if rng.random() < 0.3
+            else PushedStep(
+                session_id=rng.choice(["", "s", rng.randbytes(8).hex()]),
+                token=rng.randbytes(rng.randrange(0, 40)),
+                step=Step(position=_layer(rng), input=_tensor(rng), last_only=rng.random() < 0.5),
+            ).SerializeToString()
+            for _ in range(rng.randrange(1, 6))
+        )
     if handler == "sync":
         return (_frame(rng),)
     if handler in ("record", "tunnel", "kad"):
@@ -183,6 +207,8 @@ def grpc_send(channel: grpc.Channel, handler: str, message: Sequence[bytes]) -> 
             call = channel.stream_stream(f"/moemesh.v1.Shard/{handler}")
             for _ in call(iter(message), timeout=HANG_S):
                 pass
+        elif handler == "Push":
+            channel.stream_unary(f"/moemesh.v1.Shard/{handler}")(iter(message), timeout=HANG_S)
         else:
             channel.unary_unary(f"/moemesh.v1.Shard/{handler}")(message[0], timeout=HANG_S)
     except grpc.RpcError as e:

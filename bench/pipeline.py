@@ -189,7 +189,8 @@ def llama_main(args: argparse.Namespace) -> int:
         runners: dict[str, Callable[[list[int], int], tuple[float, float]]] = {}
         with contextlib.ExitStack() as stack:
             runners[HF] = HFRunner(folder, None)
-            servers = stack.enter_context(local_swarm(folder, split_evenly(layers, 2)))
+            env = {"GOMP_SPINCOUNT": str(args.spin)} if args.spin is not None else None
+            servers = stack.enter_context(local_swarm(folder, split_evenly(layers, 2), env=env))
             client = stack.enter_context(Client([s.pinned for s in servers]))
             runners["relayed"] = SwarmRunner(client, push=False)
             runners["pushed"] = SwarmRunner(client, push=True)

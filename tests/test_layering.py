@@ -21,15 +21,17 @@ ALLOWED = {
 }
 
 
-ROOT_ERRORS = "protocol.errors"  # the error root: the one module of ours every package may import
+# Leaf modules of ours every package may import (stdlib only): the error root, and the content-id
+# rule that shards hashes a manifest with and that a torch-free client checks it by.
+SHARED = {"protocol.errors", "protocol.content"}
 
 
 def _imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name != ROOT_ERRORS}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != ROOT_ERRORS:
+            found |= {a.name for a in node.names if a.name not in SHARED}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module not in SHARED:
             found.add(node.module)
     return {name.split(".")[0] for name in found} & OURS
 

@@ -27,11 +27,10 @@ from typing import Any
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
-from node.errors import KeyRefused
+from node.errors import FrameError, KeyRefused
+from node.mesh.frames import read_exactly
 from node.mesh.internals import gate_opened_streams
 from node.swarmkey import SwarmKey
 
@@ -60,15 +59,12 @@ def key_of(host: IHost) -> SwarmKey | None:
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        try:
-            chunk = await stream.read(n - len(data))
-        except (StreamEOF, MuxedStreamEOF):
-            chunk = b""
-        if not chunk:
-            raise KeyRefused(f"the stream ended {n - len(data)} bytes into the swarm-key handshake")
-        data += chunk
+    try:
+        data = await read_exactly(stream, n)
+    except FrameError:
+        data = None
+    if data is None:
+        raise KeyRefused("the stream ended within the swarm-key handshake")
     return data
 
 

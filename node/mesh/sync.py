@@ -17,17 +17,15 @@ from typing import Any
 import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 from multiaddr import Multiaddr
 
 from crdt import Limits
-from node.errors import FrameError
+from node.mesh.frames import read_frame, write_frame
 from node.mesh.keyed import guard, open_keyed
 
-__all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install", "read_frame", "write_frame"]
+__all__ = ["SYNC_PROTOCOL", "SyncConfig", "SyncWire", "fetch_state", "install"]
 
 log = logging.getLogger(__name__)
 
@@ -45,39 +43,6 @@ class SyncConfig:
     timeout_s: float = TIMEOUT_S  # one whole conversation
 
 
-async def _read_exactly(stream: Any, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        try:
-            chunk = await stream.read(n - len(data))
-        except (StreamEOF, MuxedStreamEOF):
-            chunk = b""
-        if not chunk:
-            if data:
-                raise FrameError(f"stream ended {n - len(data)} bytes short of a frame")
-            return None
-        data += chunk
-    return data
-
-
-async def read_frame(stream: Any) -> bytes | None:
-    """The next frame, or None when the peer closed the stream between frames."""
-    header = await _read_exactly(stream, 4)
-    if header is None:
-        return None
-    size = int.from_bytes(header, "big")
-    if size > MAX_FRAME_BYTES:
-        raise FrameError(f"frame of {size} bytes is over the limit of {MAX_FRAME_BYTES}")
-    body = await _read_exactly(stream, size) if size else b""
-    if body is None:
-        raise FrameError("stream ended before the frame's body")
-    return body
-
-
-async def write_frame(stream: Any, frame: bytes) -> None:
-    await stream.write(len(frame).to_bytes(4, "big") + frame)
-
-
 async def converse(stream: Any, first: bytes | None, respond: Responder) -> float | None:
     """Write `first` (if any), then answer frames until one side has nothing to say.
 
@@ -90,7 +55,7 @@ async def converse(stream: Any, first: bytes | None, respond: Responder) -> floa
     if first is not None:
         await write_frame(stream, first)
     for _ in range(MAX_FRAMES):
-        frame = await read_frame(stream)
+        frame = await read_frame(stream, MAX_FRAME_BYTES)
         if rtt is None and first is not None and frame is not None:
             rtt = time.perf_counter() - started
         if frame is None:

@@ -26,11 +26,10 @@ import trio
 from google.protobuf.message import DecodeError
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF
 
 from node.errors import BadWeights, FrameError, KeyRefused, PeerRefused, PeerTimeout, PeerUnavailable
+from node.mesh.frames import read_frame, write_frame
 from node.mesh.keyed import guard, open_keyed
 from protocol.weights_pb2 import ChunkRequest, ManifestRequest, WeightsRequest, WeightsResponse
 from shards.manifest import Manifest
@@ -70,40 +69,6 @@ class Holding:
 
 
 HoldingSource = Callable[[], Holding | None]
-
-
-async def _read_exactly(stream: Any, n: int) -> bytes | None:
-    parts, got = [], 0
-    while got < n:
-        try:
-            chunk = await stream.read(n - got)
-        except (StreamEOF, MuxedStreamEOF):
-            chunk = b""
-        if not chunk:
-            if got:
-                raise FrameError(f"stream ended {n - got} bytes short of a frame")
-            return None
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
-async def read_frame(stream: Any, limit: int) -> bytes | None:
-    """The next frame, or None when the peer closed the stream between frames."""
-    header = await _read_exactly(stream, 4)
-    if header is None:
-        return None
-    size = int.from_bytes(header, "big")
-    if size > limit:
-        raise FrameError(f"frame of {size} bytes is over the limit of {limit}")
-    body = await _read_exactly(stream, size) if size else b""
-    if body is None:
-        raise FrameError("stream ended before the frame's body")
-    return body
-
-
-async def write_frame(stream: Any, frame: bytes) -> None:
-    await stream.write(len(frame).to_bytes(4, "big") + frame)
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes:

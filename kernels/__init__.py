@@ -8,6 +8,7 @@ from kernels.attention import attention_reference, attention_sdpa, attention_sin
 from kernels.cache import KVCache
 from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
+from kernels.gemv import SplitLinear, split_available, split_span
 from kernels.memory import SpanBytes
 from kernels.moe import (
     ClampedSwiGLU,
@@ -84,6 +85,9 @@ __all__ = [
     "linear_fast",
     "linear_reference",
     "pack_span",
+    "split_available",
+    "split_span",
+    "SplitLinear",
     "packing_available",
     "quantize",
     "quantize_span",

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemv import applies as gemv_applies
+from kernels.gemv import gemv_split, split_available
 from kernels.packed import PackedTensor, PackedWeight, packed_linear
 
 if TYPE_CHECKING:
@@ -249,7 +251,7 @@ def linear(x: torch.Tensor, w: AnyWeight) -> torch.Tensor:
     """Dispatcher: ``F.linear`` for plain weights, oneDNN for packed bf16 ones (`kernels.packed`),
     the packed quantized kernel where it applies, else the reference."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
+        return gemv_split(x, w) if gemv_applies(x, w) and split_available() else F.linear(x, w)
     if isinstance(w, PackedWeight):
         return packed_linear(x, w)
     return linear_fast(x, w) if _fast_applies(x, w) else linear_reference(x, w)

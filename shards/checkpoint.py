@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, pack_span, quantize_span
+from kernels import QUANT_MODES, ModelConfig, SpanModel, UnsupportedModelError, pack_span, quantize_span, split_span
 from kernels.config import ROPE_TYPES, LatentAttentionConfig, RopeConfig
 from kernels.rope import yarn_mscale
 from shards.errors import CheckpointError, SpanSpecError
@@ -501,7 +501,8 @@ class Checkpoint:
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
         ones dequantized first, except those transformers itself keeps in fp32. `quantize`
         ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded; then bf16
-        weights are packed for the CPU's matmuls (`kernels.packed`) unless `pack` is false
+        weights are packed for the CPU's matmuls (`kernels.packed`) and big fp32 ones split over its
+        threads (`kernels.gemv`) unless `pack` is false
         (a span to be moved to another device). `progress(done, total)` is called after each
         parameter is read; an exception it raises ends the load.
         """
@@ -534,6 +535,7 @@ class Checkpoint:
         quantize_span(span, quantize)
         if pack:
             pack_span(span)
+            split_span(span)
         return span.eval()
 
 

@@ -12,6 +12,12 @@ second OpenMP team) and gives F.linear's bits. Measured: that head in 3.2 ms ins
 6.1, a ``[1, 1536] x [4096, 1536]`` projection in 1.06 ms instead of 1.63, identical
 outputs. Matrices under 2 MB are left alone.
 
+BLAS's bits also depend on where a row lies in memory (its address modulo the vector width
+decides how the dot product is peeled), so blocks start on multiples of 64 rows: every row
+keeps its address modulo 256 bytes. Fusing q/k/v (or gate/up) into one new tensor was tried
+and dropped for that reason: the copies' alignment differs from the checkpoint's, and so do
+the bits (transformers multiplies the tensors where the checkpoint loader put them).
+
 `split_available` probes once, on this CPU, that the split gives F.linear's bits and that
 it is faster (an MKL that threads its gemv itself, as on some Intel CPUs, gains nothing);
 `SplitLinear` is an ``nn.Linear`` that takes the split for one-row inputs on the CPU, so a

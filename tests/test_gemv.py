@@ -56,23 +56,23 @@ def test_probe_answers_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) ->
         split_available.cache_clear()
 
 
-def test_split_span_decodes_transformers_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Llama whose head and MLP are big enough to split decodes the bits transformers' does."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_span_decodes_transformers_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bias: bool) -> None:
+    """A Llama whose MLP and head are big enough to split decodes the bits transformers' does."""
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     monkeypatch.setattr(gemv, "split_available", lambda: True)  # split here whatever this CPU's probe said
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        hidden_size=256, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=4100, max_position_embeddings=64, tie_word_embeddings=False,
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=4100, attention_bias=bias, mlp_bias=bias, max_position_embeddings=64,
+        tie_word_embeddings=False,
     )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     ref = LlamaForCausalLM.from_pretrained(tmp_path).eval()  # BLAS's bits depend on alignment: both load the file
     span = Checkpoint(tmp_path).load_span(0, 2, pack=False)
-    assert (
-        split_span(span, probe=False) == 7
-    )  # each layer's gate, up and down (2048 x 256, 256 x 2048), the head (4100 x 256)
+    assert split_span(span, probe=False) == 7  # per layer gate, up, down (1024 x 512, 512 x 1024); the head
     assert isinstance(span.lm_head, SplitLinear)
     cache, ref_cache = span.new_cache(32), DynamicCache(config=cfg)
     ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -195,11 +195,20 @@ def llama_main(args: argparse.Namespace) -> int:
             runners["relayed"] = SwarmRunner(client, push=False)
             runners["pushed"] = SwarmRunner(client, push=True)
             rounds = interleave(runners, prompt, tokens, args.repeat)
+            # each server's moving average of its decode compute: the rest of a token is the wire
+            compute_ms = [client.info(s.pinned).decode_ms for s in servers]
         row = {"hf_tok_s": statistics.median(rd[HF][1] for rd in rounds)}
         for mode in ("relayed", "pushed"):
             row[f"{mode}_tok_s"] = statistics.median(rd[mode][1] for rd in rounds)
             row[f"{mode}_x_hf"] = statistics.median(rd[mode][1] / rd[HF][1] for rd in rounds)
+        row["servers_compute_ms"] = sum(compute_ms)
         results[name] = row
+        wire = 1000 / row["pushed_tok_s"] - row["servers_compute_ms"]
+        print(
+            f"{name}: servers' decode compute {' + '.join(f'{ms:.1f}' for ms in compute_ms)} ms per token;"
+            f" the pushed token's other {wire:.1f} ms are the wire, the client and the hand-offs",
+            flush=True,
+        )
         print(
             f"{name}: fp32, greedy {tokens} tokens after {len(prompt)}, 2-server pipeline on loopback:"
             f" transformers {row['hf_tok_s']:.1f} tok/s; relayed {row['relayed_tok_s']:.1f} tok/s"

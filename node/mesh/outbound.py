@@ -1,0 +1,113 @@
+"""Tunnels a daemon opens itself to peers behind NAT, for its server-to-server pushes.
+
+    hop k's Pusher (asyncio) -> 127.0.0.1:L -> TunnelClient ==libp2p==> hop k+1's TunnelServer
+
+A push target behind NAT is `p2p:<peer-id>#fingerprint` (`node.serve.push`): only a libp2p
+host reaches it. `PushTunnels.open(peer_id)` is the Pusher's `dial`: it makes sure our host
+is connected to the peer (kept if it is, else dialed at the addresses of its signed record:
+through its relays, upgraded by hole punching when the NATs allow), then serves a loopback
+listener whose connections become tunnel streams to it, until the push link ends. The gRPC
+bytes inside are the link's own: TLS pinned to the fingerprint end to end, as a client's
+tunnel is (`node.mesh.reader.SwarmReader.tunnel`). Everything but `open` runs on trio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from node.errors import MoemeshError
+from node.mesh.bridge import TrioThread, unwrap
+from node.mesh.host import MeshNode
+from node.mesh.reader import addresses_to_dial
+from node.mesh.records import is_live, now_ms, verify_record
+from node.mesh.tunnel import TunnelClient, TunnelConfig
+
+__all__ = ["PushTunnels"]
+
+log = logging.getLogger(__name__)
+
+
+class PushTunnels:
+    """Loopback tunnels of one daemon's host to peers behind NAT, one per open push link."""
+
+    def __init__(self, bridge: TrioThread, node: MeshNode, config: TunnelConfig | None = None) -> None:
+        self._bridge = bridge
+        self._node = node
+        self.config = config or TunnelConfig()
+        self._client = TunnelClient(node.host, self._connect, self.config)
+        self._scopes: dict[int, trio.CancelScope] = {}  # open listeners, cancelled when their link ends
+        self._ids = itertools.count()
+        self.opened = 0  # statistics: tunnels opened for pushes
+
+    @asynccontextmanager
+    async def open(self, peer_id: str) -> AsyncIterator[str]:
+        """(On asyncio) "127.0.0.1:port" reaching `peer_id`'s gRPC port while the context is open.
+        MoemeshError when the peer cannot be reached."""
+        key = next(self._ids)
+        try:
+            try:
+                port = await self._bridge.call(self._start, key, peer_id)
+            except MoemeshError:
+                raise
+            except Exception as e:  # libp2p and trio raise several types for an unreachable peer
+                raise MoemeshError(f"no tunnel to {peer_id}: {unwrap(e)!r}") from None
+            yield f"127.0.0.1:{port}"
+        finally:  # never awaits: also when the link is cancelled (or its start was)
+            try:
+                self._bridge.token.run_sync_soon(self._stop, key)
+            except RuntimeError:  # the host is gone (trio.RunFinishedError too), and its listeners with it
+                pass
+
+    async def _start(self, key: int, peer_id: str) -> int:
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:  # base58 or multihash: a hostile route may name anything
+            raise MoemeshError(f"{peer_id[:64]!r} is not a libp2p peer id") from None
+        if peer == self._node.host.get_id():
+            raise MoemeshError("a push to ourselves over a tunnel")
+        with trio.move_on_after(self.config.connect_timeout_s) as scope:
+            await self._connect(peer)
+        if scope.cancelled_caught:
+            raise MoemeshError(f"cannot reach peer {peer_id} within {self.config.connect_timeout_s:g} s")
+        port: int = await self._bridge.start_service(partial(self._listen, key, peer_id))
+        self.opened += 1
+        return port
+
+    def _stop(self, key: int) -> None:
+        scope = self._scopes.pop(key, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _listen(self, key: int, peer_id: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[key] = scope
+            try:
+                await self._client.listen(peer_id, task_status=task_status)
+            except Exception as e:  # in the root nursery: an error here must not end the host
+                log.warning("the push tunnel to %s stopped: %r", peer_id, unwrap(e))
+            finally:
+                self._scopes.pop(key, None)
+
+    async def _connect(self, peer: ID) -> None:
+        """A libp2p connection to `peer`: kept if there is one, else dialed where its signed record says."""
+        node = self._node
+        if node.host.get_network().get_connections(peer):
+            return
+        if node.nat is None:
+            raise MoemeshError(f"cannot reach peer {peer}: this host does no NAT traversal")
+        pid = peer.to_base58()
+        raw = await node.record(pid)
+        if raw is None:
+            raise MoemeshError(f"cannot reach peer {pid}: no record of it found")
+        record = verify_record(raw, peer_id=pid)  # InvalidRecord is a MoemeshError
+        if record.withdrawn or not is_live(record, now_ms()):
+            raise MoemeshError(f"cannot reach peer {pid}: its record is withdrawn or expired")
+        await node.nat.connect(peer, addresses_to_dial(record))

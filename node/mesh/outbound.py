@@ -38,13 +38,17 @@ log = logging.getLogger(__name__)
 class PushTunnels:
     """Loopback tunnels of one daemon's host to peers behind NAT, one per open push link."""
 
-    def __init__(self, bridge: TrioThread, node: MeshNode, config: TunnelConfig | None = None) -> None:
+    def __init__(
+        self, bridge: TrioThread, node: MeshNode, config: TunnelConfig | None = None, reach_timeout_s: float = 45.0
+    ) -> None:
         self._bridge = bridge
         self._node = node
         self.config = config or TunnelConfig()
+        self.reach_timeout_s = reach_timeout_s  # the record's lookup (~20 s for a NAT'd peer) and the dial
         self._client = TunnelClient(node.host, self._connect, self.config)
         self._scopes: dict[int, trio.CancelScope] = {}  # open listeners, cancelled when their link ends
         self._ids = itertools.count()
+        self._reached: set[ID] = set()  # peers dialed at their record's addresses (the Nat keeps them)
         self.opened = 0  # statistics: tunnels opened for pushes
 
     @asynccontextmanager
@@ -73,10 +77,10 @@ class PushTunnels:
             raise MoemeshError(f"{peer_id[:64]!r} is not a libp2p peer id") from None
         if peer == self._node.host.get_id():
             raise MoemeshError("a push to ourselves over a tunnel")
-        with trio.move_on_after(self.config.connect_timeout_s) as scope:
+        with trio.move_on_after(self.reach_timeout_s) as scope:
             await self._connect(peer)
         if scope.cancelled_caught:
-            raise MoemeshError(f"cannot reach peer {peer_id} within {self.config.connect_timeout_s:g} s")
+            raise MoemeshError(f"cannot reach peer {peer_id} within {self.reach_timeout_s:g} s")
         port: int = await self._bridge.start_service(partial(self._listen, key, peer_id))
         self.opened += 1
         return port
@@ -97,12 +101,19 @@ class PushTunnels:
                 self._scopes.pop(key, None)
 
     async def _connect(self, peer: ID) -> None:
-        """A libp2p connection to `peer`: kept if there is one, else dialed where its signed record says."""
+        """A libp2p connection to `peer`: kept if there is one, else dialed where its signed record
+        says (the addresses are kept: a link made again after an idle one skips the lookup)."""
         node = self._node
         if node.host.get_network().get_connections(peer):
             return
         if node.nat is None:
             raise MoemeshError(f"cannot reach peer {peer}: this host does no NAT traversal")
+        if peer in self._reached:
+            try:
+                await node.nat.connect(peer)  # where it was last reached
+                return
+            except MoemeshError as e:  # its relays may have changed: read its record again
+                log.info("%s", e)
         pid = peer.to_base58()
         raw = await node.record(pid)
         if raw is None:
@@ -111,3 +122,4 @@ class PushTunnels:
         if record.withdrawn or not is_live(record, now_ms()):
             raise MoemeshError(f"cannot reach peer {pid}: its record is withdrawn or expired")
         await node.nat.connect(peer, addresses_to_dial(record))
+        self._reached.add(peer)

@@ -8,7 +8,8 @@ tests/test_nat.py builds them):
 The client reaches A through a libp2p tunnel of its own and names it to B by its peer id;
 B pushes every step to A through a tunnel of B's own host (relayed or hole-punched), TLS
 pinned to A's fingerprint. A's pushed-steps counter shows every step came from B, and the
-tokens equal the client-relayed run's and transformers'. Skipped, saying why, where
+tokens equal the client-relayed run's and transformers', in an open swarm and in a private
+one (swarm key proved on B's tunnel streams and Push calls). Skipped, saying why, where
 namespaces cannot be made.
 """
 
@@ -25,6 +26,7 @@ import torch
 from conftest import load_reference
 from test_nat import REASON, _in, _wait_log
 
+from node.swarmkey import generate_key_file
 from node.testing.launch import DaemonProcess, start_daemon
 from node.testing.netlab import NatLab
 
@@ -35,8 +37,11 @@ import json, sys
 import numpy as np
 from node.client import Client, ClientConfig
 from node.client.stream import ask_info
+from node.swarmkey import SwarmKey
 prompt, n = [int(i) for i in sys.argv[2].split(",")], int(sys.argv[3])
-with Client(bootstrap=[sys.argv[1]], config=ClientConfig(hole_punch_wait_s=float(sys.argv[4]))) as client:
+key = SwarmKey.load(sys.argv[5]) if len(sys.argv) > 5 else None
+config = ClientConfig(hole_punch_wait_s=float(sys.argv[4]), swarm_key=key)
+with Client(bootstrap=[sys.argv[1]], config=config) as client:
     route = client.route()
     hops = route[1]
     def pushed():
@@ -61,24 +66,33 @@ with Client(bootstrap=[sys.argv[1]], config=ClientConfig(hole_punch_wait_s=float
 """
 
 
-@pytest.fixture(scope="module")
-def swarm(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["open", "private"])
+def swarm(
+    request: pytest.FixtureRequest, tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The swarm above; "private": every daemon and the client hold a swarm key, so B's tunnel
+    streams and its Push calls to A prove it (libp2p streams and gRPC alike)."""
     keys = tmp_path_factory.mktemp("natpushkeys")
     model = str(tiny_models["mixtral"])
     daemons: dict[str, DaemonProcess] = {}
+    private: list[str] = []
+    if request.param == "private":
+        generate_key_file(keys / "swarm.key")
+        private = [str(keys / "swarm.key")]
     with NatLab(drop_unsolicited=(False, True)) as lab:
         try:
 
             def start(name: str, where: Any, args: list[str]) -> DaemonProcess:
                 common = ["--host", where.ip, "--identity", str(keys / f"{name}.key"), "--autonat-confirmations", "2"]
-                daemons[name] = start_daemon([*common, *args], wrap=where.argv)
+                secret = ["--swarm-key", *private] if private else []
+                daemons[name] = start_daemon([*common, *secret, *args], wrap=where.argv)
                 return daemons[name]
 
             boot = start("boot", lab.public, ["--relay"]).multiaddr
             start("b", lab.public, ["--model", model, "--layers", "0:2", "--bootstrap", boot])
             start("a", lab.a, ["--model", model, "--layers", "2:4", "--bootstrap", boot])
             _wait_log(daemons["a"], "moemesh: reachable through relays at: /ip4/", 60)
-            yield {"lab": lab, "daemons": daemons, "boot": boot}
+            yield {"lab": lab, "daemons": daemons, "boot": boot, "key": private}
         finally:
             for d in daemons.values():
                 d.terminate()
@@ -95,7 +109,7 @@ def test_a_hop_pushes_to_a_next_hop_behind_nat_through_its_own_tunnel(
     with torch.no_grad():
         out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
     expected = out[0, len(prompt) :].tolist()
-    args = [sys.executable, "-c", CLIENT, swarm["boot"], ",".join(map(str, prompt)), str(n), "25"]
+    args = [sys.executable, "-c", CLIENT, swarm["boot"], ",".join(map(str, prompt)), str(n), "25", *swarm["key"]]
     answer = json.loads(_in(swarm["lab"].c, args, 240).strip().splitlines()[-1])
     a, b = (swarm["daemons"][name] for name in ("a", "b"))
     assert answer["hops"] == [b.peer_id, a.peer_id], answer

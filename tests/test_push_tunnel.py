@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,7 +23,9 @@ from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshConfig, MeshNode
 from node.mesh.outbound import PushTunnels
 from node.plan.routing import Hop
+from node.serve.gate import SwarmGate
 from node.serve.push import Pusher
+from node.swarmkey import SwarmKey
 from node.tls import fetch_certificate, make_certificate, p2p_address, p2p_peer, split_pin
 from protocol.shard_pb2 import PushedStep, PushSummary, Step
 
@@ -87,12 +90,13 @@ def test_a_malformed_p2p_address_fails_its_link_cleanly() -> None:
 
 
 class _PushSink:
-    """A gRPC server on loopback (TLS) taking Push calls; what it received."""
+    """A gRPC server on loopback (TLS; gated by `key` when given) taking Push calls; what it received."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: SwarmKey | None = None) -> None:
         self.steps: list[int] = []
         self.calls = 0
         self.certificate = make_certificate()
+        self.key = key
 
     async def push(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         self.calls += 1
@@ -101,7 +105,8 @@ class _PushSink:
         return PushSummary(accepted=len(self.steps)).SerializeToString()
 
     async def start(self) -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
+        gates = [] if self.key is None else [SwarmGate(self.key, self.certificate.fingerprint)]
+        server = grpc.aio.server(interceptors=gates)
         handler = {"Push": grpc.stream_unary_rpc_method_handler(self.push)}
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("moemesh.v1.Shard", handler)])
         port = server.add_secure_port("127.0.0.1:0", self.certificate.server_credentials())
@@ -183,3 +188,35 @@ def test_push_tunnels_refuse_bad_peer_ids_and_unreachable_peers_with_clear_error
     assert "is not a libp2p peer id" in bad
     assert f"cannot reach peer {PEER}: this host does no NAT traversal" in unreachable
     assert "to ourselves" in ourselves
+
+
+def test_a_p2p_link_proves_the_swarm_key_to_the_next_hop_behind_the_tunnel() -> None:
+    key = SwarmKey(secrets.token_bytes(32))
+    sink = _PushSink(key)
+
+    async def main() -> tuple[list[str], list[str]]:
+        server, port = await sink.start()
+
+        @asynccontextmanager
+        async def dial(peer: str) -> AsyncIterator[str]:
+            yield f"127.0.0.1:{port}"
+
+        try:
+            address = p2p_address(PEER, sink.certificate.fingerprint)
+            pusher = Pusher(1 << 20, idle_s=0.3, swarm_key=key, dial=dial)
+            told: list[str] = []
+            pusher.push(address, _step(7), told.append)
+            for _ in range(200):
+                if sink.steps:
+                    break
+                await asyncio.sleep(0.05)
+            await pusher.aclose()
+            other = SwarmKey(secrets.token_bytes(32))
+            refused = await _failures(Pusher(1 << 20, swarm_key=other, dial=dial), address)
+            return told, refused
+        finally:
+            await server.stop(None)
+
+    told, refused = asyncio.run(main())
+    assert sink.steps == [7] and not told
+    assert len(refused) == 1 and "UNAUTHENTICATED" in refused[0], refused

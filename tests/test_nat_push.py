@@ -120,5 +120,6 @@ def test_a_hop_pushes_to_a_next_hop_behind_nat_through_its_own_tunnel(
     # every step reached A from B (pushed through B's tunnel), none from the client
     assert pushed["pushed"] == [0, pushed["steps"]], answer
     assert relayed["pushed"] == [0, 0], answer
-    assert any(f"tunnel to {a.peer_id} listening" in line for line in b.log), "\n".join(b.log[-30:])
-    print(f"\nclient -> NAT'd server path: {answer['paths'][a.peer_id]}")
+    opened = [line for line in b.log if f"push tunnel to {a.peer_id} open" in line]
+    assert opened, "\n".join(b.log[-30:])  # B's own tunnel, not the client's
+    print(f"\nclient -> A: {answer['paths'][a.peer_id]}; B -> A: {opened[0].rsplit('(', 1)[-1].rstrip(')')}")

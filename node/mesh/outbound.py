@@ -83,6 +83,8 @@ class PushTunnels:
             raise MoemeshError(f"cannot reach peer {peer_id} within {self.reach_timeout_s:g} s")
         port: int = await self._bridge.start_service(partial(self._listen, key, peer_id))
         self.opened += 1
+        path = self._node.nat.path(peer) if self._node.nat is not None else "direct"
+        log.info("push tunnel to %s open on 127.0.0.1:%d (%s)", peer_id, port, path)
         return port
 
     def _stop(self, key: int) -> None:

@@ -10,6 +10,8 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
+from functools import partial
 
 import grpc
 import pytest
@@ -19,9 +21,14 @@ from libp2p.peer.id import ID
 from node.cli.parser import _peers
 from node.client import Client, ClientConfig
 from node.errors import ConfigError, MoemeshError, PeerUnavailable
+from node.mesh.autonat import AutoNATConfig
 from node.mesh.bridge import TrioThread
 from node.mesh.host import MeshConfig, MeshNode
+from node.mesh.nat import NatConfig
 from node.mesh.outbound import PushTunnels
+from node.mesh.records import make_record, sign_record
+from node.mesh.relay import RelayConfig
+from node.mesh.tunnel import TunnelConfig, install_server
 from node.plan.routing import Hop
 from node.serve.gate import SwarmGate
 from node.serve.push import Pusher
@@ -220,3 +227,53 @@ def test_a_p2p_link_proves_the_swarm_key_to_the_next_hop_behind_the_tunnel() -> 
     told, refused = asyncio.run(main())
     assert sink.steps == [7] and not told
     assert len(refused) == 1 and "UNAUTHENTICATED" in refused[0], refused
+
+
+def test_push_tunnels_dial_a_peer_they_are_not_connected_to_at_its_records_addresses() -> None:
+    """Three libp2p hosts on loopback: the next hop (with a tunnel server in front of a pinned
+    Push sink) published its record to the bootstrap peer; the pushing host, never connected
+    to it, finds the record, dials it there and carries the link through its own tunnel."""
+    sink = _PushSink()
+    bridge = TrioThread("test-push-tunnels-dial")
+    bridge.start()
+
+    async def main() -> tuple[list[int], list[str], bool, int]:
+        server, port = await sink.start()
+        try:
+            boot = MeshNode(create_new_key_pair(), MeshConfig())
+            boot_addr = (await bridge.call(bridge.start_service, boot.serve))[0]
+            joined = MeshConfig(bootstrap=(boot_addr,))
+            key = create_new_key_pair()
+            tunnel = partial(install_server, config=TunnelConfig(), target=lambda: ("127.0.0.1", port))
+            hop = MeshNode(key, joined, protocols=[tunnel])
+            addresses = await bridge.call(bridge.start_service, hop.serve)
+            record = make_record(key, grpc_addresses=[], p2p_addresses=addresses, shards=[], ttl_s=60, seq=1)
+            await bridge.call(hop.publish, sign_record(record, key), [], False)
+            nat = NatConfig(AutoNATConfig(check=False, serve=False), RelayConfig(reserve=False))
+            pushing = MeshNode(create_new_key_pair(), replace(joined, server=False), nat)  # no table refresh
+            await bridge.call(bridge.start_service, pushing.serve)
+            peer = ID.from_base58(hop.peer_id)
+
+            async def connected() -> bool:
+                return bool(pushing.host.get_network().get_connections(peer))
+
+            before = await bridge.call(connected)
+            tunnels = PushTunnels(bridge, pushing)
+            pusher = Pusher(1 << 20, dial=tunnels.open)
+            told: list[str] = []
+            pusher.push(p2p_address(hop.peer_id, sink.certificate.fingerprint), _step(3), told.append)
+            for _ in range(600):
+                if sink.steps or told:
+                    break
+                await asyncio.sleep(0.05)
+            await pusher.aclose()
+            return sink.steps, told, before, tunnels.opened
+        finally:
+            await server.stop(None)
+
+    try:
+        steps, told, before, opened = asyncio.run(main())
+    finally:
+        bridge.stop()
+    assert not before  # it had to be found and dialed
+    assert steps == [3] and not told and opened == 1, told

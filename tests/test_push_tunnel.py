@@ -172,7 +172,7 @@ def test_the_client_names_a_hop_it_tunnels_to_by_its_peer_id() -> None:
         assert client.push_address(Hop("127.0.0.1:40003", 0, 2, PEER)) == f"p2p:{PEER}"
 
 
-def test_push_tunnels_refuse_bad_peer_ids_and_unreachable_peers_with_clear_errors() -> None:
+def test_push_tunnels_refuse_bad_peer_ids_unreachable_peers_and_too_many_with_clear_errors() -> None:
     bridge = TrioThread("test-push-tunnels")
     bridge.start()
     try:
@@ -186,15 +186,20 @@ def test_push_tunnels_refuse_bad_peer_ids_and_unreachable_peers_with_clear_error
                     async with tunnels.open(peer):
                         pass
                 errors.append(str(caught.value))
-            assert tunnels.opened == 0
+            assert tunnels.opened == tunnels.active == 0
+            with pytest.raises(MoemeshError) as caught:
+                async with PushTunnels(bridge, node, max_tunnels=0).open(PEER):
+                    pass
+            errors.append(str(caught.value))
             return errors
 
-        bad, unreachable, ourselves = asyncio.run(main())
+        bad, unreachable, ourselves, full = asyncio.run(main())
     finally:
         bridge.stop()
     assert "is not a libp2p peer id" in bad
     assert f"cannot reach peer {PEER}: this host does no NAT traversal" in unreachable
     assert "to ourselves" in ourselves
+    assert "0 push tunnels are open already" in full
 
 
 def test_a_p2p_link_proves_the_swarm_key_to_the_next_hop_behind_the_tunnel() -> None:

@@ -39,7 +39,12 @@ class PushTunnels:
     """Loopback tunnels of one daemon's host to peers behind NAT, one per open push link."""
 
     def __init__(
-        self, bridge: TrioThread, node: MeshNode, config: TunnelConfig | None = None, reach_timeout_s: float = 45.0
+        self,
+        bridge: TrioThread,
+        node: MeshNode,
+        config: TunnelConfig | None = None,
+        reach_timeout_s: float = 45.0,
+        max_tunnels: int = 64,
     ) -> None:
         self._bridge = bridge
         self._node = node
@@ -49,13 +54,18 @@ class PushTunnels:
         self._scopes: dict[int, trio.CancelScope] = {}  # open listeners, cancelled when their link ends
         self._ids = itertools.count()
         self._reached: set[ID] = set()  # peers dialed at their record's addresses (the Nat keeps them)
+        self.max_tunnels = max_tunnels  # open at once (being opened included)
+        self.active = 0  # open now, or being opened (counted on the asyncio side)
         self.opened = 0  # statistics: tunnels opened for pushes
 
     @asynccontextmanager
     async def open(self, peer_id: str) -> AsyncIterator[str]:
         """(On asyncio) "127.0.0.1:port" reaching `peer_id`'s gRPC port while the context is open.
         MoemeshError when the peer cannot be reached."""
+        if self.active >= self.max_tunnels:  # each costs a lookup and a dial: hostile routes must not pile them up
+            raise MoemeshError(f"no tunnel to {peer_id[:64]}: {self.active} push tunnels are open already")
         key = next(self._ids)
+        self.active += 1
         try:
             try:
                 port = await self._bridge.call(self._start, key, peer_id)
@@ -65,6 +75,7 @@ class PushTunnels:
                 raise MoemeshError(f"no tunnel to {peer_id}: {unwrap(e)!r}") from None
             yield f"127.0.0.1:{port}"
         finally:  # never awaits: also when the link is cancelled (or its start was)
+            self.active -= 1
             try:
                 self._bridge.token.run_sync_soon(self._stop, key)
             except RuntimeError:  # the host is gone (trio.RunFinishedError too), and its listeners with it

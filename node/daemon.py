@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -30,12 +31,13 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from crdt import Load, Member
-from node.errors import Stopped
+from node.errors import MoemeshError, Stopped
 from node.mesh.addresses import WILDCARDS, advertised, local_ipv4_addresses
 from node.mesh.bridge import TrioThread, unwrap
 from node.mesh.host import Installer, MeshConfig, MeshNode
 from node.mesh.identity import claim_identity
 from node.mesh.nat import NatConfig
+from node.mesh.outbound import PushTunnels
 from node.mesh.tunnel import TunnelConfig, install_server
 from node.mesh.weights import WeightsConfig
 from node.mesh.weights import install as install_weights
@@ -103,6 +105,7 @@ class Daemon:
         self._advertiser: Advertiser | None = None
         self._bridge = TrioThread()
         self._node: MeshNode | None = None
+        self.push_tunnels: PushTunnels | None = None  # our host's tunnels to next hops behind NAT
         self._agent: SwarmAgent | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._key_pair: Any = None
@@ -148,6 +151,7 @@ class Daemon:
             weights = partial(install_weights, config=config.serve_weights, holding=self.weights.holding)
             protocols: list[Installer] = [tunnel, weights] if config.server is not None else []
             self._node = node = MeshNode(key_pair, config.mesh, config.nat, protocols=protocols)
+            self.push_tunnels = PushTunnels(self._bridge, node)
             self._key_pair = key_pair
             listening = await self._bridge.call(self._bridge.start_service, node.serve)
             self.addresses = advertised(listening, config.announce_host)  # never /ip4/0.0.0.0
@@ -267,7 +271,7 @@ class Daemon:
         if not self.weights.remote and self.weights.holding() is None:
             await self.weights.serve_folder(server_config.model)  # peers may fetch our tensors
         try:
-            server, port = await start_server(engine, self.certificate)
+            server, port = await start_server(engine, self.certificate, dial=self._push_tunnel)
         except BaseException:
             await engine.aclose()
             raise
@@ -297,6 +301,12 @@ class Daemon:
             f"serving {engine.model_name} ({engine.model_id}) layers {span.start}:{span.end}"
             f" on {address}, {throughput:.1f} tokens/s per block, {tls}"
         )
+
+    def _push_tunnel(self, peer_id: str) -> AbstractAsyncContextManager[str]:
+        """How our pushes reach a next hop behind NAT: a tunnel of our own host (node.mesh.outbound)."""
+        if self.push_tunnels is None:
+            raise MoemeshError("our libp2p host is not up yet: no tunnel to a peer behind NAT")
+        return self.push_tunnels.open(peer_id)
 
     def _tunnel_target(self) -> tuple[str, int] | None:
         """Where tunnelled gRPC connections go now (the port changes when a move starts a new server)."""

@@ -13,6 +13,9 @@ authority is involved: the fingerprint is the trust.
   certificate's private key fails the handshake, so the fetch-then-dial gap is no hole.
 - Without a pin the client trusts the first certificate it sees, and says so (TOFU).
 - Through a tunnel the same TLS bytes are piped end to end: the relay sees ciphertext.
+- A peer behind NAT is named by its libp2p peer id where others must reach it over a tunnel
+  of their own (a push target: `p2p:<peer-id>#fingerprint`, `p2p_address`); host:port
+  parsing refuses that form (no numeric port), so only code that knows it dials it.
 
 Plaintext is for a trusted LAN only (`--insecure-lan` on both ends). Generating a
 certificate imports `cryptography`; pinning needs only the standard library and grpc.
@@ -40,6 +43,8 @@ __all__ = [
     "fingerprint_of",
     "make_certificate",
     "normalize_fingerprint",
+    "p2p_address",
+    "p2p_peer",
     "pinned_channel",
     "split_pin",
 ]
@@ -47,6 +52,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 TLS_NAME = "moemesh.peer"  # the certificate's only name; clients override the target name with it
 _HEX = set("0123456789abcdef")
+P2P = "p2p:"  # an address naming a libp2p peer id instead of host:port
+_BASE58 = set("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,21 @@ def split_pin(peer: str) -> tuple[str, str]:
     """`host:port#fingerprint` -> (host:port, fingerprint); the fingerprint is "" when not given."""
     address, sep, fp = peer.partition("#")
     return address, normalize_fingerprint(fp) if sep else ""
+
+
+def p2p_address(peer_id: str, pin: str = "") -> str:
+    """`p2p:<peer-id>#fingerprint`: the peer reached over libp2p (a tunnel), TLS pinned inside it."""
+    return f"{P2P}{peer_id}#{pin}" if pin else f"{P2P}{peer_id}"
+
+
+def p2p_peer(target: str) -> str | None:
+    """The peer id a `p2p:<peer-id>` target names (None for host:port); ConfigError when malformed."""
+    if not target.startswith(P2P):
+        return None
+    peer_id = target[len(P2P) :]
+    if not 40 <= len(peer_id) <= 64 or not set(peer_id) <= _BASE58:
+        raise ConfigError(f"{target[:80]!r} does not name a libp2p peer id")
+    return peer_id
 
 
 def make_certificate(valid_days: int = 365) -> Certificate:

@@ -52,7 +52,7 @@ from node.plan.peers import (
     peers_from_record,
 )
 from node.plan.routing import Hop, best_chain
-from node.tls import normalize_fingerprint, split_pin
+from node.tls import normalize_fingerprint, p2p_address, split_pin
 from protocol import VersionMismatchError
 
 if TYPE_CHECKING:
@@ -388,11 +388,13 @@ class Client:
 
     def push_address(self, hop: Hop) -> str | None:
         """Where another peer pushes to `hop`: its address with the fingerprint pinned (the one
-        trusted on first use when none was given); None for a peer reached through a tunnel of
-        ours, which only this client can use."""
-        if hop.address in self._tunnelled:
-            return None
+        trusted on first use when none was given); for a peer behind NAT, which our tunnel
+        reaches, its peer id ("p2p:<peer-id>#fingerprint"): the pushing daemon tunnels to it
+        itself (a server that cannot says so, and we relay that link)."""
         target, pin = split_pin(hop.address)
+        pid = self._tunnelled.get(hop.address)
+        if pid is not None:  # the record's pin (none only with insecure_lan)
+            return p2p_address(pid, pin) if pin or self.config.insecure_lan else None
         pin = pin or self._channels.first_seen(hop.address)
         return f"{target}#{pin}" if pin else (target if self.config.insecure_lan else None)
 

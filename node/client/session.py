@@ -12,8 +12,10 @@ recorded input. The last hop's logits come to the client directly, so a token co
 network legs instead of 2 per hop. A failed hop is replaced as above, and the step goes on
 from it, the client injecting the failed hop's recorded input into the replacement with the
 rest of the route. A link a hop could not push over (it said so) is relayed by the client
-from then on; hops that take no push (older servers, peers behind NAT that only the client's
-tunnel reaches) split the chain into segments the client relays between.
+from then on; hops that take no push (older servers, plaintext peers without insecure_lan)
+split the chain into segments the client relays between. A hop behind NAT is pushed to by its
+peer id: the hop before it tunnels to it over its own libp2p host (`node.mesh.outbound`), or,
+a plain `moemesh serve` having none, says it cannot push and the client relays that link.
 
 What the session needs from outside is the narrow `SessionHost` (routes for a span, an
 avoid list, channels, the config, where recoveries are told); `Client` is one.
@@ -99,8 +101,8 @@ class SessionHost(Protocol):
         ...
 
     def push_address(self, hop: Hop) -> str | None:
-        """The address another peer dials to push to `hop` ("host:port#fingerprint"), or None when
-        only this client can reach it (through a tunnel of its own)."""
+        """The address another peer dials to push to `hop` ("host:port#fingerprint", or
+        "p2p:<peer-id>#fingerprint" behind NAT), or None when no other peer can be told one."""
         ...
 
     def spare(self, hop: Hop) -> Hop | None:

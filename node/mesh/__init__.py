@@ -2,4 +2,5 @@
 protocol (`dht`, `record`, `autonat`, `relay`, `holepunch`, `tunnel`, `sync`), each with its
 protocol id, a frozen config and `install`; `nat` views the three NAT protocols as one;
 `bridge` is the one crossing to asyncio; `internals` holds every private py-libp2p call;
-`identity`, `records` (signed peer records) and `reader` (the DHT client) complete it."""
+`identity`, `records` (signed peer records), `reader` (the DHT client) and `outbound` (a
+daemon's own tunnels, for pushes to next hops behind NAT) complete it."""

@@ -13,28 +13,38 @@ use, ended after `idle_s` without pushes. Sending never waits on the next hop: e
 writes from its own queue, so a next hop that hangs holds up nothing but its own link. When
 a link fails, every step it had not delivered is reported back to the session it came from
 (`StepResult.push_error`), and the client relays that step itself.
+
+A next hop behind NAT is named by its peer id, `p2p:<peer-id>#fingerprint` (`node.tls`):
+only a libp2p host can reach it, over a tunnel of its own (a daemon's: `node.mesh.outbound`),
+given to the Pusher as `dial`. The link then runs through that tunnel, opened when the link
+starts and closed when it ends, with TLS pinned to the fingerprint end to end and the swarm
+key proved to it as on a direct link. A server without a libp2p host (`moemesh serve`) fails
+such a link at once, so the client relays it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import grpc
 
 from node.errors import MoemeshError
 from node.swarmkey import GRPC_METADATA, SwarmKey
-from node.tls import TLS_NAME, channel_credentials, split_pin
+from node.tls import TLS_NAME, channel_credentials, p2p_peer, split_pin
 from protocol import grpc_options
 from protocol.shard_pb2 import PushedStep, PushSummary
 
-__all__ = ["PushFailed", "Pusher"]
+__all__ = ["Dial", "PushFailed", "Pusher"]
 
 log = logging.getLogger(__name__)
 PUSH_METHOD = "/moemesh.v1.Shard/Push"
 PushFailed = Callable[[str], None]  # told why, when a step could not be delivered
+Dial = Callable[[str], AbstractAsyncContextManager[str]]  # peer id -> a local host:port reaching it, while open
 
 
 @dataclass
@@ -57,17 +67,20 @@ class Pusher:
         *,
         idle_s: float = 60.0,
         swarm_key: SwarmKey | None = None,
+        dial: Dial | None = None,
     ) -> None:
         self._options = grpc_options(max_message_bytes)
         self._insecure_lan = insecure_lan
         self._swarm_key = swarm_key  # a private swarm: each link proves it, as clients' calls do
         self._idle_s = idle_s
+        self._dial = dial  # tunnels to peers behind NAT (a daemon's libp2p host); None: we have none
         self._links: dict[str, _Link] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def push(self, address: str, message: PushedStep, failed: PushFailed) -> None:
-        """Send `message` to the server at `address` ("host:port#fingerprint"); `failed` is called
-        with the reason if it cannot be delivered. Never waits."""
+        """Send `message` to the server at `address` ("host:port#fingerprint", or
+        "p2p:<peer-id>#fingerprint" behind NAT); `failed` is called with the reason if it cannot
+        be delivered. Never waits."""
         link = self._links.get(address)
         if link is None or link.closed:
             link = self._links[address] = _Link(address)
@@ -76,16 +89,27 @@ class Pusher:
             task.add_done_callback(self._tasks.discard)
         link.queue.put_nowait((message, failed))
 
-    async def _channel(self, address: str) -> grpc.aio.Channel:
-        target, pin = split_pin(address)
+    async def _channel(self, target: str, pin: str) -> grpc.aio.Channel:
         if not pin:
             if not self._insecure_lan:
-                raise MoemeshError(f"{address} has no TLS fingerprint to pin (plaintext only on an insecure LAN)")
+                raise MoemeshError(f"{target} has no TLS fingerprint to pin (plaintext only on an insecure LAN)")
             return grpc.aio.insecure_channel(target, options=self._options)
         loop = asyncio.get_running_loop()
         credentials, _ = await loop.run_in_executor(None, channel_credentials, target, pin, 10.0)
         options = [*self._options, ("grpc.ssl_target_name_override", TLS_NAME)]
         return grpc.aio.secure_channel(target, credentials, options=options)
+
+    async def _open(self, address: str, stack: contextlib.AsyncExitStack) -> tuple[grpc.aio.Channel, str]:
+        """A channel to `address` (closed with `stack`, after it the tunnel it may need), and the pin."""
+        target, pin = split_pin(address)
+        peer = p2p_peer(target)
+        if peer is not None:  # behind NAT: only a libp2p host reaches it
+            if self._dial is None:
+                raise MoemeshError("this server has no libp2p host to reach a peer behind NAT (a daemon has one)")
+            target = await stack.enter_async_context(self._dial(peer))
+        channel = await self._channel(target, pin)
+        stack.push_async_callback(channel.close)
+        return channel, pin
 
     async def _requests(self, link: _Link) -> AsyncIterator[PushedStep]:
         while True:
@@ -101,29 +125,27 @@ class Pusher:
             yield message
 
     async def _run(self, link: _Link) -> None:
-        channel: grpc.aio.Channel | None = None
         why = ""
         try:
-            channel = await self._channel(link.address)
-            call = channel.stream_unary(
-                PUSH_METHOD,
-                request_serializer=PushedStep.SerializeToString,
-                response_deserializer=PushSummary.FromString,
-            )
-            metadata = None
-            if self._swarm_key is not None:  # bound to the next hop's fingerprint ("" on an insecure LAN)
-                metadata = [(GRPC_METADATA, self._swarm_key.grpc_proof(split_pin(link.address)[1]))]
-            summary = await call(self._requests(link), metadata=metadata)
-            if summary.dropped:
-                log.info("push link to %s: %d steps dropped there", link.address, summary.dropped)
+            async with contextlib.AsyncExitStack() as stack:
+                channel, pin = await self._open(link.address, stack)
+                call = channel.stream_unary(
+                    PUSH_METHOD,
+                    request_serializer=PushedStep.SerializeToString,
+                    response_deserializer=PushSummary.FromString,
+                )
+                metadata = None
+                if self._swarm_key is not None:  # bound to the next hop's fingerprint ("" on an insecure LAN)
+                    metadata = [(GRPC_METADATA, self._swarm_key.grpc_proof(pin))]
+                summary = await call(self._requests(link), metadata=metadata)
+                if summary.dropped:
+                    log.info("push link to %s: %d steps dropped there", link.address, summary.dropped)
         except grpc.RpcError as e:
             why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
         except MoemeshError as e:
             why = str(e)
         finally:
             link.closed = True
-            if channel is not None:
-                await channel.close()
         if why:  # tell the sessions whose steps may not have arrived: their clients relay them
             log.info("pushing to %s failed: %s", link.address, why)
             failed = link.unsent

@@ -43,7 +43,7 @@ from node.errors import (
 )
 from node.serve.device import block_bytes, device_name
 from node.serve.engine import Engine, Session
-from node.serve.push import Pusher
+from node.serve.push import Dial, Pusher
 from node.textfiles import pack
 from node.tls import Certificate
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
@@ -163,12 +163,12 @@ _PUSH_BACKLOG = 64  # pushed steps one session may have waiting; more are droppe
 class ShardService:
     """Handlers of the Shard service; state lives in the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, dial: Dial | None = None) -> None:
         self.engine = engine
         self.inflight = InFlight(engine.config.inflight_bytes_per_client)
         self._tokenizer: bytes | None = None  # the Tokenizer answer, read from the model folder once
         config = engine.config
-        self.pusher = Pusher(config.max_message_bytes, config.insecure_lan, swarm_key=config.swarm_key)
+        self.pusher = Pusher(config.max_message_bytes, config.insecure_lan, swarm_key=config.swarm_key, dial=dial)
         self._pushable: dict[str, _Stream] = {}  # session id -> its stream, for sessions opened with push
         self.pushed_steps = 0  # statistics: steps run that another server pushed here
 
@@ -416,9 +416,12 @@ class ShardService:
         )
 
 
-async def start_server(engine: Engine, certificate: Certificate | None = None) -> tuple[grpc.aio.Server, int]:
+async def start_server(
+    engine: Engine, certificate: Certificate | None = None, dial: Dial | None = None
+) -> tuple[grpc.aio.Server, int]:
     """Bind and start the gRPC server over `engine` (its scheduler started too); returns the
-    server with the bound port. The caller stops it: `await server.stop(grace)`.
+    server with the bound port. The caller stops it: `await server.stop(grace)`. `dial` opens
+    tunnels to peers behind NAT for pushes to them (a daemon's libp2p host; none: refused).
 
     It serves TLS with `certificate` (whose fingerprint the caller announces); plaintext only
     when the config says `insecure_lan`, and never both: a plaintext client of a TLS port
@@ -435,7 +438,7 @@ async def start_server(engine: Engine, certificate: Certificate | None = None) -
         gates.append(SwarmGate(config.swarm_key, certificate.fingerprint if certificate is not None else ""))
     options = [*grpc_options(config.max_message_bytes), ("grpc.so_reuseport", 0)]
     server = grpc.aio.server(options=options, interceptors=gates)
-    server.add_generic_rpc_handlers([ShardService(engine).handler()])
+    server.add_generic_rpc_handlers([ShardService(engine, dial).handler()])
     where = f"{config.host}:{config.port}"
     try:
         if config.insecure_lan or certificate is None:

@@ -17,6 +17,7 @@ import torch
 from node.serve import service
 from node.serve.codec import from_message, to_message
 from node.serve.engine import Engine, Session
+from node.serve.push import Dial
 from protocol.shard_pb2 import ForwardResponse, Tensor
 
 __all__ = ["LyingShardService", "perturb"]
@@ -39,8 +40,8 @@ class LyingShardService(service.ShardService):
         answer = ForwardResponse.FromString(await super().forward(raw, context))  # type: ignore[arg-type]
         return ForwardResponse(output=perturb(answer.output, self.SCALE)).SerializeToString()
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine)
+    def __init__(self, engine: Engine, dial: Dial | None = None) -> None:
+        super().__init__(engine, dial)
         true_step = engine.step
 
         async def lying_step(session: Session, position: int, msg: Tensor, last_only: bool) -> Tensor:

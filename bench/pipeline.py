@@ -203,10 +203,10 @@ def llama_main(args: argparse.Namespace) -> int:
             row[f"{mode}_x_hf"] = statistics.median(rd[mode][1] / rd[HF][1] for rd in rounds)
         row["servers_compute_ms"] = sum(compute_ms)
         results[name] = row
-        wire = 1000 / row["pushed_tok_s"] - row["servers_compute_ms"]
         print(
-            f"{name}: servers' decode compute {' + '.join(f'{ms:.1f}' for ms in compute_ms)} ms per token;"
-            f" the pushed token's other {wire:.1f} ms are the wire, the client and the hand-offs",
+            f"{name}: a pushed token takes {1000 / row['pushed_tok_s']:.1f} ms, of which the servers' decode"
+            f" compute (moving averages, rough) {' + '.join(f'{ms:.1f}' for ms in compute_ms)} ms;"
+            " the rest is the wire, the client and the hand-offs",
             flush=True,
         )
         print(

@@ -137,10 +137,14 @@ def _pinned(peers: list[str], fingerprint: str | None) -> list[str]:
     return [f"{peers[0]}#{fingerprint}"]
 
 
-# libgomp's idle workers spin ~300k iterations before sleeping. A serving peer is idle
-# between steps most of the time, and its spinning threads steal the cores that the next
-# peer of a pipeline (or the volunteer's own programs) need; 10k keeps back-to-back ops fast.
-GOMP_SPINCOUNT = "10000"
+# libgomp's idle workers spin before they sleep (300k iterations by default). A serving peer
+# is idle between steps most of the time, and threads spinning then steal the cores that the
+# next peer of a pipeline (or the volunteer's own programs) need; threads that fall asleep
+# between the parallel ops of one step pay a wake-up at each (on this VM, ruinous: a 58M
+# Llama's 2-server pipeline took 29-31 ms a token at 10k, 21-24 at 100k, 40 at 1M, in the
+# same interleaved rounds). 100k (about 2 ms here) outlasts the gaps inside a step and ends
+# well before the next.
+GOMP_SPINCOUNT = "100000"
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -225,3 +225,18 @@ def test_serve_exports_its_names_and_imports_no_torch_until_used() -> None:
         [sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_throughput_is_cached_per_kernel_layout() -> None:
+    """A figure measured on plain weights is not a packed or split span's (they decode faster)."""
+    from torch import nn
+
+    from kernels import SplitLinear
+    from node.serve.throughput import kernels_key
+
+    plain = nn.Sequential(nn.Linear(4, 4))
+    assert kernels_key(plain) == ""  # type: ignore[arg-type]
+    split = nn.Sequential(SplitLinear(4, 4))
+    assert kernels_key(split) == "|split"  # type: ignore[arg-type]
+    split.packed = True  # type: ignore[assignment]  # what kernels.pack_span marks
+    assert kernels_key(split) == "|packed|split"  # type: ignore[arg-type]

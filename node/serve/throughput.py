@@ -1,4 +1,5 @@
-"""A span's decode throughput, measured once per (model, device, dtype) and cached on disk."""
+"""A span's decode throughput, measured once per (model, device, dtype, quantization, kernels)
+and cached on disk."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING
 from node.progress import Ticks, ticks
 
 if TYPE_CHECKING:
+    from kernels import SpanModel
     from node.serve.engine import Engine
 
-__all__ = ["CACHE_FILE", "measure_throughput"]
+__all__ = ["CACHE_FILE", "kernels_key", "measure_throughput"]
 
 CACHE_FILE = "throughput.json"  # in the cache folder: {"model_id|device|dtype": tokens/s per block}
 
@@ -26,7 +28,7 @@ async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) ->
     goes on meanwhile) and cached."""
     span = engine.span
     quantized = "" if span.quantization == "none" else f"|{span.quantization}"  # the old keys stay valid
-    key = f"{engine.model_id}|{span.device}|{span.dtype}{quantized}"
+    key = f"{engine.model_id}|{span.device}|{span.dtype}{quantized}{kernels_key(span)}"
     cache_file = cache_dir / CACHE_FILE
     cached = _read(cache_file)
     if key in cached:
@@ -55,6 +57,16 @@ async def measure_throughput(engine: Engine, cache_dir: Path, steps: int = 8) ->
     cached[key] = value
     _write_atomically(cache_file, json.dumps(cached, indent=1))
     return value
+
+
+def kernels_key(span: SpanModel) -> str:
+    """The faster CPU kernels a span runs on ("|packed", "|split", or ""): a figure measured
+    before they existed (or where they are off) is not this span's."""
+    from kernels import SplitLinear
+
+    packed = "|packed" if getattr(span, "packed", False) else ""
+    split = "|split" if any(isinstance(m, SplitLinear) for m in span.modules()) else ""
+    return packed + split
 
 
 def _read(cache_file: Path) -> dict[str, float]:

@@ -241,6 +241,18 @@ def load_reference(folder: Path, **options: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs, **options).eval()
 
 
+def reference_tokens(folder: Path, prompt: list[int], n: int, stop_at_eos: bool = False) -> list[int]:
+    """transformers' greedy tokens after `prompt`: `n` of them, or fewer up to its EOS."""
+    ref = load_reference(folder)
+    ids = torch.tensor([prompt])
+    eos = {} if stop_at_eos else {"eos_token_id": None}
+    with torch.no_grad():
+        out = ref.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0, **eos
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.3) -> float:
     """Poll `predicate` until it holds; the seconds it took, or AssertionError after `timeout`."""
     started = time.monotonic()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from conftest import load_reference, moemesh_status, wait_for
+from conftest import moemesh_status, reference_tokens, wait_for
 
 from node.client import Client, ClientConfig
 from node.errors import RouteError
@@ -55,21 +54,6 @@ def swarm(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
             d.stop()
 
 
-def _reference_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
-    ref = load_reference(folder)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_identity_persists_across_restarts(tmp_path: Path) -> None:
     key = tmp_path / "id.key"
     first = start_daemon(["--identity", str(key)])
@@ -84,7 +68,7 @@ def test_client_with_only_the_bootstrap_address_matches_transformers(
     swarm: dict[str, DaemonProcess], tiny_models: dict[str, Path]
 ) -> None:
     prompt = [5, 17, 99, 3, 250, 42]
-    expected = _reference_tokens(tiny_models["mixtral"], prompt, 12)
+    expected = reference_tokens(tiny_models["mixtral"], prompt, 12)
     with Client(bootstrap=[swarm["boot"].multiaddr]) as client:
         _, hops = client.route()
         assert hops[0].start == 0 and hops[-1].end == 4
@@ -128,7 +112,7 @@ def test_killed_and_stopped_daemons_leave_the_view(
 ) -> None:
     boot = swarm["boot"].multiaddr
     prompt = [9, 8, 7, 6]
-    expected = _reference_tokens(tiny_models["mixtral"], prompt, 8)
+    expected = reference_tokens(tiny_models["mixtral"], prompt, 8)
 
     def serving() -> set[str]:
         return {p["peer_id"] for m in moemesh_status(boot)["models"].values() for p in m["peers"]}
@@ -167,7 +151,7 @@ def test_a_plaintext_daemon_is_used_only_by_a_lan_client(
         model_id = Checkpoint(folder).model_id()
         prompt = [4, 8, 15, 16]
         with Client(bootstrap=[boot], model_id=model_id, config=ClientConfig(insecure_lan=True)) as client:
-            assert list(client.generate(prompt, 5, stop_at_eos=False)) == _reference_tokens(folder, prompt, 5)
+            assert list(client.generate(prompt, 5, stop_at_eos=False)) == reference_tokens(folder, prompt, 5)
         with Client(bootstrap=[boot], model_id=model_id) as client, pytest.raises(RouteError):
             client.route()  # the same record, found: it names no certificate, so this client will not dial it
     finally:

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import load_reference
+from conftest import reference_tokens
 
 from node.testing.launch import DaemonProcess, start_daemon
 from node.testing.netlab import NatLab, unavailable_reason
@@ -101,11 +100,7 @@ def test_client_behind_nat_generates_the_reference_tokens_through_a_natted_serve
     nat_swarm: dict[str, Any], tiny_models: dict[str, Path]
 ) -> None:
     prompt, n = [5, 17, 99, 3, 250, 42], 10
-    ref = load_reference(tiny_models["mixtral"])
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    expected = out[0, len(prompt) :].tolist()
+    expected = reference_tokens(tiny_models["mixtral"], prompt, n, stop_at_eos=True)
     args = [sys.executable, "-c", CLIENT, nat_swarm["boot"], ",".join(map(str, prompt)), str(n), "25"]
     answer = json.loads(_in(nat_swarm["lab"].c, args, 120).strip().splitlines()[-1])
     a = nat_swarm["daemons"]["a"].peer_id

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import load_reference
+from conftest import reference_tokens
 from test_nat import REASON, _in, _wait_log
 
 from node.swarmkey import generate_key_file
@@ -104,11 +103,7 @@ def test_a_hop_pushes_to_a_next_hop_behind_nat_through_its_own_tunnel(
     swarm: dict[str, Any], tiny_models: dict[str, Path]
 ) -> None:
     prompt, n = [5, 17, 99, 3, 250, 42], 10
-    ref = load_reference(tiny_models["mixtral"])
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    expected = out[0, len(prompt) :].tolist()
+    expected = reference_tokens(tiny_models["mixtral"], prompt, n, stop_at_eos=True)
     args = [sys.executable, "-c", CLIENT, swarm["boot"], ",".join(map(str, prompt)), str(n), "25", *swarm["key"]]
     answer = json.loads(_in(swarm["lab"].c, args, 240).strip().splitlines()[-1])
     a, b = (swarm["daemons"][name] for name in ("a", "b"))

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import load_reference
+from conftest import reference_tokens
 
 from node.client import Client
 from node.testing.launch import DaemonProcess, event_of, start_daemon
@@ -23,21 +22,6 @@ from shards import Checkpoint
 from shards.manifest import load_manifest, local_tensors
 
 pytestmark = pytest.mark.slow
-
-
-def _reference_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
-    ref = load_reference(folder)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 def _event(daemon: DaemonProcess, kind: str) -> dict[str, Any]:
@@ -72,14 +56,14 @@ def fetched(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             d.stop()
 
 
-def test_daemons_with_only_the_model_id_serve_the_reference_tokens(fetched: dict[str, Any]) -> None:
+def test_daemons_with_only_the_model_id_serve_thereference_tokens(fetched: dict[str, Any]) -> None:
     b, c = fetched["b"], fetched["c"]
     assert _event(b, "ready")["model_id"] == _event(c, "ready")["model_id"] == fetched["model_id"]
     prompt = [5, 17, 99, 3, 250, 42]
     with Client([b.pinned, c.pinned]) as client:  # B serves 0:3, C 2:4: only fetched weights on the route
         _, hops = client.route()
         assert {h.address for h in hops} == {b.pinned, c.pinned}
-        assert list(client.generate(prompt, 10, stop_at_eos=False)) == _reference_tokens(fetched["folder"], prompt, 10)
+        assert list(client.generate(prompt, 10, stop_at_eos=False)) == reference_tokens(fetched["folder"], prompt, 10)
 
 
 def test_a_cache_holds_exactly_its_spans_tensors(fetched: dict[str, Any]) -> None:

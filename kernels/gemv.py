@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.packed import linears
+
 __all__ = ["MIN_SPLIT_ELEMENTS", "SplitLinear", "gemv_split", "split_available", "split_span"]
 
 NO_SPLIT_ENV = "MOEMESH_NO_SPLIT"
@@ -106,7 +108,7 @@ def split_available() -> bool:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        best(F.linear), best(gemv_split)  # warm-up (and the pool's threads)
+        best(F.linear), best(gemv_split)  # warm-up
         return best(gemv_split) < 0.85 * best(F.linear)
 
 
@@ -127,13 +129,16 @@ def split_span(span: nn.Module, probe: bool = True) -> int:
     if probe and not split_available():
         return 0
     count = 0
-    for parent in list(span.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                if child.weight.numel() < MIN_SPLIT_ELEMENTS:
-                    continue
-                split = SplitLinear(child.in_features, child.out_features, child.bias is not None, device="meta")
-                split.weight, split.bias = child.weight, child.bias  # the same tensors, the same state_dict keys
-                setattr(parent, name, split)
-                count += 1
+    for parent, name, lin in list(linears(span)):
+        w = lin.weight
+        if (
+            type(lin) is nn.Linear
+            and w.dtype == torch.float32
+            and w.device.type == "cpu"
+            and w.numel() >= MIN_SPLIT_ELEMENTS
+        ):
+            split = SplitLinear(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
+            split.weight, split.bias = w, lin.bias  # the same tensors, the same state_dict keys
+            setattr(parent, name, split)
+            count += 1
     return count

@@ -113,7 +113,8 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _linears(span: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+def linears(span: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
+    """Each ``nn.Linear`` (subclasses too) of `span`, with its parent and its name there."""
     for parent in span.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
@@ -130,7 +131,7 @@ def pack_span(span: nn.Module) -> int:
     if not packing_available():
         return 0
     count = 0
-    for parent, name, lin in list(_linears(span)):
+    for parent, name, lin in list(linears(span)):
         if lin.weight.dtype == torch.bfloat16 and lin.weight.device.type == "cpu" and lin.weight.dim() == 2:
             setattr(parent, name, PackedLinear(pack(lin.weight), lin.bias))
             count += 1

@@ -37,7 +37,7 @@ from torch import nn
 
 from kernels.gemv import applies as gemv_applies
 from kernels.gemv import gemv_split, split_available
-from kernels.packed import PackedTensor, PackedWeight, packed_linear
+from kernels.packed import PackedTensor, PackedWeight, linears, packed_linear
 
 if TYPE_CHECKING:
     from kernels.span import SpanModel
@@ -305,13 +305,6 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _linears(span: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Linear]]:
-    for parent in span.modules():
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                yield parent, name, child
-
-
 def _expert_holders(span: nn.Module) -> Iterator[nn.Module]:
     """Modules holding fused experts as ``gate_up [E, 2I, H]`` and ``down [E, H, I]``."""
     for module in span.modules():
@@ -333,7 +326,7 @@ def quantize_span(span: SpanModel, mode: str) -> None:
         raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
     if mode == "none":
         return
-    for parent, name, lin in list(_linears(span)):
+    for parent, name, lin in list(linears(span)):
         head_mode = "int8" if name == "lm_head" else mode
         q = quantize(lin.weight, head_mode)
         assert not isinstance(q, torch.Tensor)

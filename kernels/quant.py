@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import native
 from kernels.gemv import applies as gemv_applies
 from kernels.gemv import gemv_split, split_available
 from kernels.packed import PackedTensor, PackedWeight, linears, packed_linear
@@ -229,9 +230,14 @@ def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K],
 
 
 def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N, K] -> [..., N]
-    """torch's packed CPU kernels (x on the CPU, in the scales' dtype)."""
+    """Decode-sized calls on the C kernels (`kernels.native`) where they are built, else and for
+    more rows torch's packed CPU kernels (x on the CPU, in the scales' dtype)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
+    if native.applies(x, scales_of(w)):
+        y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
+        if y is not None:
+            return y
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x2, w.codes, w.scales)  # [M, N]

@@ -1,0 +1,285 @@
+/* Decode-sized matmuls on weight-only quantized weights (see kernels/native.py).
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m, where w is
+ *   int8: codes[n, k] * scale[n]                                  (kernels.quant.Int8Weight)
+ *   int4: (q[n, k] - 8) * scale[k / G, n] + zero[k / G, n]        (kernels.quant.Int4Weight)
+ * with the int4 codes in the byte layout of torch's CPU int4 kernel.
+ *
+ * Every output element is computed by one thread in one fixed order (int8: 16 fp32 partial
+ * sums along k, lane j taking k = j mod 16, folded pairwise; int4: per group, one sum over
+ * the even and one over the odd k). So a row's result does not depend on how many rows are
+ * in the call, on the thread count, or on whether the compiler emits 16-wide or 8-wide
+ * vectors: the same bits on every x86 build of this file with FMA. The loops are written so
+ * that gcc vectorizes them without -ffast-math.
+ *
+ * x, y and the scales share one dtype: 0 = fp32, 1 = bf16, 2 = fp16. Rows are contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define LANES 16
+#define ROWS 8   /* int8: output rows that share one pass over x */
+#define BLOCK 64 /* int4: output channels per block of torch's layout */
+#define PREFETCH_ROWS 48 /* int8: how far ahead the codes are fetched (the next blocks' rows) */
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float load(const void *p, int dtype, int64_t i) {
+    switch (dtype) {
+    case BF16: return bf16_to_f32(((const uint16_t *)p)[i]);
+    case F16: return (float)((const _Float16 *)p)[i];
+    default: return ((const float *)p)[i];
+    }
+}
+
+static inline void store(void *p, int dtype, int64_t i, float v) {
+    switch (dtype) {
+    case BF16: ((uint16_t *)p)[i] = f32_to_bf16(v); break;
+    case F16: ((_Float16 *)p)[i] = (_Float16)v; break;
+    default: ((float *)p)[i] = v;
+    }
+}
+
+static inline float fold(const float *a) { /* pairwise: 16 -> 8 -> 4 -> 2 -> 1 */
+    float b[8], c[4];
+    for (int j = 0; j < 8; j++) b[j] = a[j] + a[j + 8];
+    for (int j = 0; j < 4; j++) c[j] = b[j] + b[j + 4];
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static float *as_f32(const void *x, int dtype, int64_t count) {
+    float *xf = malloc((size_t)count * sizeof(float));
+    if (xf)
+        for (int64_t i = 0; i < count; i++) xf[i] = load(x, dtype, i);
+    return xf;
+}
+
+/* ---- int8, per output channel ---------------------------------------------------------- */
+
+static inline void int8_rows(const float *restrict x, const int8_t *restrict w, int64_t K, int64_t kv,
+                             float acc[ROWS][LANES], int rows) {
+    int vectorized = 0;
+#if defined(__AVX512F__)
+    if (rows == ROWS) { /* the same sums as below, one zmm of 16 lanes per row */
+        __m512 a[ROWS];
+        for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < kv; k += LANES) {
+            const __m512 xv = _mm512_loadu_ps(x + k);
+            for (int r = 0; r < ROWS; r++) {
+                if ((k & 63) == 0) _mm_prefetch((const char *)(w + (r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
+                const __m128i codes = _mm_loadu_si128((const __m128i *)(w + r * K + k));
+                a[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), xv, a[r]);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(acc[r], a[r]);
+        vectorized = 1;
+    }
+#endif
+    if (!vectorized)
+        for (int r = 0; r < rows; r++)
+            for (int64_t k = 0; k < kv; k += LANES)
+                for (int j = 0; j < LANES; j++) acc[r][j] = fmaf((float)w[r * K + k + j], x[k + j], acc[r][j]);
+    for (int r = 0; r < rows; r++)
+        for (int64_t k = kv; k < K; k++) acc[r][k - kv] = fmaf((float)w[r * K + k], x[k], acc[r][k - kv]);
+}
+
+int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
+                      int64_t N, void *y, int threads) {
+    float *xf = as_f32(x, dtype, M * K);
+    if (!xf) return 1;
+    const int64_t kv = K - K % LANES, blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * ROWS;
+        const int rows = N - n0 < ROWS ? (int)(N - n0) : ROWS;
+        for (int64_t m = 0; m < M; m++) {
+            float acc[ROWS][LANES] = {{0}};
+            int8_rows(xf + m * K, w + n0 * K, K, kv, acc, rows);
+            for (int r = 0; r < rows; r++) store(y, dtype, m * N + n0 + r, fold(acc[r]) * load(scales, dtype, n0 + r));
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+/* ---- int4, groups of G along k, torch's CPU layout ----------------------------------------
+ * Channels go in blocks of 64: block b is bytes [K, 32] whose low nibble is channel 64b + j and
+ * high nibble channel 64b + 32 + j. The N % 64 channels left are bytes [K, r / 2], low nibble
+ * channel 2j, high nibble 2j + 1. scale_zeros is [K / G, N, 2]. */
+
+/* One group of G k's for the channels n0 .. n0 + width of one block: the sums over the even
+ * (acc[0]) and odd (acc[1]) k of x[k] * (q - 8), each in k order. */
+static void int4_group(const float *restrict x, const uint8_t *restrict base, int64_t k0, int64_t G, int width,
+                       float acc[2][BLOCK]) {
+    memset(acc, 0, 2 * BLOCK * sizeof(float));
+#if defined(__AVX512F__)
+    if (width == BLOCK) {
+        const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        __m512 a[2][4];
+        for (int p = 0; p < 2; p++)
+            for (int q = 0; q < 4; q++) a[p][q] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + G; k += 2)
+            for (int p = 0; p < 2; p++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(base + (k + p) * (BLOCK / 2)));
+                const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes)); /* channels 0..15, 32..47 */
+                const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1)); /* 16..31, 48..63 */
+                const __m512 xk = _mm512_set1_ps(x[k + p]);
+                /* vpermps reads the low 4 bits of each lane: the nibble, mapped to q - 8 */
+                a[p][0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(lo, lut), a[p][0]);
+                a[p][1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(hi, lut), a[p][1]);
+                a[p][2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), lut), a[p][2]);
+                a[p][3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(hi, 4), lut), a[p][3]);
+            }
+        for (int p = 0; p < 2; p++)
+            for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc[p] + 16 * q, a[p][q]);
+        return;
+    }
+#endif
+    for (int64_t k = k0; k < k0 + G; k += 2)
+        for (int p = 0; p < 2; p++) {
+            const float xk = x[k + p];
+            const uint8_t *row = base + (k + p) * (width / 2);
+            if (width == BLOCK) {
+                for (int c = 0; c < BLOCK / 2; c++) {
+                    acc[p][c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[p][c]);
+                    acc[p][c + BLOCK / 2] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[p][c + BLOCK / 2]);
+                }
+            } else {
+                for (int c = 0; c < width / 2; c++) {
+                    acc[p][2 * c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[p][2 * c]);
+                    acc[p][2 * c + 1] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[p][2 * c + 1]);
+                }
+            }
+        }
+}
+
+/* The group's scales and zeros of channels n0 .. n0 + width, as fp32 (scale_zeros [K/G, N, 2]). */
+static void int4_scales(const void *sz, int dtype, int64_t first, int width, float *restrict s, float *restrict z) {
+    switch (dtype) { /* one loop per dtype, so that each vectorizes */
+    case BF16: {
+        const uint16_t *p = (const uint16_t *)sz + 2 * first;
+        for (int c = 0; c < width; c++) {
+            s[c] = bf16_to_f32(p[2 * c]);
+            z[c] = bf16_to_f32(p[2 * c + 1]);
+        }
+        break;
+    }
+    case F16: {
+        const _Float16 *p = (const _Float16 *)sz + 2 * first;
+        for (int c = 0; c < width; c++) {
+            s[c] = (float)p[2 * c];
+            z[c] = (float)p[2 * c + 1];
+        }
+        break;
+    }
+    default: {
+        const float *p = (const float *)sz + 2 * first;
+        for (int c = 0; c < width; c++) {
+            s[c] = p[2 * c];
+            z[c] = p[2 * c + 1];
+        }
+    }
+    }
+}
+
+#if defined(__AVX512F__)
+/* The whole of one full block for bf16 scales, in registers: the same operations, in the same
+ * order, as int4_group + int4_scales + the sum in moemesh_int4_gemv. */
+static void int4_block_bf16(const float *restrict x, const uint8_t *restrict base, const uint16_t *restrict sz,
+                            int64_t G, int64_t groups, int64_t N, int64_t n0, const float *restrict xsum,
+                            float out[BLOCK]) {
+    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 o[4];
+    for (int q = 0; q < 4; q++) o[q] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 a[2][4];
+        for (int p = 0; p < 2; p++)
+            for (int q = 0; q < 4; q++) a[p][q] = _mm512_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2)
+            for (int p = 0; p < 2; p++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(base + (k + p) * (BLOCK / 2)));
+                const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes));
+                const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1));
+                const __m512 xk = _mm512_set1_ps(x[k + p]);
+                a[p][0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(lo, lut), a[p][0]);
+                a[p][1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(hi, lut), a[p][1]);
+                a[p][2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), lut), a[p][2]);
+                a[p][3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(hi, 4), lut), a[p][3]);
+            }
+        const __m512 xs = _mm512_set1_ps(xsum[g]);
+        for (int q = 0; q < 4; q++) { /* 16 channels' (scale, zero) pairs: one bf16 pair per lane */
+            const __m512i pairs = _mm512_loadu_si512((const void *)(sz + 2 * (g * N + n0 + 16 * q)));
+            const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+            const __m512 t = _mm512_add_ps(a[0][q], a[1][q]);
+            o[q] = _mm512_add_ps(o[q], _mm512_fmadd_ps(scale, t, _mm512_mul_ps(zero, xs)));
+        }
+    }
+    for (int q = 0; q < 4; q++) _mm512_storeu_ps(out + 16 * q, o[q]);
+}
+#endif
+
+int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint8_t *packed,
+                      const void *scale_zeros, int64_t G, int64_t N, void *y, int threads) {
+    if (K % G || G % 2) return 2;
+    float *xf = as_f32(x, dtype, M * K);
+    if (!xf) return 1;
+    const int64_t groups = K / G, full = N - N % BLOCK, blocks = full / BLOCK, tail = N - full;
+    float *xsum = malloc((size_t)(M * groups) * sizeof(float)); /* sum of x over each group */
+    if (!xsum) {
+        free(xf);
+        return 1;
+    }
+    for (int64_t i = 0; i < M * groups; i++) {
+        float s = 0;
+        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
+        xsum[i] = s;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
+    for (int64_t b = 0; b < blocks + (tail > 0); b++) {
+        const int64_t n0 = b * BLOCK;
+        const int width = b < blocks ? BLOCK : (int)tail;
+        const uint8_t *base = packed + n0 * (K / 2);
+        for (int64_t m = 0; m < M; m++) {
+            float out[BLOCK] = {0}, acc[2][BLOCK], s[BLOCK], z[BLOCK];
+#if defined(__AVX512F__)
+            if (dtype == BF16 && width == BLOCK) {
+                int4_block_bf16(xf + m * K, base, scale_zeros, G, groups, N, n0, xsum + m * groups, out);
+                for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
+                continue;
+            }
+#endif
+            for (int64_t g = 0; g < groups; g++) {
+                int4_group(xf + m * K, base, g * G, G, width, acc);
+                int4_scales(scale_zeros, dtype, g * N + n0, width, s, z);
+                const float xs = xsum[m * groups + g];
+                for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[0][c] + acc[1][c], z[c] * xs);
+            }
+            for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
+        }
+    }
+    free(xsum);
+    free(xf);
+    return 0;
+}

@@ -1,0 +1,156 @@
+"""The C kernels for decode-sized int8/int4 matmuls (kernels/native.py, kernels/qgemv.c)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import native
+from kernels.quant import Int8Weight, linear, linear_fast, linear_reference, quantize, relative_error, scales_of
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here: torch's kernels run instead")
+
+# Both sum in fp32 after one dequantization; they differ only in the order of the sums.
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+SHAPES = [(160, 96), (64, 1024), (4099, 64), (96, 37), (192, 128), (5632, 256), (96, 64), (352, 160)]
+
+
+def _gemv(x: torch.Tensor, q: object) -> torch.Tensor:
+    y = native.int8_gemv(x, q) if isinstance(q, Int8Weight) else native.int4_gemv(x, q)  # type: ignore[arg-type]
+    assert y is not None
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_kernels_match_the_dequantize_then_matmul_reference(mode: str, dtype: torch.dtype, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * k)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    x = torch.randn(2, 3, k, generator=g).to(dtype)
+    q = quantize(w, mode)  # int4 falls back to int8 where K is not a multiple of the group
+    got, want = _gemv(x, q), linear_reference(x, q)
+    assert got.shape == want.shape == (2, 3, n) and got.dtype == dtype
+    assert relative_error(want, got) <= TOLERANCE[dtype]
+    if dtype != torch.float32:  # rounded to the dtype once: at most one step apart anywhere
+        step = want.float().abs().clamp(min=1e-3) * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+        assert bool(((got.float() - want.float()).abs() <= step * 1.01 + 1e-6).all())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_rows_bits_do_not_depend_on_its_batch_or_the_thread_count(mode: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    q = quantize(torch.randn(1000, 512, generator=g).to(torch.bfloat16), mode)
+    x = torch.randn(7, 512, generator=g).to(torch.bfloat16)
+    batch = _gemv(x, q)
+    for i in range(7):
+        assert torch.equal(_gemv(x[i : i + 1], q), batch[i : i + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(_gemv(x, q), batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_infinities_and_nans_come_out_as_torch_rounds_them() -> None:
+    ones = quantize(torch.ones(64, 32, dtype=torch.bfloat16), "int8")
+    for value in (float("inf"), float("-inf")):
+        y = _gemv(torch.full((1, 32), value, dtype=torch.bfloat16), ones)
+        assert torch.equal(y, torch.full((1, 64), value, dtype=torch.bfloat16))
+    x = torch.zeros(1, 32, dtype=torch.bfloat16)
+    x[0, 3] = float("nan")
+    assert bool(_gemv(x, ones).isnan().all())
+    assert torch.equal(_gemv(torch.zeros(1, 32, dtype=torch.bfloat16), ones), torch.zeros(1, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_decode_calls_take_the_c_kernels_and_prefill_takes_torchs(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    q = quantize(torch.randn(192, 128, generator=g).to(torch.bfloat16), mode)
+    decode, prefill = torch.randn(1, 128, generator=g), torch.randn(native.MAX_ROWS + 1, 128, generator=g)
+    expected = _gemv(decode.to(torch.bfloat16), q)
+    calls: list[int] = []
+    for name in ("int8_gemv", "int4_gemv"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda x, w, real=real: calls.append(x.shape[-2]) or real(x, w))
+    assert torch.equal(linear(decode.to(torch.bfloat16), q), expected)
+    linear_fast(prefill.to(torch.bfloat16), q)
+    assert calls == [1]  # the prefill went to torch's kernel
+    assert not native.applies(decode, scales_of(q))  # fp32 activations against bf16 scales
+
+
+def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    native.available.cache_clear()
+
+
+@pytest.fixture
+def rebuilt() -> object:
+    yield
+    native._library.cache_clear()
+    native.available.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_cache_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    assert native.available()
+    built = list((tmp_path / "kernels").glob("qgemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_build", lambda *_: pytest.fail("rebuilt a library that was in the cache"))
+    assert native.available() and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("how", ["env", "no compiler", "broken compiler"])
+def test_without_the_library_torchs_kernels_run(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    if how == "env":
+        monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
+    elif how == "no compiler":
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+    else:
+        monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.INFO, logger="kernels.native"):
+        assert not native.available()
+    if how == "broken compiler":
+        assert "torch's kernels run instead" in caplog.text
+    q = quantize(torch.randn(64, 64).to(torch.bfloat16), "int8")
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    assert native.int8_gemv(x, q) is None
+    assert torch.equal(linear_fast(x, q), torch._weight_int8pack_mm(x, q.codes, q.scales))
+
+
+def test_a_library_that_disagrees_with_the_reference_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    monkeypatch.setattr(native, "_int4", lambda lib, x, w: torch.zeros(*x.shape[:-1], w.packed.shape[0], dtype=x.dtype))
+    assert not native.available()
+
+
+def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
+    if "avx512f" not in native._cpu_flags().split():
+        pytest.skip("this CPU has no AVX-512: only the portable loops are built here")
+    cc = native._compiler()
+    assert cc is not None
+    portable = tmp_path / "portable.so"
+    native._build(cc, portable, ("-mno-avx512f",))  # the same source as an AVX2 machine builds it
+    lib = native.load(portable)
+    g = torch.Generator().manual_seed(9)
+    for n, k in ((4096, 512), (192, 96), (100, 64), (160, 64)):
+        for dtype in (torch.bfloat16, torch.float32):
+            w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(3, k, generator=g).to(dtype)
+            for mode in ("int8", "int4"):
+                q = quantize(w, mode)
+                run = native._int8 if isinstance(q, Int8Weight) else native._int4
+                assert torch.equal(run(lib, x, q), _gemv(x, q)), (mode, dtype, n, k)

@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_mask", "attention_reference", "attention_sdpa", "attention_sinks", "causal_mask", "repeat_kv"]
+__all__ = [
+    "attention_decode_fp32",
+    "attention_mask",
+    "attention_reference",
+    "attention_sdpa",
+    "attention_sinks",
+    "causal_mask",
+    "repeat_kv",
+]
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -69,6 +77,25 @@ def attention_sdpa(
         out = F.scaled_dot_product_attention(q.reshape(b, h // groups, groups, d), k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, h, 1, v.shape[-1])
     return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scale)
+
+
+def attention_decode_fp32(
+    q: torch.Tensor,  # [B, H, T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, Dv]
+    scale: float,
+    kv_offset: int = 0,
+    window: int | None = None,
+) -> torch.Tensor:  # [B, H, T, Dv]
+    """`attention_sdpa` in fp32 for one-token decode of bf16/fp16 on the CPU, rounded back once.
+
+    torch's bf16 SDPA on a CPU without AMX took 150 us against fp32's 37 (136 keys, 16 heads
+    of 64, 4 kv heads; 600 against 92 at 512 keys), casts included this is still 3-4x
+    faster. It is not transformers' bf16 arithmetic, so only spans that are not bound to
+    transformers' bits use it (quantized ones: `kernels.quant.quantize_span`)."""
+    if q.shape[2] != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+        return attention_sdpa(q, k, v, scale, kv_offset, window)
+    return attention_sdpa(q.float(), k.float(), v.float(), scale, kv_offset, window).to(q.dtype)
 
 
 def attention_reference(

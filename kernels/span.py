@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention_sdpa, attention_sinks
+from kernels.attention import attention_decode_fp32, attention_sdpa, attention_sinks
 from kernels.cache import KVCache
 from kernels.config import ModelConfig
 from kernels.errors import ShapeError
@@ -74,6 +74,8 @@ def _attend(
 class Attention(nn.Module):
     """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
 
+    decode_fp32 = False  # one-token decode attends in fp32 (set for quantized spans: attention_decode_fp32)
+
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -112,11 +114,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
         sinks, window, scale = self.sinks, self.window, self.scale
+        sdpa = attention_decode_fp32 if self.decode_fp32 else attention_sdpa
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
             if sinks is not None:
                 return attention_sinks(q, k, v, scale, sinks, offset, window)
-            return attention_sdpa(q, k, v, scale, offset, window)
+            return sdpa(q, k, v, scale, offset, window)
 
         return self.o_proj(_attend(q, k, v, caches, layer, positions, attend))
 
@@ -124,6 +127,8 @@ class Attention(nn.Module):
 class LatentAttention(nn.Module):
     """DeepSeek's multi-head latent attention; the cache holds the normalised kv latent and the
     shared rotary key (transformers' layout), expanded to per-head keys and values each step."""
+
+    decode_fp32 = False  # as Attention's
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -178,9 +183,10 @@ class LatentAttention(nn.Module):
         q_rot, k_rot = apply_rotary(q_rot, k_rot, *rope, style=self.cfg.rope_style)
         q = torch.cat((q_pass, q_rot), dim=-1)
         scale = self.scale
+        sdpa = attention_decode_fp32 if self.decode_fp32 else attention_sdpa
 
         def attend(q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor, offset: int) -> torch.Tensor:
-            return attention_sdpa(q, *self._expand(latent, k_rot), scale, offset)
+            return sdpa(q, *self._expand(latent, k_rot), scale, offset)
 
         return self.o_proj(_attend(q, latent, k_rot, caches, layer, positions, attend))
 

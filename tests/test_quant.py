@@ -27,6 +27,7 @@ from kernels import (
     route,
     weight_bytes_per_token,
 )
+from kernels.attention import attention_decode_fp32, attention_sdpa
 from kernels.quant import _int4_layout_ok, pack_int4, unpack_int4
 from shards import Checkpoint
 
@@ -140,6 +141,30 @@ def test_bf16_quantized_span_decodes_in_batches(tiny_models: dict[str, Path]) ->
         span(torch.tensor([[token]]), cache, 0)
     logits = span.decode(torch.tensor([[7], [9]]), caches, [1, 1])
     assert logits.shape == (2, 1, 256) and logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_quantized_spans_decode_attention_in_fp32_and_full_precision_ones_do_not(
+    family: str, tiny_models: dict[str, Path], variant_models: dict[str, Path]
+) -> None:
+    checkpoint = Checkpoint(variant_models.get(family) or tiny_models[family])
+    attentions = lambda span: [m for m in span.modules() if hasattr(m, "decode_fp32")]  # noqa: E731
+    plain, quantized = (checkpoint.load_span(0, 2, dtype=torch.bfloat16, quantize=m) for m in ("none", "int8"))
+    assert len(attentions(plain)) == len(plain.layers)
+    assert not any(m.decode_fp32 for m in attentions(plain))  # bound to transformers' bits
+    assert all(m.decode_fp32 for m in attentions(quantized))
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
+    k, v = torch.randn(1, 2, 9, 16, generator=g).bfloat16(), torch.randn(1, 2, 9, 16, generator=g).bfloat16()
+    fast = attention_decode_fp32(q, k, v, 0.25)
+    assert torch.equal(fast, attention_sdpa(q.float(), k.float(), v.float(), 0.25).bfloat16())
+    torch.testing.assert_close(fast, attention_sdpa(q, k, v, 0.25), rtol=1.6e-2, atol=1e-2)
+    prefill = torch.randn(1, 8, 3, 16, generator=g).bfloat16()  # more than one query: sdpa as it is
+    assert torch.equal(attention_decode_fp32(prefill, k, v, 0.25, 0), attention_sdpa(prefill, k, v, 0.25, 0))
+    ids = torch.randint(0, 256, (1, 6), generator=g)
+    cache = quantized.new_cache(8)
+    quantized(ids[:, :5], cache, 0)
+    assert bool(quantized(ids[:, 5:], cache, 5).isfinite().all())
 
 
 def test_weight_bytes_per_token_shrink_with_quantization(tiny_models: dict[str, Path]) -> None:

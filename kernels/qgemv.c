@@ -6,8 +6,8 @@
  * with the int4 codes in the byte layout of torch's CPU int4 kernel.
  *
  * Every output element is computed by one thread in one fixed order (int8: 64 fp32 partial
- * sums along k, lane j taking k = j mod 64, folded pairwise; int4: per group, one sum over
- * the even and one over the odd k). So a row's result does not depend on how many rows are
+ * sums along k, lane j taking k = j mod 64, folded pairwise; int4: per group, one chain of
+ * fmas over the k, each pair odd first). So a row's result does not depend on how many rows are
  * in the call, on the thread count, or on whether the compiler emits 16-wide or 8-wide
  * vectors: the same bits on every x86 build of this file with FMA. The loops are written so
  * that gcc vectorizes them without -ffast-math.
@@ -120,47 +120,25 @@ int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8
  * high nibble channel 64b + 32 + j. The N % 64 channels left are bytes [K, r / 2], low nibble
  * channel 2j, high nibble 2j + 1. scale_zeros is [K / G, N, 2]. */
 
-/* One group of G k's for the channels n0 .. n0 + width of one block: the sums over the even
- * (acc[0]) and odd (acc[1]) k of x[k] * (q - 8), each in k order. */
+/* One group of G k's for the channels n0 .. n0 + width of one block: per channel, the sum of
+ * x[k] * (q - 8) over the group, in one chain of fmas taking each pair of k odd first
+ * (k + 1, then k), the order of the AVX-512 BF16 dot product below. */
 static void int4_group(const float *restrict x, const uint8_t *restrict base, int64_t k0, int64_t G, int width,
-                       float acc[2][BLOCK]) {
-    memset(acc, 0, 2 * BLOCK * sizeof(float));
-#if defined(__AVX512F__)
-    if (width == BLOCK) {
-        const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-        __m512 a[2][4];
-        for (int p = 0; p < 2; p++)
-            for (int q = 0; q < 4; q++) a[p][q] = _mm512_setzero_ps();
-        for (int64_t k = k0; k < k0 + G; k += 2)
-            for (int p = 0; p < 2; p++) {
-                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(base + (k + p) * (BLOCK / 2)));
-                const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes)); /* channels 0..15, 32..47 */
-                const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1)); /* 16..31, 48..63 */
-                const __m512 xk = _mm512_set1_ps(x[k + p]);
-                /* vpermps reads the low 4 bits of each lane: the nibble, mapped to q - 8 */
-                a[p][0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(lo, lut), a[p][0]);
-                a[p][1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(hi, lut), a[p][1]);
-                a[p][2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), lut), a[p][2]);
-                a[p][3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(hi, 4), lut), a[p][3]);
-            }
-        for (int p = 0; p < 2; p++)
-            for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc[p] + 16 * q, a[p][q]);
-        return;
-    }
-#endif
+                       float acc[BLOCK]) {
+    memset(acc, 0, BLOCK * sizeof(float));
     for (int64_t k = k0; k < k0 + G; k += 2)
-        for (int p = 0; p < 2; p++) {
+        for (int p = 1; p >= 0; p--) {
             const float xk = x[k + p];
             const uint8_t *row = base + (k + p) * (width / 2);
             if (width == BLOCK) {
                 for (int c = 0; c < BLOCK / 2; c++) {
-                    acc[p][c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[p][c]);
-                    acc[p][c + BLOCK / 2] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[p][c + BLOCK / 2]);
+                    acc[c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[c]);
+                    acc[c + BLOCK / 2] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[c + BLOCK / 2]);
                 }
             } else {
                 for (int c = 0; c < width / 2; c++) {
-                    acc[p][2 * c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[p][2 * c]);
-                    acc[p][2 * c + 1] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[p][2 * c + 1]);
+                    acc[2 * c] = fmaf(xk, (float)(row[c] & 15) - 8.0f, acc[2 * c]);
+                    acc[2 * c + 1] = fmaf(xk, (float)(row[c] >> 4) - 8.0f, acc[2 * c + 1]);
                 }
             }
         }
@@ -195,38 +173,54 @@ static void int4_scales(const void *sz, int dtype, int64_t first, int width, flo
     }
 }
 
-#if defined(__AVX512F__)
-/* The whole of one full block for bf16 scales, in registers: the same operations, in the same
- * order, as int4_group + int4_scales + the sum in moemesh_int4_gemv. */
-static void int4_block_bf16(const float *restrict x, const uint8_t *restrict base, const uint16_t *restrict sz,
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define INT4_BF16_DOT 1
+/* A full block with bf16 activations and scales, in registers, on the BF16 dot product: each
+ * vdpbf16ps adds x[k+1] * w[k+1], then x[k] * w[k], to a lane (exact bf16 products, fp32
+ * sums: int4_group's operations, in its order; unlike it, it flushes subnormals to zero).
+ * Rows k and k+1 of the block are 64 adjacent bytes; vpermb lays them out as (row k, row
+ * k+1) byte pairs per 32-bit lane, and vpermw maps each nibble to the bf16 of q - 8. */
+static void int4_block_bf16(const uint16_t *restrict xb, const uint8_t *restrict base, const uint16_t *restrict sz,
                             int64_t G, int64_t groups, int64_t N, int64_t n0, const float *restrict xsum,
                             float out[BLOCK]) {
-    const __m512 lut = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    uint8_t index[2][64];
+    for (int half = 0; half < 2; half++)
+        for (int b = 0; b < 64; b++) index[half][b] = (uint8_t)((b >> 1 & 1 ? 32 : 0) + 16 * half + (b >> 2));
+    uint16_t table[32];
+    for (int i = 0; i < 32; i++) {
+        const float v = (float)((i & 15) - 8);
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        table[i] = (uint16_t)(u >> 16); /* small integers are exact in bf16 */
+    }
+    const __m512i pick0 = _mm512_loadu_si512(index[0]), pick1 = _mm512_loadu_si512(index[1]);
+    const __m512i lut32 = _mm512_loadu_si512(table);
+    const __mmask64 low_bytes = 0x5555555555555555ull; /* bytes 0 and 2 of each lane: its two words' low bytes */
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
     __m512 o[4];
     for (int q = 0; q < 4; q++) o[q] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        __m512 a[2][4];
-        for (int p = 0; p < 2; p++)
-            for (int q = 0; q < 4; q++) a[p][q] = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 2)
-            for (int p = 0; p < 2; p++) {
-                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(base + (k + p) * (BLOCK / 2)));
-                const __m512i lo = _mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes));
-                const __m512i hi = _mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1));
-                const __m512 xk = _mm512_set1_ps(x[k + p]);
-                a[p][0] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(lo, lut), a[p][0]);
-                a[p][1] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(hi, lut), a[p][1]);
-                a[p][2] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), lut), a[p][2]);
-                a[p][3] = _mm512_fmadd_ps(xk, _mm512_permutexvar_ps(_mm512_srli_epi32(hi, 4), lut), a[p][3]);
+        __m512 a[4];
+        for (int q = 0; q < 4; q++) a[q] = _mm512_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+            const __m512i rows = _mm512_loadu_si512((const void *)(base + k * (BLOCK / 2)));
+            int32_t pair;
+            memcpy(&pair, xb + k, 4); /* x[k] in the low word, x[k + 1] in the high */
+            const __m512bh xk = (__m512bh)_mm512_set1_epi32(pair);
+            for (int half = 0; half < 2; half++) { /* bytes 0..15, then 16..31 of each row */
+                const __m512i bytes = _mm512_maskz_permutexvar_epi8(low_bytes, half ? pick1 : pick0, rows);
+                const __m512i lo = _mm512_permutexvar_epi16(bytes, lut32); /* index: the low 5 bits */
+                const __m512i hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut32);
+                a[half] = _mm512_dpbf16_ps(a[half], (__m512bh)lo, xk);         /* channels 16h .. 16h + 15 */
+                a[2 + half] = _mm512_dpbf16_ps(a[2 + half], (__m512bh)hi, xk); /* 32 + 16h .. */
             }
+        }
         const __m512 xs = _mm512_set1_ps(xsum[g]);
         for (int q = 0; q < 4; q++) { /* 16 channels' (scale, zero) pairs: one bf16 pair per lane */
             const __m512i pairs = _mm512_loadu_si512((const void *)(sz + 2 * (g * N + n0 + 16 * q)));
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
             const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
-            const __m512 t = _mm512_add_ps(a[0][q], a[1][q]);
-            o[q] = _mm512_add_ps(o[q], _mm512_fmadd_ps(scale, t, _mm512_mul_ps(zero, xs)));
+            o[q] = _mm512_add_ps(o[q], _mm512_fmadd_ps(scale, a[q], _mm512_mul_ps(zero, xs)));
         }
     }
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(out + 16 * q, o[q]);
@@ -255,10 +249,10 @@ int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
         const int width = b < blocks ? BLOCK : (int)tail;
         const uint8_t *base = packed + n0 * (K / 2);
         for (int64_t m = 0; m < M; m++) {
-            float out[BLOCK] = {0}, acc[2][BLOCK], s[BLOCK], z[BLOCK];
-#if defined(__AVX512F__)
+            float out[BLOCK] = {0}, acc[BLOCK], s[BLOCK], z[BLOCK];
+#ifdef INT4_BF16_DOT
             if (dtype == BF16 && width == BLOCK) {
-                int4_block_bf16(xf + m * K, base, scale_zeros, G, groups, N, n0, xsum + m * groups, out);
+                int4_block_bf16((const uint16_t *)x + m * K, base, scale_zeros, G, groups, N, n0, xsum + m * groups, out);
                 for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
                 continue;
             }
@@ -267,7 +261,7 @@ int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
                 int4_group(xf + m * K, base, g * G, G, width, acc);
                 int4_scales(scale_zeros, dtype, g * N + n0, width, s, z);
                 const float xs = xsum[m * groups + g];
-                for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[0][c] + acc[1][c], z[c] * xs);
+                for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[c], z[c] * xs);
             }
             for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
         }

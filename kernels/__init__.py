@@ -2,49 +2,107 @@
 
 Imports nothing of moemesh's own (torch only). Note: this package shadows Hugging Face's
 ``kernels`` package of the same name; do not install both in one environment.
+
+The names below are imported from their modules on first use (PEP 562), so that importing
+`kernels.errors` (as `shards` does for its errors) does not import torch.
 """
 
-from kernels.attention import attention_reference, attention_sdpa, attention_sinks
-from kernels.cache import KVCache
-from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from kernels.errors import CacheError, CacheFullError, KernelError, ShapeError, UnsupportedModelError
-from kernels.gemv import SplitLinear, split_available, split_span
-from kernels.memory import SpanBytes
-from kernels.moe import (
-    ClampedSwiGLU,
-    Dispatch,
-    combine,
-    dispatch,
-    experts_dense,
-    experts_forward,
-    experts_gathered,
-    experts_grouped,
-    experts_one_token,
-    experts_reference,
-    route,
-    route_sigmoid_group,
-    route_softmax_group,
-    route_topk_softmax,
-    run_experts,
-)
-from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
-from kernels.quant import (
-    QUANT_MODES,
-    Int4Weight,
-    Int8Weight,
-    QuantLinear,
-    QuantTensor,
-    dequantize,
-    layer_errors,
-    linear,
-    linear_fast,
-    linear_reference,
-    quantize,
-    quantize_span,
-    relative_error,
-    weight_bytes_per_token,
-)
-from kernels.span import SpanModel
+
+if TYPE_CHECKING:
+    from kernels.attention import attention_reference, attention_sdpa, attention_sinks
+    from kernels.cache import KVCache
+    from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
+    from kernels.gemv import SplitLinear, split_available, split_span
+    from kernels.memory import SpanBytes
+    from kernels.moe import (
+        ClampedSwiGLU,
+        Dispatch,
+        combine,
+        dispatch,
+        experts_dense,
+        experts_forward,
+        experts_gathered,
+        experts_grouped,
+        experts_one_token,
+        experts_reference,
+        route,
+        route_sigmoid_group,
+        route_softmax_group,
+        route_topk_softmax,
+        run_experts,
+    )
+    from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
+    from kernels.quant import (
+        QUANT_MODES,
+        Int4Weight,
+        Int8Weight,
+        QuantLinear,
+        QuantTensor,
+        dequantize,
+        layer_errors,
+        linear,
+        linear_fast,
+        linear_reference,
+        quantize,
+        quantize_span,
+        relative_error,
+        weight_bytes_per_token,
+    )
+    from kernels.span import SpanModel
+
+_WHERE = {
+    **dict.fromkeys(("attention_reference", "attention_sdpa", "attention_sinks"), "attention"),
+    **dict.fromkeys(("KVCache",), "cache"),
+    **dict.fromkeys(("LatentAttentionConfig", "ModelConfig", "RopeConfig"), "config"),
+    **dict.fromkeys(("SplitLinear", "split_available", "split_span"), "gemv"),
+    **dict.fromkeys(("SpanBytes",), "memory"),
+    **dict.fromkeys(
+        (
+            "ClampedSwiGLU",
+            "Dispatch",
+            "combine",
+            "dispatch",
+            "experts_dense",
+            "experts_forward",
+            "experts_gathered",
+            "experts_grouped",
+            "experts_one_token",
+            "experts_reference",
+            "route",
+            "route_sigmoid_group",
+            "route_softmax_group",
+            "route_topk_softmax",
+            "run_experts",
+        ),
+        "moe",
+    ),
+    **dict.fromkeys(("PackedLinear", "PackedTensor", "PackedWeight", "pack_span", "packing_available"), "packed"),
+    **dict.fromkeys(
+        (
+            "QUANT_MODES",
+            "Int4Weight",
+            "Int8Weight",
+            "QuantLinear",
+            "QuantTensor",
+            "dequantize",
+            "layer_errors",
+            "linear",
+            "linear_fast",
+            "linear_reference",
+            "quantize",
+            "quantize_span",
+            "relative_error",
+            "weight_bytes_per_token",
+        ),
+        "quant",
+    ),
+    **dict.fromkeys(("SpanModel",), "span"),
+}
 
 __all__ = [
     "CacheError",
@@ -101,3 +159,17 @@ __all__ = [
 ]
 
 MOEMESH_KERNELS = True  # marker: tests assert `import kernels` resolves to this package
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"kernels.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+del TYPE_CHECKING  # not part of the package

@@ -1,8 +1,21 @@
-"""Model partitioning: span specs and span loading from local safetensors checkpoints."""
+"""Model partitioning: span specs and span loading from local safetensors checkpoints.
 
-from shards.checkpoint import DTYPES, Checkpoint, compute_dtype_of, embedding_dtype, model_config_from_hf
+The loader (`shards.checkpoint`, which needs torch) is imported on first use, so that the
+parts of a node that only read manifests and span specs (a bootstrap or relay daemon, the
+weights protocol) start without torch, and run where it is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from shards.errors import CheckpointError, ManifestError, ShardError, SpanSpecError, UnsupportedModelError
 from shards.spec import SpanSpec, parse_layers, split_evenly
+
+if TYPE_CHECKING:
+    from shards.checkpoint import DTYPES, Checkpoint, compute_dtype_of, embedding_dtype, model_config_from_hf
+
+_CHECKPOINT = ("DTYPES", "Checkpoint", "compute_dtype_of", "embedding_dtype", "model_config_from_hf")
 
 __all__ = [
     "DTYPES",
@@ -19,3 +32,14 @@ __all__ = [
     "parse_layers",
     "split_evenly",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _CHECKPOINT:
+        from shards import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'shards' has no attribute {name!r}")
+
+
+del TYPE_CHECKING  # not part of the package

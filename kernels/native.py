@@ -1,4 +1,4 @@
-"""Decode-sized matmuls on int8 and int4 weights, in C (`kernels/qgemv.c`).
+"""Decode-sized matmuls on int8 and int4 weights, and RMSNorm in one call, in C (`kernels/qgemv.c`).
 
 For a few rows of activations (decode tokens) torch's packed CPU kernels read their weights
 well below what the memory gives: `torch._weight_int8pack_mm` read int8 at ~11 GB/s on this
@@ -36,7 +36,7 @@ import torch
 if TYPE_CHECKING:
     from kernels.quant import Int4Weight, Int8Weight
 
-__all__ = ["MAX_ROWS", "NO_NATIVE_ENV", "available", "int4_gemv", "int8_gemv", "library_path"]
+__all__ = ["MAX_ROWS", "NO_NATIVE_ENV", "available", "int4_gemv", "int8_gemv", "library_path", "load", "rmsnorm"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.moemesh_int8_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT]
     lib.moemesh_int4_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]
-    lib.moemesh_int8_gemv.restype = lib.moemesh_int4_gemv.restype = _INT
+    lib.moemesh_rmsnorm.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, ctypes.c_float, _INT, _PTR]
+    lib.moemesh_int8_gemv.restype = lib.moemesh_int4_gemv.restype = lib.moemesh_rmsnorm.restype = _INT
     return lib
 
 
@@ -133,56 +134,63 @@ def available() -> bool:
     return _library() is not None
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).contiguous()
+def _applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """x and the weight on the CPU, x in a dtype the C file takes and in the scales' dtype."""
+    return x.is_cpu and scales.is_cpu and x.dtype is scales.dtype and x.dtype in _DTYPES
 
 
 def _int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
-    if not (w.codes.is_contiguous() and w.scales.is_contiguous()):
+    codes, scales = w.codes, w.scales
+    if not (_applies(x, scales) and codes.is_contiguous() and scales.is_contiguous()):
         return None
-    x2 = _rows(x)
-    m, k = x2.shape
-    n = w.codes.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
+    x = x.contiguous()
+    k, n = x.shape[-1], codes.shape[0]
+    y = x.new_empty((*x.shape[:-1], n))
     rc = lib.moemesh_int8_gemv(
-        x2.data_ptr(), _DTYPES[x.dtype], m, k, w.codes.data_ptr(), w.scales.data_ptr(), n, y.data_ptr(),
+        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
-    return None if rc else y.reshape(*x.shape[:-1], n)
+    return None if rc else y
 
 
 def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
-    if not (w.packed.is_contiguous() and w.scale_zeros.is_contiguous()):
+    packed, scale_zeros = w.packed, w.scale_zeros
+    if not (_applies(x, scale_zeros) and packed.is_contiguous() and scale_zeros.is_contiguous()):
         return None
-    x2 = _rows(x)
-    m, k = x2.shape
-    n = w.packed.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
+    x = x.contiguous()
+    k, n = x.shape[-1], packed.shape[0]
+    y = x.new_empty((*x.shape[:-1], n))
     rc = lib.moemesh_int4_gemv(
-        x2.data_ptr(), _DTYPES[x.dtype], m, k, w.packed.data_ptr(), w.scale_zeros.data_ptr(), w.group, n,
+        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, packed.data_ptr(), scale_zeros.data_ptr(), w.group, n,
         y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    return None if rc else y.reshape(*x.shape[:-1], n)
+    return None if rc else y
 
 
-def applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether a call with activations `x` takes the C kernels (few rows, CPU, a known dtype)."""
-    return (
-        x.numel() <= MAX_ROWS * x.shape[-1]
-        and x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and x.dtype == scales.dtype
-        and available()
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:
+    """`kernels.span.RMSNorm` in one call (to fp32 rounding: the squares are summed in another
+    order); None where it does not apply (not the CPU, another dtype, or no library)."""
+    lib, code, wcode = _library(), _DTYPES.get(x.dtype), _DTYPES.get(weight.dtype)
+    if lib is None or code is None or wcode is None or not (cast_after_weight or wcode == code):
+        return None
+    if not (x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()):
+        return None
+    h = x.shape[-1]
+    y = torch.empty_like(x)
+    lib.moemesh_rmsnorm(
+        x.data_ptr(), code, x.numel() // h, h, weight.data_ptr(), wcode, eps, cast_after_weight, y.data_ptr()
     )
+    return y
 
 
 def int8_gemv(x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
-    """``x [..., K] @ w.T`` for int8 weights ``[N, K]`` (None: not available here)."""
+    """``x [..., K] @ w.T`` for int8 weights ``[N, K]``; None where the C kernel does not apply
+    (no library, not the CPU, x not in the scales' dtype)."""
     lib = _library()
     return None if lib is None else _int8(lib, x, w)
 
 
 def int4_gemv(x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
-    """``x [..., K] @ w.T`` for int4 weights ``[N, K]`` in torch's layout (None: not available)."""
+    """``x [..., K] @ w.T`` for int4 weights ``[N, K]`` in torch's layout; None as for `int8_gemv`."""
     lib = _library()
     return None if lib is None else _int4(lib, x, w)

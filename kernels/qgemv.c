@@ -270,3 +270,61 @@ int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
     free(xf);
     return 0;
 }
+
+/* ---- RMSNorm (kernels.span.RMSNorm) -------------------------------------------------------
+ * Per row of H: r = 1 / sqrt(mean(x^2) + eps) in fp32 (the squares summed in 16 lanes, folded
+ * pairwise), then w * dtype(x * r) rounded to the dtype, or dtype(w * x * r) with
+ * cast_after_weight (GPT-OSS, fp32 weights). w has its own dtype. */
+
+static void row_to_f32(const void *p, int dtype, int64_t n, float *restrict out) { /* one loop per dtype */
+    switch (dtype) {
+    case BF16:
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(((const uint16_t *)p)[i]);
+        break;
+    case F16:
+        for (int64_t i = 0; i < n; i++) out[i] = (float)((const _Float16 *)p)[i];
+        break;
+    default: memcpy(out, p, (size_t)n * sizeof(float));
+    }
+}
+
+static void row_from_f32(const float *restrict v, int dtype, int64_t n, void *p) {
+    switch (dtype) {
+    case BF16:
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[i] = f32_to_bf16(v[i]);
+        break;
+    case F16:
+        for (int64_t i = 0; i < n; i++) ((_Float16 *)p)[i] = (_Float16)v[i];
+        break;
+    default: memcpy(p, v, (size_t)n * sizeof(float));
+    }
+}
+
+int moemesh_rmsnorm(const void *x, int dtype, int64_t M, int64_t H, const void *w, int wdtype, float eps,
+                    int cast_after_weight, void *y) {
+    const size_t size = dtype == F32 ? 4 : 2;
+    float *buf = malloc(3 * (size_t)H * sizeof(float));
+    if (!buf) return 1;
+    float *xf = buf, *wf = buf + H, *out = buf + 2 * H;
+    row_to_f32(w, wdtype, H, wf);
+    for (int64_t m = 0; m < M; m++) {
+        row_to_f32((const char *)x + (size_t)(m * H) * size, dtype, H, xf);
+        float acc[LANES] = {0};
+        const int64_t hv = H - H % LANES;
+        for (int64_t h = 0; h < hv; h += LANES)
+            for (int j = 0; j < LANES; j++) acc[j] = fmaf(xf[h + j], xf[h + j], acc[j]);
+        for (int64_t h = hv; h < H; h++) acc[h - hv] = fmaf(xf[h], xf[h], acc[h - hv]);
+        const float r = 1.0f / sqrtf(fold(acc) / (float)H + eps);
+        if (cast_after_weight)
+            for (int64_t h = 0; h < H; h++) out[h] = wf[h] * (xf[h] * r);
+        else {
+            for (int64_t h = 0; h < H; h++) out[h] = xf[h] * r;
+            row_from_f32(out, dtype, H, (char *)y + (size_t)(m * H) * size); /* dtype(x * r) */
+            row_to_f32((const char *)y + (size_t)(m * H) * size, dtype, H, out);
+            for (int64_t h = 0; h < H; h++) out[h] = wf[h] * out[h];
+        }
+        row_from_f32(out, dtype, H, (char *)y + (size_t)(m * H) * size);
+    }
+    free(buf);
+    return 0;
+}

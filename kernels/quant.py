@@ -234,7 +234,7 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
     more rows torch's packed CPU kernels (x on the CPU, in the scales' dtype)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
-    if native.applies(x, scales_of(w)):
+    if x.numel() <= native.MAX_ROWS * x.shape[-1]:
         y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
@@ -343,9 +343,11 @@ def quantize_span(span: SpanModel, mode: str) -> None:
             assert not isinstance(q, torch.Tensor)
             delattr(module, name)
             setattr(module, name, QuantTensor(q))
-    for module in span.modules():  # bound to no one's bf16 bits: decode attention in fp32 (3-4x faster here)
+    for module in span.modules():  # bound to no one's bf16 bits: fp32 decode attention, one-call norms
         if hasattr(module, "decode_fp32"):
             module.decode_fp32 = True
+        if hasattr(module, "native"):
+            module.native = True
     span.quantization = mode
 
 

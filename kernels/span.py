@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import native
 from kernels.attention import attention_decode_fp32, attention_sdpa, attention_sinks
 from kernels.cache import KVCache
 from kernels.config import ModelConfig
@@ -34,6 +35,8 @@ __all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock
 
 
 class RMSNorm(nn.Module):
+    native = False  # one C call (kernels.native.rmsnorm) instead of 8 ops: set for quantized spans
+
     def __init__(self, dim: int, eps: float, cast_after_weight: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -41,6 +44,8 @@ class RMSNorm(nn.Module):
         self.cast_after_weight = cast_after_weight  # GPT-OSS: (w * x).to(dtype), its weights kept in fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native and (y := native.rmsnorm(x, self.weight, self.eps, self.cast_after_weight)) is not None:
+            return y
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

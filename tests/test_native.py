@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.quant import Int8Weight, linear, linear_fast, linear_reference, quantize, relative_error, scales_of
+from kernels.quant import Int8Weight, linear, linear_fast, linear_reference, quantize, relative_error
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here: torch's kernels run instead")
 
@@ -80,7 +80,7 @@ def test_decode_calls_take_the_c_kernels_and_prefill_takes_torchs(mode: str, mon
     assert torch.equal(linear(decode.to(torch.bfloat16), q), expected)
     linear_fast(prefill.to(torch.bfloat16), q)
     assert calls == [1]  # the prefill went to torch's kernel
-    assert not native.applies(decode, scales_of(q))  # fp32 activations against bf16 scales
+    assert (native.int8_gemv if mode == "int8" else native.int4_gemv)(decode, q) is None  # fp32 x, bf16 scales
 
 
 def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -154,3 +154,30 @@ def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
                 q = quantize(w, mode)
                 run = native._int8 if isinstance(q, Int8Weight) else native._int4
                 assert torch.equal(run(lib, x, q), _gemv(x, q)), (mode, dtype, n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("cast_after_weight", [False, True])
+def test_rmsnorm_in_one_call_matches_the_modules_ops(dtype: torch.dtype, cast_after_weight: bool) -> None:
+    from kernels.span import RMSNorm
+
+    g = torch.Generator().manual_seed(7)
+    for h in (1000, 64, 37):
+        norm = RMSNorm(h, 1e-5, cast_after_weight)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(h, generator=g))
+        if not cast_after_weight:
+            norm.weight.data = norm.weight.data.to(dtype)  # GPT-OSS keeps fp32 weights and casts after them
+        x = (torch.randn(2, 5, h, generator=g) * 3).to(dtype)
+        want = norm(x)
+        norm.native = True
+        got = norm(x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-5)
+        if dtype != torch.float32:  # the same roundings: equal but where fp32 sums tie differently
+            assert (got == want).float().mean() > 0.99
+        strided = x.transpose(0, 1)  # not contiguous: the module's own ops, the same numbers
+        torch.testing.assert_close(
+            norm(strided), want.transpose(0, 1), rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-5
+        )
+    assert native.rmsnorm(x, torch.ones(h, dtype=torch.float64), 1e-5, True) is None  # a dtype the C file lacks

@@ -153,6 +153,9 @@ def test_quantized_spans_decode_attention_in_fp32_and_full_precision_ones_do_not
     assert len(attentions(plain)) == len(plain.layers)
     assert not any(m.decode_fp32 for m in attentions(plain))  # bound to transformers' bits
     assert all(m.decode_fp32 for m in attentions(quantized))
+    norms = lambda span: [m for m in span.modules() if hasattr(m, "native")]  # noqa: E731
+    assert norms(plain) and not any(m.native for m in norms(plain))
+    assert all(m.native for m in norms(quantized))  # one C call each (kernels.native.rmsnorm)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
     k, v = torch.randn(1, 2, 9, 16, generator=g).bfloat16(), torch.randn(1, 2, 9, 16, generator=g).bfloat16()

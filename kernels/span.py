@@ -22,6 +22,7 @@ from kernels.moe import (
     ClampedSwiGLU,
     ExpertAct,
     experts_forward,
+    linear_fp32,
     route,
     route_sigmoid_group,
     route_softmax_group,
@@ -211,6 +212,8 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
 
+    router_fp32 = False  # the router's matmul in fp32 (moe.linear_fp32): set for quantized spans
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -249,9 +252,11 @@ class MoEBlock(nn.Module):
             return route_softmax_group(
                 flat, self.router, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_limited, cfg.routed_scaling_factor
             )
+        linear = linear_fp32 if self.router_fp32 else F.linear
         if cfg.router == "topk_softmax":
-            return route_topk_softmax(flat, self.router, self.router_bias, cfg.top_k, upcast=self.router_bias is None)
-        return route(flat, self.router, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype)
+            upcast = self.router_bias is None
+            return route_topk_softmax(flat, self.router, self.router_bias, cfg.top_k, upcast, linear)
+        return route(flat, self.router, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
         shape = x.shape

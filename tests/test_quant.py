@@ -28,6 +28,7 @@ from kernels import (
     weight_bytes_per_token,
 )
 from kernels.attention import attention_decode_fp32, attention_sdpa
+from kernels.moe import linear_fp32
 from kernels.quant import _int4_layout_ok, pack_int4, unpack_int4
 from shards import Checkpoint
 
@@ -143,7 +144,7 @@ def test_bf16_quantized_span_decodes_in_batches(tiny_models: dict[str, Path]) ->
     assert logits.shape == (2, 1, 256) and logits.dtype == torch.bfloat16 and bool(logits.isfinite().all())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_quantized_spans_decode_attention_in_fp32_and_full_precision_ones_do_not(
     family: str, tiny_models: dict[str, Path], variant_models: dict[str, Path]
 ) -> None:
@@ -156,6 +157,16 @@ def test_quantized_spans_decode_attention_in_fp32_and_full_precision_ones_do_not
     norms = lambda span: [m for m in span.modules() if hasattr(m, "native")]  # noqa: E731
     assert norms(plain) and not any(m.native for m in norms(plain))
     assert all(m.native for m in norms(quantized))  # one C call each (kernels.native.rmsnorm)
+    blocks = lambda span: [m for m in span.modules() if hasattr(m, "router_fp32")]  # noqa: E731
+    assert not any(m.router_fp32 for m in blocks(plain)) and all(m.router_fp32 for m in blocks(quantized))
+    assert blocks(plain) or family == "llama"
+    x, w, b = (
+        torch.randn(*shape, generator=torch.Generator().manual_seed(5)).bfloat16() for shape in ((3, 64), (8, 64), (8,))
+    )
+    for bias in (None, b):
+        fast = linear_fp32(x, w, bias)
+        assert fast.dtype == torch.bfloat16
+        torch.testing.assert_close(fast, F.linear(x, w, bias), rtol=1.6e-2, atol=2e-2)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 8, 1, 16, generator=g).bfloat16()
     k, v = torch.randn(1, 2, 9, 16, generator=g).bfloat16(), torch.randn(1, 2, 9, 16, generator=g).bfloat16()

@@ -125,6 +125,15 @@ def _agrees(lib: ctypes.CDLL) -> bool:
             if got is None or relative_error(want, got) > (1e-5 if dtype == torch.float32 else 1e-2):
                 log.warning("native int8/int4 kernels disagree with the reference here: torch's kernels run instead")
                 return False
+        norm_w = torch.randn(96, generator=g).to(dtype)
+        y = torch.empty_like(x)
+        code = _DTYPES[dtype]
+        lib.moemesh_rmsnorm(x.data_ptr(), code, 3, 96, norm_w.data_ptr(), code, 1e-6, 0, y.data_ptr())
+        x32 = x.float()
+        want = norm_w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        if relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
+            log.warning("the native RMSNorm disagrees with torch's here: torch's kernels run instead")
+            return False
     return True
 
 

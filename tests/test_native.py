@@ -181,3 +181,26 @@ def test_rmsnorm_in_one_call_matches_the_modules_ops(dtype: torch.dtype, cast_af
             norm(strided), want.transpose(0, 1), rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-5
         )
     assert native.rmsnorm(x, torch.ones(h, dtype=torch.float64), 1e-5, True) is None  # a dtype the C file lacks
+
+
+def test_a_library_whose_rmsnorm_disagrees_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    real = native.load
+
+    def broken(path: Path) -> object:
+        lib = real(path)
+
+        class Wrong:  # the matmuls as built, an RMSNorm that writes nothing
+            moemesh_int8_gemv = lib.moemesh_int8_gemv
+            moemesh_int4_gemv = lib.moemesh_int4_gemv
+
+            @staticmethod
+            def moemesh_rmsnorm(*args: object) -> int:
+                return 0
+
+        return Wrong()
+
+    monkeypatch.setattr(native, "load", broken)
+    assert not native.available()

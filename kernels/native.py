@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -112,9 +112,11 @@ def _library() -> ctypes.CDLL | None:
     return lib if _agrees(lib) else None
 
 
+@torch.no_grad()
 def _agrees(lib: ctypes.CDLL) -> bool:
     """Whether the built kernels match the reference on this CPU (a miscompile stays unused)."""
     from kernels.quant import linear_reference, quantize_int4, quantize_int8, relative_error
+    from kernels.span import RMSNorm
 
     g = torch.Generator().manual_seed(0)
     for dtype in _DTYPES:
@@ -125,12 +127,12 @@ def _agrees(lib: ctypes.CDLL) -> bool:
             if got is None or relative_error(want, got) > (1e-5 if dtype == torch.float32 else 1e-2):
                 log.warning("native int8/int4 kernels disagree with the reference here: torch's kernels run instead")
                 return False
-        norm_w = torch.randn(96, generator=g).to(dtype)
+        norm = RMSNorm(96, 1e-6)  # exact: torch's own ops
+        norm.weight.data = torch.randn(96, generator=g).to(dtype)
         y = torch.empty_like(x)
         code = _DTYPES[dtype]
-        lib.moemesh_rmsnorm(x.data_ptr(), code, 3, 96, norm_w.data_ptr(), code, 1e-6, 0, y.data_ptr())
-        x32 = x.float()
-        want = norm_w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        lib.moemesh_rmsnorm(x.data_ptr(), code, 3, 96, norm.weight.data_ptr(), code, 1e-6, 0, y.data_ptr())
+        want = norm(x)
         if relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
             log.warning("the native RMSNorm disagrees with torch's here: torch's kernels run instead")
             return False
@@ -148,32 +150,26 @@ def _applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
     return x.is_cpu and scales.is_cpu and x.dtype is scales.dtype and x.dtype in _DTYPES
 
 
-def _int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
-    codes, scales = w.codes, w.scales
+def _gemv(fn: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *group: int) -> torch.Tensor | None:
+    """One kernel call ``fn(x, dtype, M, K, codes, scales[, group], N, y, threads)`` -> y [..., N]."""
     if not (_applies(x, scales) and codes.is_contiguous() and scales.is_contiguous()):
         return None
     x = x.contiguous()
     k, n = x.shape[-1], codes.shape[0]
     y = x.new_empty((*x.shape[:-1], n))
-    rc = lib.moemesh_int8_gemv(
-        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), n, y.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return None if rc else y
-
-
-def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
-    packed, scale_zeros = w.packed, w.scale_zeros
-    if not (_applies(x, scale_zeros) and packed.is_contiguous() and scale_zeros.is_contiguous()):
-        return None
-    x = x.contiguous()
-    k, n = x.shape[-1], packed.shape[0]
-    y = x.new_empty((*x.shape[:-1], n))
-    rc = lib.moemesh_int4_gemv(
-        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, packed.data_ptr(), scale_zeros.data_ptr(), w.group, n,
+    rc = fn(
+        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), *group, n,
         y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return None if rc else y
+
+
+def _int8(lib: ctypes.CDLL, x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
+    return _gemv(lib.moemesh_int8_gemv, x, w.codes, w.scales)
+
+
+def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
+    return _gemv(lib.moemesh_int4_gemv, x, w.packed, w.scale_zeros, w.group)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:

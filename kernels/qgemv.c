@@ -65,10 +65,33 @@ static inline float fold(const float *a) { /* pairwise: 16 -> 8 -> 4 -> 2 -> 1 *
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+static void row_to_f32(const void *p, int dtype, int64_t n, float *restrict out) { /* one loop per dtype */
+    switch (dtype) {
+    case BF16:
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(((const uint16_t *)p)[i]);
+        break;
+    case F16:
+        for (int64_t i = 0; i < n; i++) out[i] = (float)((const _Float16 *)p)[i];
+        break;
+    default: memcpy(out, p, (size_t)n * sizeof(float));
+    }
+}
+
+static void row_from_f32(const float *restrict v, int dtype, int64_t n, void *p) {
+    switch (dtype) {
+    case BF16:
+        for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[i] = f32_to_bf16(v[i]);
+        break;
+    case F16:
+        for (int64_t i = 0; i < n; i++) ((_Float16 *)p)[i] = (_Float16)v[i];
+        break;
+    default: memcpy(p, v, (size_t)n * sizeof(float));
+    }
+}
+
 static float *as_f32(const void *x, int dtype, int64_t count) {
     float *xf = malloc((size_t)count * sizeof(float));
-    if (xf)
-        for (int64_t i = 0; i < count; i++) xf[i] = load(x, dtype, i);
+    if (xf) row_to_f32(x, dtype, count, xf);
     return xf;
 }
 
@@ -275,30 +298,6 @@ int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
  * Per row of H: r = 1 / sqrt(mean(x^2) + eps) in fp32 (the squares summed in 16 lanes, folded
  * pairwise), then w * dtype(x * r) rounded to the dtype, or dtype(w * x * r) with
  * cast_after_weight (GPT-OSS, fp32 weights). w has its own dtype. */
-
-static void row_to_f32(const void *p, int dtype, int64_t n, float *restrict out) { /* one loop per dtype */
-    switch (dtype) {
-    case BF16:
-        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(((const uint16_t *)p)[i]);
-        break;
-    case F16:
-        for (int64_t i = 0; i < n; i++) out[i] = (float)((const _Float16 *)p)[i];
-        break;
-    default: memcpy(out, p, (size_t)n * sizeof(float));
-    }
-}
-
-static void row_from_f32(const float *restrict v, int dtype, int64_t n, void *p) {
-    switch (dtype) {
-    case BF16:
-        for (int64_t i = 0; i < n; i++) ((uint16_t *)p)[i] = f32_to_bf16(v[i]);
-        break;
-    case F16:
-        for (int64_t i = 0; i < n; i++) ((_Float16 *)p)[i] = (_Float16)v[i];
-        break;
-    default: memcpy(p, v, (size_t)n * sizeof(float));
-    }
-}
 
 int moemesh_rmsnorm(const void *x, int dtype, int64_t M, int64_t H, const void *w, int wdtype, float eps,
                     int cast_after_weight, void *y) {

@@ -343,13 +343,7 @@ def quantize_span(span: SpanModel, mode: str) -> None:
             assert not isinstance(q, torch.Tensor)
             delattr(module, name)
             setattr(module, name, QuantTensor(q))
-    for module in span.modules():  # bound to no one's bf16 bits: fp32 decode attention and router, C norms
-        if hasattr(module, "decode_fp32"):
-            module.decode_fp32 = True
-        if hasattr(module, "native"):
-            module.native = True
-        if hasattr(module, "router_fp32"):
-            module.router_fp32 = True
+    span.set_exact(False)  # bound to no one's bits: the faster decode ops
     span.quantization = mode
 
 

@@ -36,7 +36,7 @@ __all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock
 
 
 class RMSNorm(nn.Module):
-    native = False  # one C call (kernels.native.rmsnorm) instead of 8 ops: set for quantized spans
+    exact = True  # transformers' ops, bit for bit; False: one C call (kernels.native.rmsnorm) instead of 8
 
     def __init__(self, dim: int, eps: float, cast_after_weight: bool = False) -> None:
         super().__init__()
@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         self.cast_after_weight = cast_after_weight  # GPT-OSS: (w * x).to(dtype), its weights kept in fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native and (y := native.rmsnorm(x, self.weight, self.eps, self.cast_after_weight)) is not None:
+        if not self.exact and (y := native.rmsnorm(x, self.weight, self.eps, self.cast_after_weight)) is not None:
             return y
         dtype = x.dtype
         x = x.to(torch.float32)
@@ -80,7 +80,7 @@ def _attend(
 class Attention(nn.Module):
     """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
 
-    decode_fp32 = False  # one-token decode attends in fp32 (set for quantized spans: attention_decode_fp32)
+    exact = True  # transformers' SDPA calls; False: one-token decode attends in fp32 (attention_decode_fp32)
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -120,7 +120,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
         sinks, window, scale = self.sinks, self.window, self.scale
-        sdpa = attention_decode_fp32 if self.decode_fp32 else attention_sdpa
+        sdpa = attention_sdpa if self.exact else attention_decode_fp32
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
             if sinks is not None:
@@ -134,7 +134,7 @@ class LatentAttention(nn.Module):
     """DeepSeek's multi-head latent attention; the cache holds the normalised kv latent and the
     shared rotary key (transformers' layout), expanded to per-head keys and values each step."""
 
-    decode_fp32 = False  # as Attention's
+    exact = True  # as Attention's
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -189,7 +189,7 @@ class LatentAttention(nn.Module):
         q_rot, k_rot = apply_rotary(q_rot, k_rot, *rope, style=self.cfg.rope_style)
         q = torch.cat((q_pass, q_rot), dim=-1)
         scale = self.scale
-        sdpa = attention_decode_fp32 if self.decode_fp32 else attention_sdpa
+        sdpa = attention_sdpa if self.exact else attention_decode_fp32
 
         def attend(q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor, offset: int) -> torch.Tensor:
             return sdpa(q, *self._expand(latent, k_rot), scale, offset)
@@ -212,7 +212,7 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
 
-    router_fp32 = False  # the router's matmul in fp32 (moe.linear_fp32): set for quantized spans
+    exact = True  # transformers' router matmul; False: in fp32 (moe.linear_fp32)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -252,7 +252,7 @@ class MoEBlock(nn.Module):
             return route_softmax_group(
                 flat, self.router, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_limited, cfg.routed_scaling_factor
             )
-        linear = linear_fp32 if self.router_fp32 else F.linear
+        linear = F.linear if self.exact else linear_fp32
         if cfg.router == "topk_softmax":
             upcast = self.router_bias is None
             return route_topk_softmax(flat, self.router, self.router_bias, cfg.top_k, upcast, linear)
@@ -324,6 +324,14 @@ class SpanModel(nn.Module):
     @property
     def is_first(self) -> bool:
         return self.embed_tokens is not None
+
+    def set_exact(self, exact: bool) -> None:
+        """Whether the span computes with transformers' own ops, bit for bit (the default), or,
+        where no one's bits bind it (a quantized span), with faster ones: fp32 decode
+        attention and router, one-call RMSNorms."""
+        for module in self.modules():
+            if isinstance(module, Attention | LatentAttention | RMSNorm | MoEBlock):
+                module.exact = exact
 
     def new_cache(self, max_length: int, batch: int = 1, layers: tuple[int, int] | None = None) -> KVCache:
         """A cache for `layers` (local [first, last), default all) holding up to `max_length` tokens."""

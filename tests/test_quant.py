@@ -30,6 +30,7 @@ from kernels import (
 from kernels.attention import attention_decode_fp32, attention_sdpa
 from kernels.moe import linear_fp32
 from kernels.quant import _int4_layout_ok, pack_int4, unpack_int4
+from kernels.span import Attention, LatentAttention, MoEBlock, RMSNorm
 from shards import Checkpoint
 
 # Tolerances of the packed kernels against the reference: both dequantize in fp32, but the
@@ -149,16 +150,17 @@ def test_quantized_spans_decode_attention_in_fp32_and_full_precision_ones_do_not
     family: str, tiny_models: dict[str, Path], variant_models: dict[str, Path]
 ) -> None:
     checkpoint = Checkpoint(variant_models.get(family) or tiny_models[family])
-    attentions = lambda span: [m for m in span.modules() if hasattr(m, "decode_fp32")]  # noqa: E731
     plain, quantized = (checkpoint.load_span(0, 2, dtype=torch.bfloat16, quantize=m) for m in ("none", "int8"))
+    kinds = lambda span, *types: [m for m in span.modules() if isinstance(m, types)]  # noqa: E731
+    attentions = lambda span: kinds(span, Attention, LatentAttention)  # noqa: E731
     assert len(attentions(plain)) == len(plain.layers)
-    assert not any(m.decode_fp32 for m in attentions(plain))  # bound to transformers' bits
-    assert all(m.decode_fp32 for m in attentions(quantized))
-    norms = lambda span: [m for m in span.modules() if hasattr(m, "native")]  # noqa: E731
-    assert norms(plain) and not any(m.native for m in norms(plain))
-    assert all(m.native for m in norms(quantized))  # one C call each (kernels.native.rmsnorm)
-    blocks = lambda span: [m for m in span.modules() if hasattr(m, "router_fp32")]  # noqa: E731
-    assert not any(m.router_fp32 for m in blocks(plain)) and all(m.router_fp32 for m in blocks(quantized))
+    assert all(m.exact for m in attentions(plain))  # bound to transformers' bits
+    assert not any(m.exact for m in attentions(quantized))
+    norms = lambda span: kinds(span, RMSNorm)  # noqa: E731
+    assert norms(plain) and all(m.exact for m in norms(plain))
+    assert not any(m.exact for m in norms(quantized))  # one C call each (kernels.native.rmsnorm)
+    blocks = lambda span: kinds(span, MoEBlock)  # noqa: E731
+    assert all(m.exact for m in blocks(plain)) and not any(m.exact for m in blocks(quantized))
     assert blocks(plain) or family == "llama"
     x, w, b = (
         torch.randn(*shape, generator=torch.Generator().manual_seed(5)).bfloat16() for shape in ((3, 64), (8, 64), (8,))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import native
+
 __all__ = [
     "attention_decode_fp32",
     "attention_mask",
@@ -86,14 +88,24 @@ def attention_decode_fp32(
     scale: float,
     kv_offset: int = 0,
     window: int | None = None,
+    sinks: torch.Tensor | None = None,  # [H] GPT-OSS's sink logits
 ) -> torch.Tensor:  # [B, H, T, Dv]
-    """`attention_sdpa` in fp32 for one-token decode of bf16/fp16 on the CPU, rounded back once.
+    """One-token decode attention on the CPU in fp32, rounded back once: a quantized span's.
 
-    torch's bf16 SDPA on a CPU without AMX took 150 us against fp32's 37 (136 keys, 16 heads
-    of 64, 4 kv heads; 600 against 92 at 512 keys), casts included this is still 3-4x
-    faster. It is not transformers' bf16 arithmetic, so only spans that are not bound to
-    transformers' bits use it (quantized ones: `kernels.quant.quantize_span`)."""
-    if q.shape[2] != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+    One C call (`kernels.native.attend`) where it is built: the cache is read as it is, with
+    none of the ~10 dispatcher ops around an SDPA call. Else torch's fp32 SDPA on casts: bf16
+    SDPA on a CPU without AMX took 150 us against fp32's 37 (136 keys, 16 heads of 64, 4 kv
+    heads; 600 against 92 at 512 keys). Neither is transformers' bf16 arithmetic, so only
+    spans not bound to transformers' bits use it (quantized ones: `kernels.quant.quantize_span`)."""
+    if q.shape[2] != 1 or q.device.type != "cpu":
+        if sinks is not None:
+            return attention_sinks(q, k, v, scale, sinks, kv_offset, window)
+        return attention_sdpa(q, k, v, scale, kv_offset, window)
+    if (y := native.attend(q, k, v, scale, sinks)) is not None:  # every cached key is visible to a decode step
+        return y
+    if sinks is not None:
+        return attention_sinks(q, k, v, scale, sinks, kv_offset, window)
+    if q.dtype == torch.float32:
         return attention_sdpa(q, k, v, scale, kv_offset, window)
     return attention_sdpa(q.float(), k.float(), v.float(), scale, kv_offset, window).to(q.dtype)
 

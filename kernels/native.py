@@ -1,4 +1,5 @@
-"""Decode-sized matmuls on int8 and int4 weights, and RMSNorm in one call, in C (`kernels/qgemv.c`).
+"""Decode-sized matmuls on int8 and int4 weights, a MoE layer's quantized experts, a decode
+step's attention and RMSNorm, each in one call, in C (`kernels/qgemv.c`).
 
 For a few rows of activations (decode tokens) torch's packed CPU kernels read their weights
 well below what the memory gives: `torch._weight_int8pack_mm` read int8 at ~11 GB/s on this
@@ -32,11 +33,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from kernels.quant import Int4Weight, Int8Weight
+    from kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
-__all__ = ["MAX_ROWS", "NO_NATIVE_ENV", "available", "int4_gemv", "int8_gemv", "library_path", "load", "rmsnorm"]
+__all__ = [
+    "MAX_ROWS",
+    "NO_NATIVE_ENV",
+    "attend",
+    "available",
+    "int4_gemv",
+    "int8_gemv",
+    "library_path",
+    "load",
+    "moe",
+    "rmsnorm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +102,11 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moemesh_int8_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT]
     lib.moemesh_int4_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]
     lib.moemesh_rmsnorm.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, ctypes.c_float, _INT, _PTR]
-    lib.moemesh_int8_gemv.restype = lib.moemesh_int4_gemv.restype = lib.moemesh_rmsnorm.restype = _INT
+    lib.moemesh_moe.argtypes = [_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 5, _INT]
+    lib.moemesh_attend.argtypes = [_PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64]
+    lib.moemesh_attend.argtypes += [ctypes.c_float, _PTR, _PTR, _INT]
+    for fn in (lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe, lib.moemesh_attend):
+        fn.restype = _INT
     return lib
 
 
@@ -135,6 +152,35 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         want = norm(x)
         if relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
             log.warning("the native RMSNorm disagrees with torch's here: torch's kernels run instead")
+            return False
+        if not _agrees_moe_attention(lib, dtype, g):
+            log.warning("the native MoE or attention disagrees with torch's here: torch's kernels run instead")
+            return False
+    return True
+
+
+def _agrees_moe_attention(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) -> bool:
+    from kernels.attention import attention_reference, attention_sinks
+    from kernels.moe import experts_reference
+    from kernels.quant import dequantize, quantize_int4, quantize_int8, relative_error
+
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    gate_up, down = torch.randn(4, 128, 64, generator=g).to(dtype), torch.randn(4, 64, 64, generator=g).to(dtype)
+    x = torch.randn(3, 64, generator=g).to(dtype)
+    ids, weights = torch.tensor([[2, 0], [1, 2], [3, 1]]), torch.softmax(torch.randn(3, 2, generator=g), dim=-1)
+    for quantize in (quantize_int8, quantize_int4):
+        a, b = quantize(gate_up), quantize(down)
+        got = _moe(lib, x, ids, weights, a, b)
+        want = experts_reference(x.float(), ids, weights, dequantize(a), dequantize(b), F.silu)  # not these kernels
+        if got is None or relative_error(want.to(dtype), got) > tolerance:
+            return False
+    q, k, v = (torch.randn(1, h, s, 64, generator=g).to(dtype) for h, s in ((8, 1), (2, 9), (2, 9)))
+    sinks = torch.randn(8, generator=g)
+    for want, got in (
+        (attention_reference(q.float(), k.float(), v.float(), 0.125), _attend(lib, q, k, v, 0.125, None)),
+        (attention_sinks(q.float(), k.float(), v.float(), 0.125, sinks), _attend(lib, q, k, v, 0.125, sinks)),
+    ):
+        if got is None or relative_error(want.to(dtype), got) > tolerance:
             return False
     return True
 
@@ -199,3 +245,85 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
     """``x [..., K] @ w.T`` for int4 weights ``[N, K]`` in torch's layout; None as for `int8_gemv`."""
     lib = _library()
     return None if lib is None else _int4(lib, x, w)
+
+
+def _experts(w: QuantWeight) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
+    """(kind, codes, scales, group) of a stack of quantized experts, None unless contiguous."""
+    from kernels.quant import Int8Weight
+
+    codes, scales = (w.codes, w.scales) if isinstance(w, Int8Weight) else (w.packed, w.scale_zeros)
+    if not (codes.is_cpu and codes.is_contiguous() and scales.is_contiguous()):
+        return None
+    return (8, codes, scales, 0) if isinstance(w, Int8Weight) else (4, codes, scales, w.group)
+
+
+def moe(
+    x: torch.Tensor,  # [M, H]
+    ids: torch.Tensor,  # [M, k] int64
+    weights: torch.Tensor,  # [M, k]
+    gate_up: QuantWeight,  # [E, 2I, H]
+    down: QuantWeight,  # [E, H, I]
+) -> torch.Tensor | None:  # [M, H]
+    """A MoE layer's experts for up to `MAX_ROWS` tokens in one call (`kernels.moe`'s dispatch and
+    sums; see the C file); None where it does not apply (no library, more rows, not the CPU,
+    another dtype, unlike or non-contiguous stacks)."""
+    lib = _library()
+    return None if lib is None else _moe(lib, x, ids, weights, gate_up, down)
+
+
+def _moe(
+    lib: ctypes.CDLL, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: QuantWeight, down: QuantWeight
+) -> torch.Tensor | None:
+    a, b = _experts(gate_up), _experts(down)
+    if a is None or b is None or a[0] != b[0] or a[3] != b[3] or x.dim() != 2:
+        return None
+    kind, gu_codes, gu_scales, group = a
+    _, dn_codes, dn_scales, _ = b
+    m, h = x.shape
+    e, i = gate_up.shape[0], down.shape[-1]
+    if m > MAX_ROWS or not _applies(x, gu_scales) or dn_scales.dtype is not x.dtype or gate_up.shape[1:] != (2 * i, h):
+        return None
+    x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
+    rw = weights.to(torch.float32).contiguous()
+    y = torch.empty_like(x)
+    rc = lib.moemesh_moe(
+        kind, x.data_ptr(), _DTYPES[x.dtype], m, h, ids.shape[1], ids.data_ptr(), rw.data_ptr(), e, i, group,
+        gu_codes.data_ptr(), gu_scales.data_ptr(), dn_codes.data_ptr(), dn_scales.data_ptr(), y.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return None if rc else y
+
+
+def attend(
+    q: torch.Tensor,  # [1, Hq, 1, D]
+    k: torch.Tensor,  # [1, Hkv, S, D]
+    v: torch.Tensor,  # [1, Hkv, S, Dv]
+    scale: float,
+    sinks: torch.Tensor | None = None,  # [Hq] GPT-OSS's sink logits
+) -> torch.Tensor | None:  # [1, Hq, 1, Dv]
+    """One query token's attention over all S keys of one session in one call, in fp32 (see the
+    C file); None where it does not apply (no library, not the CPU, another dtype, more rows
+    or tokens, positions not contiguous). Takes the tensors as attention has them: indexing
+    them down to 2-D would cost more than the call."""
+    lib = _library()
+    return None if lib is None else _attend(lib, q, k, v, scale, sinks)
+
+
+def _attend(
+    lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sinks: torch.Tensor | None
+) -> torch.Tensor | None:
+    code = _DTYPES.get(q.dtype)
+    if code is None or not (q.is_cpu and k.is_cpu and v.is_cpu) or not (q.dtype is k.dtype is v.dtype):
+        return None
+    (b, hq, t, d), (_, hkv, s, _), dv = q.shape, k.shape, v.shape[-1]
+    if b != 1 or t != 1 or q.stride(-1) != 1 or k.stride()[2:] != (d, 1) or v.stride()[2:] != (dv, 1):
+        return None
+    if hq % hkv or not s or k.shape[0] != 1 or v.shape[0] != 1:
+        return None
+    sink = None if sinks is None else sinks.to(torch.float32).contiguous()
+    y = q.new_empty((1, hq, 1, dv))
+    rc = lib.moemesh_attend(
+        q.data_ptr(), code, hq, d, q.stride(1), k.data_ptr(), k.stride(1), v.data_ptr(), v.stride(1), hkv, s, dv,
+        scale, None if sink is None else sink.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return None if rc else y

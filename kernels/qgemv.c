@@ -21,9 +21,13 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define LANES 16
 #define BLOCK 64 /* int4: output channels per block of torch's layout */
+#define MAX_M 64  /* rows per call at most (kernels.native.MAX_ROWS is less) */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -125,14 +129,23 @@ static inline float int8_dot(const float *restrict x, const int8_t *restrict w, 
     return fold64(acc);
 }
 
+/* Output channel n of int8 weights for M rows of fp32 x: out[m * ld], in fp32. */
+static inline void int8_channel(const float *restrict xf, int64_t M, int64_t K, const int8_t *restrict w,
+                                const void *scales, int dtype, int64_t n, float *restrict out, int64_t ld) {
+    const float scale = load(scales, dtype, n);
+    for (int64_t m = 0; m < M; m++) out[m * ld] = int8_dot(xf + m * K, w + n * K, K) * scale;
+}
+
 int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
                       int64_t N, void *y, int threads) {
+    if (M > MAX_M) return 3;
     float *xf = as_f32(x, dtype, M * K);
     if (!xf) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
     for (int64_t n = 0; n < N; n++) {
-        const float scale = load(scales, dtype, n);
-        for (int64_t m = 0; m < M; m++) store(y, dtype, m * N + n, int8_dot(xf + m * K, w + n * K, K) * scale);
+        float out[MAX_M];
+        int8_channel(xf, M, K, w, scales, dtype, n, out, 1);
+        for (int64_t m = 0; m < M; m++) store(y, dtype, m * N + n, out[m]);
     }
     free(xf);
     return 0;
@@ -250,45 +263,62 @@ static void int4_block_bf16(const uint16_t *restrict xb, const uint8_t *restrict
 }
 #endif
 
+/* Block b (channels 64b .. 64b + width) of int4 weights for one row: x in its dtype (the BF16
+ * dot product reads it as it is), xf in fp32, xsum its sums per group; out[c] in fp32. */
+static int int4_block_row(const void *x, int dtype, const float *restrict xf, const float *restrict xsum, int64_t K,
+                          const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, int64_t b,
+                          float out[BLOCK]) {
+    const int64_t groups = K / G, n0 = b * BLOCK;
+    const int width = n0 + BLOCK <= N ? BLOCK : (int)(N - n0);
+    const uint8_t *base = packed + n0 * (K / 2);
+    memset(out, 0, BLOCK * sizeof(float));
+#ifdef INT4_BF16_DOT
+    if (dtype == BF16 && width == BLOCK) {
+        int4_block_bf16((const uint16_t *)x, base, scale_zeros, G, groups, N, n0, xsum, out);
+        return width;
+    }
+#endif
+    (void)x;
+    float acc[BLOCK], s[BLOCK], z[BLOCK];
+    for (int64_t g = 0; g < groups; g++) {
+        int4_group(xf, base, g * G, G, width, acc);
+        int4_scales(scale_zeros, dtype, g * N + n0, width, s, z);
+        for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[c], z[c] * xsum[g]);
+    }
+    return width;
+}
+
+static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float *restrict xsum) {
+    for (int64_t i = 0; i < rows; i++) {
+        float s = 0;
+        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
+        xsum[i] = s;
+    }
+}
+
+static inline int64_t int4_blocks(int64_t N) { return (N + BLOCK - 1) / BLOCK; }
+
 int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint8_t *packed,
                       const void *scale_zeros, int64_t G, int64_t N, void *y, int threads) {
     if (K % G || G % 2) return 2;
     float *xf = as_f32(x, dtype, M * K);
     if (!xf) return 1;
-    const int64_t groups = K / G, full = N - N % BLOCK, blocks = full / BLOCK, tail = N - full;
+    const int64_t groups = K / G;
     float *xsum = malloc((size_t)(M * groups) * sizeof(float)); /* sum of x over each group */
     if (!xsum) {
         free(xf);
         return 1;
     }
-    for (int64_t i = 0; i < M * groups; i++) {
-        float s = 0;
-        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
-        xsum[i] = s;
-    }
+    group_sums(xf, M * groups, G, xsum);
+    const size_t size = dtype == F32 ? 4 : 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
-    for (int64_t b = 0; b < blocks + (tail > 0); b++) {
-        const int64_t n0 = b * BLOCK;
-        const int width = b < blocks ? BLOCK : (int)tail;
-        const uint8_t *base = packed + n0 * (K / 2);
+    for (int64_t b = 0; b < int4_blocks(N); b++)
         for (int64_t m = 0; m < M; m++) {
-            float out[BLOCK] = {0}, acc[BLOCK], s[BLOCK], z[BLOCK];
-#ifdef INT4_BF16_DOT
-            if (dtype == BF16 && width == BLOCK) {
-                int4_block_bf16((const uint16_t *)x + m * K, base, scale_zeros, G, groups, N, n0, xsum + m * groups, out);
-                for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
-                continue;
-            }
-#endif
-            for (int64_t g = 0; g < groups; g++) {
-                int4_group(xf + m * K, base, g * G, G, width, acc);
-                int4_scales(scale_zeros, dtype, g * N + n0, width, s, z);
-                const float xs = xsum[m * groups + g];
-                for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[c], z[c] * xs);
-            }
-            for (int c = 0; c < width; c++) store(y, dtype, m * N + n0 + c, out[c]);
+            float out[BLOCK];
+            const int width = int4_block_row((const char *)x + (size_t)(m * K) * size, dtype, xf + m * K,
+                                             xsum + m * groups, K, packed, scale_zeros, G, N, b, out);
+            for (int c = 0; c < width; c++) store(y, dtype, m * N + b * BLOCK + c, out[c]);
         }
-    }
     free(xsum);
     free(xf);
     return 0;
@@ -323,6 +353,266 @@ int moemesh_rmsnorm(const void *x, int dtype, int64_t M, int64_t H, const void *
             for (int64_t h = 0; h < H; h++) out[h] = wf[h] * out[h];
         }
         row_from_f32(out, dtype, H, (char *)y + (size_t)(m * H) * size);
+    }
+    free(buf);
+    return 0;
+}
+
+/* ---- exp, in plain arithmetic --------------------------------------------------------------
+ * exp(x) = 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by a degree-6 polynomial
+ * (relative error < 3e-7). Written without library calls (not even floorf, which gcc does not
+ * inline without -ffast-math), so that gcc vectorizes the loops
+ * that use it and every vector width gives the same bits. x is clamped to [-87.3, 88.7]:
+ * exp(-inf) comes out as ~1e-38 rather than 0, which no softmax or SiLU below can tell. */
+static inline float exp_f32(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.7f ? 88.7f : x;
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* rounded to an integer (1.5 * 2^23) */
+    float r = x - n * 0.693145752f; /* ln 2 in two parts: the high one exact in n * hi */
+    r = r - n * 1.42860677e-6f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* ---- one MoE layer of a few tokens on quantized experts ----------------------------------
+ * Token m's top-k experts ids[m, :] with routing weights rw[m, :]. Each hit expert runs over
+ * the rows that chose it (experts ascending; per expert its rows in (slot, token) order, as
+ * kernels.moe.dispatch plans them): gate and up in fp32, h = silu(gate) * up rounded to the
+ * dtype, down, times the routing weight, rounded to the dtype; a token's outputs are then
+ * added in ascending expert order, each sum rounded to the dtype (kernels.moe's order). A row
+ * gets the same bits whatever other rows share the call, as in the matmuls above.
+ *
+ * Experts are stacked: gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I], in the
+ * int8 or int4 layout of the matmuls (kind 8 or 4), scales in the dtype of x. */
+
+typedef struct {
+    int kind;
+    const void *codes, *scales;
+    int64_t N, K, G, codes_stride, scales_stride; /* per expert: bytes of codes, elements of scales */
+} Experts;
+
+static int64_t units(const Experts *w) { return w->kind == 8 ? w->N : int4_blocks(w->N); }
+
+/* Unit u (a channel, or a block of 64) of expert e's matmul over `rows` rows: out[r * N + n]. */
+static void matmul_unit(const Experts *w, int64_t e, const void *x, int dtype, const float *xf, const float *xsum,
+                        int64_t rows, int64_t u, float *out) {
+    const size_t size = dtype == F32 ? 4 : 2;
+    const char *codes = (const char *)w->codes + e * w->codes_stride;
+    const char *scales = (const char *)w->scales + (size_t)(e * w->scales_stride) * size;
+    if (w->kind == 8) {
+        int8_channel(xf, rows, w->K, (const int8_t *)codes, scales, dtype, u, out + u, w->N);
+        return;
+    }
+    const int64_t groups = w->K / w->G;
+    for (int64_t r = 0; r < rows; r++) {
+        float o[BLOCK];
+        const int width = int4_block_row((const char *)x + (size_t)(r * w->K) * size, dtype, xf + r * w->K,
+                                         xsum + r * groups, w->K, (const uint8_t *)codes, scales, w->G, w->N, u, o);
+        memcpy(out + r * w->N + u * BLOCK, o, (size_t)width * sizeof(float));
+    }
+}
+
+static inline float round_to(int dtype, float v) {
+    switch (dtype) {
+    case BF16: return bf16_to_f32(f32_to_bf16(v));
+    case F16: return (float)(_Float16)v;
+    default: return v;
+    }
+}
+
+int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_t top_k, const int64_t *ids,
+                const float *rw, int64_t E, int64_t I, int64_t G, const void *gu_codes, const void *gu_scales,
+                const void *dn_codes, const void *dn_scales, void *y, int threads) {
+    const int64_t P = M * top_k; /* (token, slot) pairs */
+    if (M > MAX_M || P > MAX_M * 8 || (kind != 8 && kind != 4)) return 3;
+    if (kind == 4 && (H % G || I % G || G % 2)) return 2;
+    const Experts gu = {kind, gu_codes, gu_scales, 2 * I, H, G, kind == 8 ? 2 * I * H : I * H,
+                        kind == 8 ? 2 * I : (H / G) * 2 * I * 2};
+    const Experts dn = {kind, dn_codes, dn_scales, H, I, G, kind == 8 ? H * I : H * I / 2,
+                        kind == 8 ? H : (I / G) * H * 2};
+    int64_t order[MAX_M * 8], start[MAX_M * 8 + 1], hit[MAX_M * 8], n_hit = 0;
+    for (int64_t p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) return 4;
+    /* pairs by (expert, slot, token): expert e's rows are order[start[i] .. start[i + 1]) */
+    int64_t n = 0;
+    for (int64_t e = 0; e < E && n < P; e++) {
+        const int64_t first = n;
+        for (int64_t slot = 0; slot < top_k; slot++)
+            for (int64_t m = 0; m < M; m++)
+                if (ids[m * top_k + slot] == e) order[n++] = m * top_k + slot;
+        if (n > first) {
+            hit[n_hit] = e;
+            start[n_hit++] = first;
+        }
+    }
+    start[n_hit] = n;
+    const size_t size = dtype == F32 ? 4 : 2;
+    const int64_t hg = H / (kind == 4 ? G : 1), ig = I / (kind == 4 ? G : 1);
+    float *buf = malloc((size_t)P * (size_t)(H + hg + 2 * I + I + ig + H) * sizeof(float) + (size_t)P * (H + I) * size);
+    if (!buf) return 1;
+    float *xf = buf, *xsum = xf + P * H, *g = xsum + P * hg, *hf = g + P * 2 * I, *hsum = hf + P * I,
+          *out = hsum + P * ig;
+    char *xr = (char *)(out + P * H), *hr = xr + (size_t)(P * H) * size;
+    for (int64_t p = 0; p < P; p++) { /* gather each pair's token row, in its dtype and in fp32 */
+        memcpy(xr + (size_t)(p * H) * size, (const char *)x + (size_t)(order[p] / top_k * H) * size, (size_t)H * size);
+        row_to_f32(xr + (size_t)(p * H) * size, dtype, H, xf + p * H);
+    }
+    if (kind == 4) group_sums(xf, P * hg, G, xsum);
+#pragma omp parallel num_threads(threads) if (2 * I * H >= 65536)
+    {
+        for (int64_t i = 0; i < n_hit; i++) {
+            const int64_t p0 = start[i], rows = start[i + 1] - p0;
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units(&gu); u++)
+                matmul_unit(&gu, hit[i], xr + (size_t)(p0 * H) * size, dtype, xf + p0 * H, xsum + p0 * hg, rows, u,
+                            g + p0 * 2 * I);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) { /* h = dtype(silu(gate) * up) */
+            const float *gate = g + p * 2 * I, *up = gate + I;
+            float *h = hf + p * I;
+            for (int64_t j = 0; j < I; j++) h[j] = gate[j] / (1.0f + exp_f32(-gate[j])) * up[j];
+            row_from_f32(h, dtype, I, hr + (size_t)(p * I) * size);
+            row_to_f32(hr + (size_t)(p * I) * size, dtype, I, h);
+            if (kind == 4) group_sums(h, ig, G, hsum + p * ig);
+        }
+        for (int64_t i = 0; i < n_hit; i++) {
+            const int64_t p0 = start[i], rows = start[i + 1] - p0;
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units(&dn); u++)
+                matmul_unit(&dn, hit[i], hr + (size_t)(p0 * I) * size, dtype, hf + p0 * I, hsum + p0 * ig, rows, u,
+                            out + p0 * H);
+        }
+    }
+    /* each token: its experts' weighted outputs (rounded), summed in ascending expert order */
+    float *acc = xf; /* the gathered rows are no longer needed */
+    for (int64_t m = 0; m < M; m++) {
+        int first = 1;
+        for (int64_t p = 0; p < P; p++) {
+            if (order[p] / top_k != m) continue;
+            const float w = rw[order[p]];
+            const float *o = out + p * H;
+            for (int64_t j = 0; j < H; j++) {
+                const float v = round_to(dtype, o[j] * w);
+                acc[j] = first ? v : round_to(dtype, acc[j] + v);
+            }
+            first = 0;
+        }
+        row_from_f32(acc, dtype, H, (char *)y + (size_t)(m * H) * size);
+    }
+    free(buf);
+    return 0;
+}
+
+/* 8 lanes as one vector (GCC's vector extension: one AVX register, or two SSE halves, with the
+ * same operations per lane); two of them make the 16 lanes of the sums above. */
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* sum a[d] * b[d]: lane l of 16 adds the products of d = l mod 16 in order (each product
+ * rounded, then added: no fma), then the lanes fold pairwise. */
+static inline float dot(const float *a, const float *b, int64_t n, int64_t nv) {
+    f32x8 lo = {0}, hi = {0};
+    for (int64_t d = 0; d < nv; d += LANES) {
+        lo += load8(a + d) * load8(b + d);
+        hi += load8(a + d + 8) * load8(b + d + 8);
+    }
+    if (nv < n) {
+        float lanes[LANES];
+        memcpy(lanes, &lo, sizeof lo);
+        memcpy(lanes + 8, &hi, sizeof hi);
+        for (int64_t d = nv; d < n; d++) lanes[d - nv] += a[d] * b[d];
+        return fold(lanes);
+    }
+    const f32x8 half = lo + hi; /* fold's steps, in registers */
+    f32x4 quarter[2];
+    memcpy(quarter, &half, sizeof half);
+    const f32x4 c = quarter[0] + quarter[1];
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* out[d] = sum_j p[j] * v[j * n + d] over j in order (each product rounded, then added), for
+ * d < n; 32 columns at a time are kept in registers. */
+static void weighted_rows(const float *p, const float *v, int64_t rows, int64_t n, float *out) {
+    int64_t d0 = 0;
+    for (; d0 + 32 <= n; d0 += 32) {
+        f32x8 a[4] = {{0}, {0}, {0}, {0}};
+        for (int64_t j = 0; j < rows; j++)
+            for (int q = 0; q < 4; q++) a[q] += p[j] * load8(v + j * n + d0 + 8 * q);
+        memcpy(out + d0, a, sizeof a);
+    }
+    for (int64_t d = d0; d < n; d++) {
+        float acc = 0;
+        for (int64_t j = 0; j < rows; j++) acc += p[j] * v[j * n + d];
+        out[d] = acc;
+    }
+}
+
+/* ---- attention of one new token over a session's cache ------------------------------------
+ * q [Hq, D] (rows q_stride apart), keys and values of S positions per kv head (heads k_stride
+ * / v_stride elements apart, positions D / Dv apart), all in one dtype; every key is visible
+ * (a decode step's cache holds only what it may see). Per kv head, its keys and values are
+ * read into fp32 once for the Hq / Hkv query heads that share them. Per query head, in fp32:
+ * scores q.k * scale (`dot`), a softmax (with GPT-OSS's per-head
+ * sink logit in the denominator when sinks is given), the weighted sum of the values in
+ * position order; the result rounded once to the dtype, [Hq, Dv]. */
+int moemesh_attend(const void *q, int dtype, int64_t Hq, int64_t D, int64_t q_stride, const void *k,
+                   int64_t k_stride, const void *v, int64_t v_stride, int64_t Hkv, int64_t S, int64_t Dv, float scale,
+                   const float *sinks, void *y, int threads) {
+    if (Hq % Hkv || S < 1) return 3;
+    const size_t size = dtype == F32 ? 4 : 2;
+    const int64_t groups = Hq / Hkv, dv = D - D % LANES;
+    const size_t per_thread = (size_t)(S * (D + Dv) + groups * (S + D + Dv));
+    float *buf = malloc((size_t)threads * per_thread * sizeof(float));
+    if (!buf) return 1;
+#pragma omp parallel num_threads(threads) if (Hq * S * (D + Dv) >= 131072)
+    {
+#ifdef _OPENMP
+        float *kf = buf + (size_t)omp_get_thread_num() * per_thread;
+#else
+        float *kf = buf;
+#endif
+        float *vf = kf + S * D, *scores = vf + S * Dv, *qf = scores + groups * S, *o = qf + groups * D;
+#pragma omp for schedule(static)
+        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+            const char *kh = (const char *)k + (size_t)(kvh * k_stride) * size;
+            const char *vh = (const char *)v + (size_t)(kvh * v_stride) * size;
+            for (int64_t j = 0; j < S; j++) {
+                row_to_f32(kh + (size_t)(j * D) * size, dtype, D, kf + j * D);
+                row_to_f32(vh + (size_t)(j * Dv) * size, dtype, Dv, vf + j * Dv);
+            }
+            for (int64_t g = 0; g < groups; g++)
+                row_to_f32((const char *)q + (size_t)((kvh * groups + g) * q_stride) * size, dtype, D, qf + g * D);
+            for (int64_t j = 0; j < S; j++)
+                for (int64_t g = 0; g < groups; g++) scores[g * S + j] = dot(qf + g * D, kf + j * D, D, dv) * scale;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t h = kvh * groups + g;
+                float *sc = scores + g * S, *out = o + g * Dv;
+                float top = sinks ? sinks[h] : -INFINITY;
+                for (int64_t j = 0; j < S; j++) top = sc[j] > top ? sc[j] : top;
+                for (int64_t j = 0; j < S; j++) sc[j] = exp_f32(sc[j] - top);
+                float total = sinks ? exp_f32(sinks[h] - top) : 0.0f;
+                for (int64_t j = 0; j < S; j++) total += sc[j];
+                weighted_rows(sc, vf, S, Dv, out);
+                for (int64_t d = 0; d < Dv; d++) out[d] = out[d] / total;
+                row_from_f32(out, dtype, Dv, (char *)y + (size_t)(h * Dv) * size);
+            }
+        }
     }
     free(buf);
     return 0;

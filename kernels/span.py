@@ -22,6 +22,7 @@ from kernels.moe import (
     ClampedSwiGLU,
     ExpertAct,
     experts_forward,
+    experts_fused,
     linear_fp32,
     route,
     route_sigmoid_group,
@@ -80,7 +81,7 @@ def _attend(
 class Attention(nn.Module):
     """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
 
-    exact = True  # transformers' SDPA calls; False: one-token decode attends in fp32 (attention_decode_fp32)
+    exact = True  # transformers' SDPA calls; False: one-token decode attends in fp32, in C (attention_decode_fp32)
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -119,13 +120,14 @@ class Attention(nn.Module):
         if self.cfg.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
-        sinks, window, scale = self.sinks, self.window, self.scale
-        sdpa = attention_sdpa if self.exact else attention_decode_fp32
+        sinks, window, scale, exact = self.sinks, self.window, self.scale, self.exact
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
+            if not exact:
+                return attention_decode_fp32(q, k, v, scale, offset, window, sinks)
             if sinks is not None:
                 return attention_sinks(q, k, v, scale, sinks, offset, window)
-            return sdpa(q, k, v, scale, offset, window)
+            return attention_sdpa(q, k, v, scale, offset, window)
 
         return self.o_proj(_attend(q, k, v, caches, layer, positions, attend))
 
@@ -212,7 +214,7 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
 
-    exact = True  # transformers' router matmul; False: in fp32 (moe.linear_fp32)
+    exact = True  # transformers' router matmul; False: in fp32 (moe.linear_fp32), quantized experts in one C call
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -267,7 +269,9 @@ class MoEBlock(nn.Module):
         if self.gate_up_bias is not None and self.down_bias is not None:
             act = ClampedSwiGLU(self.gate_up_bias, self.down_bias, self.cfg.swiglu_alpha, self.cfg.swiglu_limit)
         gate_up, down = as_weight(self.gate_up), as_weight(self.down)  # quantized or not
-        out = experts_forward(flat, ids, weights, gate_up, down, act)  # [B*T, H]
+        out = None if self.exact or act is not F.silu else experts_fused(flat, ids, weights, gate_up, down)
+        if out is None:
+            out = experts_forward(flat, ids, weights, gate_up, down, act)  # [B*T, H]
         if shared is not None:
             if self.shared_gate is not None:
                 shared = F.sigmoid(self.shared_gate(flat)) * shared

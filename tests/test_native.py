@@ -1,4 +1,5 @@
-"""The C kernels for decode-sized int8/int4 matmuls (kernels/native.py, kernels/qgemv.c)."""
+"""The C kernels (kernels/native.py, kernels/qgemv.c): decode-sized int8/int4 matmuls, RMSNorm, a MoE
+layer's quantized experts and a decode step's attention."""
 
 from __future__ import annotations
 
@@ -138,6 +139,16 @@ def test_a_library_that_disagrees_with_the_reference_is_not_used(
     assert not native.available()
 
 
+@pytest.mark.parametrize("kernel", ["_moe", "_attend"])
+def test_a_library_whose_moe_or_attention_disagrees_is_not_used(
+    kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    real = getattr(native, kernel)
+    monkeypatch.setattr(native, kernel, lambda *args: None if (y := real(*args)) is None else torch.zeros_like(y))
+    assert not native.available()
+
+
 def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
     if "avx512f" not in native._cpu_flags().split():
         pytest.skip("this CPU has no AVX-512: only the portable loops are built here")
@@ -154,6 +165,14 @@ def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
                 q = quantize(w, mode)
                 run = native._int8 if isinstance(q, Int8Weight) else native._int4
                 assert torch.equal(run(lib, x, q), _gemv(x, q)), (mode, dtype, n, k)
+    for mode in ("int8", "int4"):
+        gate_up, down = _stacks(mode, torch.bfloat16, 6, 160, 96, g)
+        x = torch.randn(3, 160, generator=g).bfloat16()
+        ids, weights = _routing(3, 6, 2, g)
+        assert torch.equal(native._moe(lib, x, ids, weights, gate_up, down), native.moe(x, ids, weights, gate_up, down))  # type: ignore[arg-type]
+    q, k, v = (torch.randn(1, h, s, 40, generator=g).bfloat16() for h, s in ((8, 1), (2, 33), (2, 33)))
+    sinks = torch.randn(8, generator=g)
+    assert torch.equal(native._attend(lib, q, k, v, 0.1, sinks), native.attend(q, k, v, 0.1, sinks))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -204,3 +223,160 @@ def test_a_library_whose_rmsnorm_disagrees_is_not_used(
 
     monkeypatch.setattr(native, "load", broken)
     assert not native.available()
+
+
+# ---- a MoE layer's quantized experts in one call (native.moe) ------------------------------
+
+EXPERT_SHAPES = [(4, 64, 64), (8, 96, 160), (6, 160, 96)]  # (experts, hidden, intermediate): tails in both
+
+
+def _stacks(mode: str, dtype: torch.dtype, e: int, h: int, i: int, g: torch.Generator) -> tuple[object, object]:
+    gate_up = (torch.randn(e, 2 * i, h, generator=g) / h**0.5).to(dtype)
+    down = (torch.randn(e, h, i, generator=g) / i**0.5).to(dtype)
+    return quantize(gate_up, mode), quantize(down, mode)
+
+
+def _routing(m: int, e: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    return ids, torch.softmax(torch.randn(m, k, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize(("e", "h", "i"), EXPERT_SHAPES)
+def test_moe_in_one_call_matches_the_reference_experts(mode: str, dtype: torch.dtype, e: int, h: int, i: int) -> None:
+    import torch.nn.functional as F
+
+    from kernels.moe import experts_reference
+    from kernels.quant import dequantize
+
+    g = torch.Generator().manual_seed(e * h + i)
+    gate_up, down = _stacks(mode, dtype, e, h, i, g)
+    for m, k in ((1, 2), (5, 2), (native.MAX_ROWS, 3)):
+        x = torch.randn(m, h, generator=g).to(dtype)
+        ids, weights = _routing(m, e, k, g)
+        got = native.moe(x, ids, weights, gate_up, down)  # type: ignore[arg-type]
+        assert got is not None and got.shape == (m, h) and got.dtype == dtype
+        want = experts_reference(x.float(), ids, weights, dequantize(gate_up), dequantize(down), F.silu)  # type: ignore[arg-type]
+        # fp32 sums of one dequantization; bf16/fp16 round h, each expert's output and each sum
+        assert (
+            relative_error(want, got.float()) <= {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        )
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tokens_moe_bits_do_not_depend_on_its_batch_or_the_thread_count(mode: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    gate_up, down = _stacks(mode, torch.bfloat16, 8, 256, 512, g)
+    x = torch.randn(7, 256, generator=g).bfloat16()
+    ids, weights = _routing(7, 8, 2, g)
+    ids[3] = ids[1]  # two tokens on the same experts: an expert's rows are batched
+    batch = native.moe(x, ids, weights, gate_up, down)  # type: ignore[arg-type]
+    assert batch is not None
+    for i in range(7):
+        assert torch.equal(
+            native.moe(x[i : i + 1], ids[i : i + 1], weights[i : i + 1], gate_up, down), batch[i : i + 1]
+        )  # type: ignore[arg-type]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.moe(x, ids, weights, gate_up, down), batch)  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_moe_in_one_call_declines_what_it_does_not_take() -> None:
+    g = torch.Generator().manual_seed(4)
+    gate_up, down = _stacks("int8", torch.bfloat16, 4, 64, 64, g)
+    x = torch.randn(2, 64, generator=g).bfloat16()
+    ids, weights = _routing(2, 4, 2, g)
+    assert native.moe(x, ids, weights, gate_up, down) is not None  # type: ignore[arg-type]
+    many = torch.randn(native.MAX_ROWS + 1, 64, generator=g).bfloat16()
+    assert native.moe(many, *_routing(native.MAX_ROWS + 1, 4, 2, g), gate_up, down) is None  # type: ignore[arg-type]
+    assert native.moe(x.float(), ids, weights, gate_up, down) is None  # type: ignore[arg-type]  # not the scales' dtype
+    int4_up, _ = _stacks("int4", torch.bfloat16, 4, 64, 64, g)
+    assert native.moe(x, ids, weights, int4_up, down) is None  # type: ignore[arg-type]  # unlike stacks
+    bad = ids.clone()
+    bad[0, 0] = 4  # no such expert: refused in C, not read out of bounds
+    assert native.moe(x, bad, weights, gate_up, down) is None  # type: ignore[arg-type]
+
+
+# ---- a decode step's attention in one call (native.attend) ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 64), (4, 4, 40), (6, 1, 128)])
+def test_attention_in_one_call_matches_the_reference(dtype: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    from kernels.attention import attention_reference, attention_sinks
+
+    g = torch.Generator().manual_seed(hq * d)
+    for s in (1, 17, 300):
+        q = torch.randn(1, hq, 1, d, generator=g).to(dtype)
+        cache = torch.randn(2, 1, hkv, s + 5, d, generator=g).to(dtype)  # a cache with room to spare
+        k, v = cache[0, :, :, :s], cache[1, :, :, :s]  # views, as the cache hands them over
+        sinks = torch.randn(hq, generator=g)
+        for want, got in (
+            (attention_reference(q.float(), k.float(), v.float(), d**-0.5), native.attend(q, k, v, d**-0.5)),
+            (attention_sinks(q.float(), k.float(), v.float(), d**-0.5, sinks), native.attend(q, k, v, d**-0.5, sinks)),
+        ):
+            assert got is not None and got.shape == (1, hq, 1, d) and got.dtype == dtype
+            tolerance = 2**-8 if dtype == torch.bfloat16 else 2**-11 if dtype == torch.float16 else 1e-6
+            torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=1e-6)
+
+
+def test_attention_in_one_call_is_thread_invariant_and_declines_what_it_does_not_take() -> None:
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, h, s, 64, generator=g).bfloat16() for h, s in ((16, 1), (4, 200), (4, 200)))
+    one = native.attend(q, k, v, 0.125)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.attend(q, k, v, 0.125), one)  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(threads)
+    assert native.attend(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), 0.125) is None
+    assert native.attend(torch.randn(1, 16, 2, 64).bfloat16(), k, v, 0.125) is None  # two query tokens
+    assert native.attend(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, 0.125) is None  # strided positions
+    assert native.attend(q.double(), k.double(), v.double(), 0.125) is None
+
+
+def test_quantized_spans_take_the_one_call_moe_and_attention_at_decode(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shards import Checkpoint
+
+    span = Checkpoint(tiny_models["mixtral"]).load_span(0, 4, dtype=torch.bfloat16, quantize="int4")
+    calls = {"moe": 0, "attend": 0}
+    for name in calls:
+        real = getattr(native, name)
+
+        def counted(*args: object, _real: object = real, _name: str = name) -> object:
+            calls[_name] += 1
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(native, name, counted)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(8))
+    cache = span.new_cache(8)
+    span(ids[:, :5], cache, 0)
+    calls.update(moe=0, attend=0)
+    fast = span(ids[:, 5:], cache, 5)
+    assert calls == {"moe": 4, "attend": 4}  # one of each per layer
+    monkeypatch.setattr(native, "moe", lambda *args: None)
+    monkeypatch.setattr(native, "attend", lambda *args: None)
+    plain = span(ids[:, 5:], cache, 5)  # the same step on torch's ops
+    assert relative_error(plain, fast) < 2e-2
+    assert bool(fast.isfinite().all())
+
+
+def test_batched_decode_rows_of_a_quantized_span_equal_lone_decodes(tiny_models: dict[str, Path]) -> None:
+    from shards import Checkpoint
+
+    span = Checkpoint(tiny_models["mixtral"]).load_span(0, 4, dtype=torch.bfloat16, quantize="int8")
+    prompts = torch.randint(0, 256, (3, 4), generator=torch.Generator().manual_seed(9))
+    caches = [span.new_cache(8) for _ in range(3)]
+    lone = []
+    for row, cache in zip(prompts, caches, strict=True):
+        span(row[None, :3], cache, 0)
+        lone.append(span(row[None, 3:], cache, 3))
+    batched = span.decode(prompts[:, 3:], caches, [3, 3, 3])  # the same step again, the three sessions at once
+    assert torch.equal(batched, torch.cat(lone))

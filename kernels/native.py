@@ -49,6 +49,8 @@ __all__ = [
     "load",
     "moe",
     "rmsnorm",
+    "rope",
+    "route",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,12 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moemesh_moe.argtypes = [_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 5, _INT]
     lib.moemesh_attend.argtypes = [_PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64]
     lib.moemesh_attend.argtypes += [ctypes.c_float, _PTR, _PTR, _INT]
-    for fn in (lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe, lib.moemesh_attend):
+    lib.moemesh_rope.argtypes = [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _PTR, _PTR]
+    lib.moemesh_route.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, _I64, _I64, _INT, _INT, _PTR, _PTR]
+    for fn in (
+        lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe, lib.moemesh_attend,
+        lib.moemesh_rope, lib.moemesh_route,
+    ):  # fmt: skip
         fn.restype = _INT
     return lib
 
@@ -153,13 +160,14 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         if relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
             log.warning("the native RMSNorm disagrees with torch's here: torch's kernels run instead")
             return False
-        if not _agrees_moe_attention(lib, dtype, g):
-            log.warning("the native MoE or attention disagrees with torch's here: torch's kernels run instead")
+        if not _agrees_layer_ops(lib, dtype, g):
+            log.warning("the native MoE, attention, rotary or routing disagrees with torch's here: torch's run instead")
             return False
     return True
 
 
-def _agrees_moe_attention(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) -> bool:
+def _agrees_layer_ops(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) -> bool:
+    """The one-call MoE, attention, rotary and routing against torch's ops on small inputs."""
     from kernels.attention import attention_reference, attention_sinks
     from kernels.moe import experts_reference
     from kernels.quant import dequantize, quantize_int4, quantize_int8, relative_error
@@ -182,7 +190,21 @@ def _agrees_moe_attention(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generat
     ):
         if got is None or relative_error(want.to(dtype), got) > tolerance:
             return False
-    return True
+    from kernels.moe import route
+    from kernels.rope import apply_rotary
+
+    angles = torch.rand(1, 2, 32, generator=g) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    q, k = torch.randn(1, 2, 4, 64, generator=g).to(dtype), torch.randn(1, 2, 2, 64, generator=g).to(dtype)
+    want_q, want_k = apply_rotary(q.float().transpose(1, 2), k.float().transpose(1, 2), cos.float(), sin.float())
+    if not _rope(lib, q, k, cos, sin):
+        return False
+    if max(relative_error(want_q, q.transpose(1, 2)), relative_error(want_k, k.transpose(1, 2))) > tolerance:
+        return False
+    router = gate_up[:, 0].contiguous()  # [4, 64]
+    routed = _route(lib, x, router, 2, True, False)
+    want_weights, want_ids = route(x.float(), router.float(), 2, True, False)
+    return routed is not None and torch.equal(routed[1], want_ids) and relative_error(want_weights, routed[0]) < 1e-4
 
 
 @functools.cache
@@ -327,3 +349,60 @@ def _attend(
         scale, None if sink is None else sink.data_ptr(), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return None if rc else y
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """`kernels.rope.apply_rotary` ("half" style) on q [B, T, Hq, D] and k [B, T, Hk, D] in
+    place, in one call, in fp32 rounded once; False (nothing done) where it does not apply
+    (no library, not the CPU, other dtypes, cos/sin [B, T, D] not one per row, not contiguous)."""
+    lib = _library()
+    return lib is not None and _rope(lib, q, k, cos, sin)
+
+
+def _rope(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    code = _DTYPES.get(q.dtype)
+    if code is None or not (q.dtype is k.dtype is cos.dtype is sin.dtype):
+        return False
+    b, t, hq, d = q.shape
+    if k.shape[:2] != (b, t) or k.shape[3] != d or cos.shape != (b, t, d) or sin.shape != (b, t, d):
+        return False
+    tensors = (q, k, cos, sin)
+    if not all(x.is_cpu and x.is_contiguous() for x in tensors):
+        return False
+    rc = lib.moemesh_rope(
+        q.data_ptr(), hq, k.data_ptr(), k.shape[2], code, b * t, d, cos.data_ptr(), sin.data_ptr()
+    )  # fmt: skip
+    return rc == 0
+
+
+def route(
+    x: torch.Tensor,  # [M, H]
+    router: torch.Tensor,  # [E, H]
+    top_k: int,
+    normalize: bool,
+    weights_in_model_dtype: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:  # weights [M, k] (fp32, or x's dtype), ids [M, k]
+    """`kernels.moe.route` (softmax over all experts, then top-k) for up to `MAX_ROWS` tokens
+    in one call, logits in fp32; None where it does not apply."""
+    lib = _library()
+    return None if lib is None else _route(lib, x, router, top_k, normalize, weights_in_model_dtype)
+
+
+def _route(
+    lib: ctypes.CDLL, x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool, weights_in_model_dtype: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    code, wcode = _DTYPES.get(x.dtype), _DTYPES.get(router.dtype)
+    if code is None or wcode is None or x.dim() != 2 or x.shape[0] > MAX_ROWS:
+        return None
+    if not (x.is_cpu and router.is_cpu and x.is_contiguous() and router.is_contiguous()):
+        return None
+    m, h = x.shape
+    ids = torch.empty((m, top_k), dtype=torch.int64)
+    weights = torch.empty((m, top_k), dtype=torch.float32)
+    rc = lib.moemesh_route(
+        x.data_ptr(), code, m, h, router.data_ptr(), wcode, router.shape[0], top_k, normalize,
+        weights_in_model_dtype, ids.data_ptr(), weights.data_ptr(),
+    )  # fmt: skip
+    if rc:
+        return None
+    return (weights.to(x.dtype) if weights_in_model_dtype else weights), ids

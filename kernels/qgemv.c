@@ -617,3 +617,76 @@ int moemesh_attend(const void *q, int dtype, int64_t Hq, int64_t D, int64_t q_st
     free(buf);
     return 0;
 }
+
+/* ---- rotary embedding, "half" style (kernels.rope.apply_rotary), in place -----------------
+ * q [R, Hq, D] and k [R, Hk, D] (R rows of heads), cos and sin [R, D], all in one dtype: per
+ * head x[d] * cos[d] + rot(x)[d] * sin[d] with rot(x) = (-x[D/2:], x[:D/2]), in fp32, rounded
+ * once. */
+static void rope_rows(char *x, int dtype, int64_t H, int64_t D, const float *c, const float *s) {
+    const size_t size = dtype == F32 ? 4 : 2;
+    const int64_t half = D / 2;
+    float v[1024], o[1024];
+    for (int64_t h = 0; h < H; h++) {
+        char *p = x + (size_t)(h * D) * size;
+        row_to_f32(p, dtype, D, v);
+        for (int64_t d = 0; d < half; d++) o[d] = v[d] * c[d] - v[d + half] * s[d];
+        for (int64_t d = half; d < D; d++) o[d] = v[d] * c[d] + v[d - half] * s[d];
+        row_from_f32(o, dtype, D, p);
+    }
+}
+
+int moemesh_rope(void *q, int64_t Hq, void *k, int64_t Hk, int dtype, int64_t R, int64_t D, const void *cos,
+                 const void *sin) {
+    if (D % 2 || D > 1024) return 3;
+    const size_t size = dtype == F32 ? 4 : 2;
+    float c[1024], s[1024];
+    for (int64_t r = 0; r < R; r++) {
+        row_to_f32((const char *)cos + (size_t)(r * D) * size, dtype, D, c);
+        row_to_f32((const char *)sin + (size_t)(r * D) * size, dtype, D, s);
+        rope_rows((char *)q + (size_t)(r * Hq * D) * size, dtype, Hq, D, c, s);
+        rope_rows((char *)k + (size_t)(r * Hk * D) * size, dtype, Hk, D, c, s);
+    }
+    return 0;
+}
+
+/* ---- softmax routing (kernels.moe.route), for a few tokens ---------------------------------
+ * logits = x . w[e] in fp32 (`dot`), softmax in fp32, the top k (the lower expert first on a
+ * tie), renormalised over the k when asked, rounded to x's dtype when asked; ids [M, k],
+ * weights [M, k] in fp32. */
+int moemesh_route(const void *x, int dtype, int64_t M, int64_t H, const void *w, int wdtype, int64_t E, int64_t k,
+                  int normalize, int round_weights, int64_t *ids, float *weights) {
+    if (k < 1 || k > E) return 3;
+    const size_t wsize = wdtype == F32 ? 4 : 2;
+    float *buf = malloc((size_t)(M * H + H + M * E) * sizeof(float));
+    if (!buf) return 1;
+    float *xf = buf, *wf = xf + M * H, *p = wf + H;
+    const int64_t hv = H - H % LANES;
+    row_to_f32(x, dtype, M * H, xf);
+    for (int64_t e = 0; e < E; e++) { /* each router row read once for all M tokens */
+        row_to_f32((const char *)w + (size_t)(e * H) * wsize, wdtype, H, wf);
+        for (int64_t m = 0; m < M; m++) p[m * E + e] = dot(xf + m * H, wf, H, hv);
+    }
+    for (int64_t m = 0; m < M; m++) {
+        float *pm = p + m * E, top = -INFINITY, total = 0, chosen = 0;
+        for (int64_t e = 0; e < E; e++) top = pm[e] > top ? pm[e] : top;
+        for (int64_t e = 0; e < E; e++) total += pm[e] = exp_f32(pm[e] - top);
+        for (int64_t e = 0; e < E; e++) pm[e] = pm[e] / total;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= ids[m * k + i] == e;
+                if (!taken && (best < 0 || pm[e] > pm[best])) best = e;
+            }
+            ids[m * k + j] = best;
+            weights[m * k + j] = pm[best];
+            chosen += pm[best];
+        }
+        for (int64_t j = 0; j < k; j++) {
+            const float v = normalize ? weights[m * k + j] / chosen : weights[m * k + j];
+            weights[m * k + j] = round_weights ? round_to(dtype, v) : v;
+        }
+    }
+    free(buf);
+    return 0;
+}

@@ -81,7 +81,9 @@ def _attend(
 class Attention(nn.Module):
     """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
 
-    exact = True  # transformers' SDPA calls; False: one-token decode attends in fp32, in C (attention_decode_fp32)
+    exact = (
+        True  # transformers' ops; False: rotary in one C call, one-token decode attends in fp32 (attention_decode_fp32)
+    )
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -119,7 +121,10 @@ class Attention(nn.Module):
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         if self.cfg.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
+        if not self.exact and native.rope(q, k, *rope):  # in place, one C call
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq|Hkv, T, D]
+        else:
+            q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), *rope)  # [B, Hq|Hkv, T, D]
         sinks, window, scale, exact = self.sinks, self.window, self.scale, self.exact
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int) -> torch.Tensor:
@@ -214,7 +219,9 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
 
-    exact = True  # transformers' router matmul; False: in fp32 (moe.linear_fp32), quantized experts in one C call
+    exact = (
+        True  # transformers' router; False: routing in fp32 (in C, or moe.linear_fp32), quantized experts in one C call
+    )
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -254,6 +261,10 @@ class MoEBlock(nn.Module):
             return route_softmax_group(
                 flat, self.router, cfg.top_k, cfg.n_group, cfg.topk_group, cfg.group_limited, cfg.routed_scaling_factor
             )
+        if not self.exact and cfg.router == "softmax_topk":
+            fast = native.route(flat, self.router, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype)
+            if fast is not None:
+                return fast
         linear = F.linear if self.exact else linear_fp32
         if cfg.router == "topk_softmax":
             upcast = self.router_bias is None

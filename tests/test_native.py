@@ -139,13 +139,18 @@ def test_a_library_that_disagrees_with_the_reference_is_not_used(
     assert not native.available()
 
 
-@pytest.mark.parametrize("kernel", ["_moe", "_attend"])
-def test_a_library_whose_moe_or_attention_disagrees_is_not_used(
+@pytest.mark.parametrize("kernel", ["_moe", "_attend", "_route"])
+def test_a_library_whose_moe_attention_or_routing_disagrees_is_not_used(
     kernel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
 ) -> None:
     _fresh(monkeypatch, tmp_path)
     real = getattr(native, kernel)
-    monkeypatch.setattr(native, kernel, lambda *args: None if (y := real(*args)) is None else torch.zeros_like(y))
+
+    def wrong(*args: object) -> object:
+        y = real(*args)
+        return tuple(map(torch.zeros_like, y)) if isinstance(y, tuple) else torch.zeros_like(y)
+
+    monkeypatch.setattr(native, kernel, wrong)
     assert not native.available()
 
 
@@ -173,6 +178,14 @@ def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
     q, k, v = (torch.randn(1, h, s, 40, generator=g).bfloat16() for h, s in ((8, 1), (2, 33), (2, 33)))
     sinks = torch.randn(8, generator=g)
     assert torch.equal(native._attend(lib, q, k, v, 0.1, sinks), native.attend(q, k, v, 0.1, sinks))  # type: ignore[arg-type]
+    x, w = torch.randn(3, 100, generator=g).bfloat16(), torch.randn(60, 100, generator=g).bfloat16()
+    for a, b in zip(native._route(lib, x, w, 4, True, False), native.route(x, w, 4, True, False), strict=True):  # type: ignore[arg-type]
+        assert torch.equal(a, b)
+    q, k = torch.randn(2, 1, 8, 40, generator=g).bfloat16(), torch.randn(2, 1, 2, 40, generator=g).bfloat16()
+    cos, sin = torch.randn(2, 1, 40, generator=g).bfloat16(), torch.randn(2, 1, 40, generator=g).bfloat16()
+    q2, k2 = q.clone(), k.clone()
+    assert native._rope(lib, q, k, cos, sin) and native.rope(q2, k2, cos, sin)
+    assert torch.equal(q, q2) and torch.equal(k, k2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -340,13 +353,13 @@ def test_attention_in_one_call_is_thread_invariant_and_declines_what_it_does_not
     assert native.attend(q.double(), k.double(), v.double(), 0.125) is None
 
 
-def test_quantized_spans_take_the_one_call_moe_and_attention_at_decode(
+def test_quantized_spans_take_the_one_call_moe_attention_rotary_and_routing_at_decode(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shards import Checkpoint
 
     span = Checkpoint(tiny_models["mixtral"]).load_span(0, 4, dtype=torch.bfloat16, quantize="int4")
-    calls = {"moe": 0, "attend": 0}
+    calls = {"moe": 0, "attend": 0, "rope": 0, "route": 0}
     for name in calls:
         real = getattr(native, name)
 
@@ -358,11 +371,12 @@ def test_quantized_spans_take_the_one_call_moe_and_attention_at_decode(
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(8))
     cache = span.new_cache(8)
     span(ids[:, :5], cache, 0)
-    calls.update(moe=0, attend=0)
+    calls.update(moe=0, attend=0, rope=0, route=0)
     fast = span(ids[:, 5:], cache, 5)
-    assert calls == {"moe": 4, "attend": 4}  # one of each per layer
-    monkeypatch.setattr(native, "moe", lambda *args: None)
-    monkeypatch.setattr(native, "attend", lambda *args: None)
+    assert calls == {"moe": 4, "attend": 4, "rope": 4, "route": 4}  # one of each per layer
+    for name in ("moe", "attend", "route"):
+        monkeypatch.setattr(native, name, lambda *args: None)
+    monkeypatch.setattr(native, "rope", lambda *args: False)
     plain = span(ids[:, 5:], cache, 5)  # the same step on torch's ops
     assert relative_error(plain, fast) < 2e-2
     assert bool(fast.isfinite().all())
@@ -380,3 +394,46 @@ def test_batched_decode_rows_of_a_quantized_span_equal_lone_decodes(tiny_models:
         lone.append(span(row[None, 3:], cache, 3))
     batched = span.decode(prompts[:, 3:], caches, [3, 3, 3])  # the same step again, the three sessions at once
     assert torch.equal(batched, torch.cat(lone))
+
+
+# ---- rotary embedding and softmax routing in one call (native.rope, native.route) ----------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_in_one_call_matches_apply_rotary(dtype: torch.dtype) -> None:
+    from kernels.rope import apply_rotary
+
+    g = torch.Generator().manual_seed(10)
+    for b, t, hq, hk, d in ((1, 1, 16, 4, 64), (2, 3, 4, 4, 10), (3, 1, 6, 2, 128)):
+        q, k = torch.randn(b, t, hq, d, generator=g).to(dtype), torch.randn(b, t, hk, d, generator=g).to(dtype)
+        angles = torch.rand(b, t, d // 2, generator=g) * 6
+        cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+        want = apply_rotary(q.float().transpose(1, 2), k.float().transpose(1, 2), cos.float(), sin.float())
+        got_q, got_k = q.clone(), k.clone()
+        assert native.rope(got_q, got_k, cos, sin)
+        tolerance = 2**-8 if dtype == torch.bfloat16 else 2**-11 if dtype == torch.float16 else 1e-6
+        for got, ref in zip((got_q, got_k), want, strict=True):
+            torch.testing.assert_close(got.transpose(1, 2).float(), ref, rtol=tolerance, atol=1e-6)
+    shared = cos[:1]  # one row of angles for every row of q: the module's broadcast, not this kernel's
+    untouched = q.clone()
+    assert not native.rope(q, k, shared, sin[:1]) and torch.equal(q, untouched)
+    assert not native.rope(q.transpose(0, 1), k, cos, sin)  # not contiguous
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("in_model_dtype", [True, False])
+def test_routing_in_one_call_matches_the_softmax_router(normalize: bool, in_model_dtype: bool) -> None:
+    from kernels.moe import route
+
+    g = torch.Generator().manual_seed(11)
+    for m, e, k, h in ((1, 8, 2, 1024), (5, 60, 4, 96), (native.MAX_ROWS, 4, 4, 37)):
+        x, w = torch.randn(m, h, generator=g).bfloat16(), torch.randn(e, h, generator=g).bfloat16()
+        got = native.route(x, w, k, normalize, in_model_dtype)
+        assert got is not None
+        weights, ids = got
+        want_weights, want_ids = route(x.float(), w.float(), k, normalize, False)  # all in fp32
+        assert torch.equal(ids, want_ids)
+        assert weights.dtype == (torch.bfloat16 if in_model_dtype else torch.float32)
+        torch.testing.assert_close(weights.float(), want_weights, rtol=2**-8 if in_model_dtype else 1e-5, atol=1e-6)
+    assert native.route(torch.randn(native.MAX_ROWS + 1, 37).bfloat16(), w, 2, True, False) is None
+    assert native.route(x.double(), w, 2, True, False) is None

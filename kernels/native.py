@@ -1,5 +1,6 @@
-"""Decode-sized matmuls on int8 and int4 weights, a MoE layer's quantized experts, a decode
-step's attention and RMSNorm, each in one call, in C (`kernels/qgemv.c`).
+"""Decode-sized work of quantized spans in C (`kernels/qgemv.c`), each piece one call: int8 and
+int4 matmuls, a MoE layer's quantized experts, a decode step's attention, rotary, softmax
+routing and RMSNorm.
 
 For a few rows of activations (decode tokens) torch's packed CPU kernels read their weights
 well below what the memory gives: `torch._weight_int8pack_mm` read int8 at ~11 GB/s on this
@@ -8,6 +9,9 @@ C kernels stream the codes once, convert them to fp32 in registers and sum in fp
 fixed order per output (see the C file), so a row gets the same bits whatever rows share its
 call, and `kernels.quant.linear_reference` (dequantize, then matmul) is their definition to
 fp32 rounding, as it is for torch's kernels. Larger calls (prefill) keep torch's kernels.
+The layer pieces replace a dozen or more dispatcher ops each (the small ops had become half
+of a quantized token's time); they compute in fp32 and round once, so they are for spans
+that no one's bits bind (`SpanModel.set_exact(False)`: quantized spans).
 
 The library is built on first use with the system C compiler (``cc -O3 -march=native
 -fopenmp``) into ``$MOEMESH_CACHE/kernels/`` under a name keyed on the source, the compiler
@@ -303,7 +307,14 @@ def _moe(
     _, dn_codes, dn_scales, _ = b
     m, h = x.shape
     e, i = gate_up.shape[0], down.shape[-1]
-    if m > MAX_ROWS or not _applies(x, gu_scales) or dn_scales.dtype is not x.dtype or gate_up.shape[1:] != (2 * i, h):
+    if m > MAX_ROWS or not _applies(x, gu_scales) or dn_scales.dtype is not x.dtype:
+        return None
+    if (
+        tuple(gate_up.shape) != (e, 2 * i, h)
+        or tuple(down.shape) != (e, h, i)
+        or ids.shape[0] != m
+        or weights.shape != ids.shape
+    ):
         return None
     x, ids = x.contiguous(), ids.to(torch.int64).contiguous()
     rw = weights.to(torch.float32).contiguous()

@@ -1,4 +1,6 @@
-/* Decode-sized matmuls on weight-only quantized weights (see kernels/native.py).
+/* Decode-sized matmuls on weight-only quantized weights (see kernels/native.py), and the rest of
+ * a quantized span's decode step built on them: a MoE layer's experts, attention over the
+ * cache, rotary, softmax routing, RMSNorm.
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m, where w is
  *   int8: codes[n, k] * scale[n]                                  (kernels.quant.Int8Weight)

@@ -81,9 +81,8 @@ def _attend(
 class Attention(nn.Module):
     """Grouped-query attention: optional q/k norms, qkv clamp, sliding window, attention sinks."""
 
-    exact = (
-        True  # transformers' ops; False: rotary in one C call, one-token decode attends in fp32 (attention_decode_fp32)
-    )
+    # True: transformers' ops; False: rotary in one C call, one-token decode attends in fp32 (attention_decode_fp32)
+    exact = True
 
     def __init__(self, cfg: ModelConfig, global_index: int) -> None:
         super().__init__()
@@ -219,9 +218,8 @@ class DenseMLP(nn.Module):
 class MoEBlock(nn.Module):
     """router -> experts (dispatch, run, combine) [+ a shared expert, optionally gated]."""
 
-    exact = (
-        True  # transformers' router; False: routing in fp32 (in C, or moe.linear_fp32), quantized experts in one C call
-    )
+    # True: transformers' router; False: routing in fp32 (in C, or moe.linear_fp32), quantized experts in one C call
+    exact = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

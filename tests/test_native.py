@@ -84,6 +84,23 @@ def test_decode_calls_take_the_c_kernels_and_prefill_takes_torchs(mode: str, mon
     assert (native.int8_gemv if mode == "int8" else native.int4_gemv)(decode, q) is None  # fp32 x, bf16 scales
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_projection_decodes_straight_on_the_c_kernel(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.quant import QuantLinear
+
+    g = torch.Generator().manual_seed(12)
+    q = quantize(torch.randn(192, 128, generator=g).to(torch.bfloat16), mode)
+    bias = torch.randn(192, generator=g).to(torch.bfloat16)
+    projection = QuantLinear(q, bias)  # type: ignore[arg-type]
+    decode, prefill = (torch.randn(1, t, 128, generator=g).to(torch.bfloat16) for t in (1, native.MAX_ROWS + 1))
+    rows: list[int] = []
+    real = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda x, *w: rows.append(x.shape[-2]) or real(x, *w))
+    assert torch.equal(projection(decode), linear(decode, q) + bias)  # the same kernel, without the dispatch
+    torch.testing.assert_close(projection(prefill), linear(prefill, q) + bias)
+    assert rows == [1]  # the prefill went the way of linear (torch's kernel)
+
+
 def _fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MOEMESH_CACHE", str(tmp_path))
     native._library.cache_clear()

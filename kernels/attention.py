@@ -97,15 +97,12 @@ def attention_decode_fp32(
     SDPA on a CPU without AMX took 150 us against fp32's 37 (136 keys, 16 heads of 64, 4 kv
     heads; 600 against 92 at 512 keys). Neither is transformers' bf16 arithmetic, so only
     spans not bound to transformers' bits use it (quantized ones: `kernels.quant.quantize_span`)."""
-    if q.shape[2] != 1 or q.device.type != "cpu":
-        if sinks is not None:
-            return attention_sinks(q, k, v, scale, sinks, kv_offset, window)
-        return attention_sdpa(q, k, v, scale, kv_offset, window)
-    if (y := native.attend(q, k, v, scale, sinks)) is not None:  # every cached key is visible to a decode step
+    decode = q.shape[2] == 1 and q.device.type == "cpu"
+    if decode and (y := native.attend(q, k, v, scale, sinks)) is not None:  # a decode step sees every cached key
         return y
     if sinks is not None:
         return attention_sinks(q, k, v, scale, sinks, kv_offset, window)
-    if q.dtype == torch.float32:
+    if not decode or q.dtype == torch.float32:
         return attention_sdpa(q, k, v, scale, kv_offset, window)
     return attention_sdpa(q.float(), k.float(), v.float(), scale, kv_offset, window).to(q.dtype)
 

@@ -158,11 +158,8 @@ def _agrees(lib: ctypes.CDLL) -> bool:
                 return False
         norm = RMSNorm(96, 1e-6)  # exact: torch's own ops
         norm.weight.data = torch.randn(96, generator=g).to(dtype)
-        y = torch.empty_like(x)
-        code = _DTYPES[dtype]
-        lib.moemesh_rmsnorm(x.data_ptr(), code, 3, 96, norm.weight.data_ptr(), code, 1e-6, 0, y.data_ptr())
-        want = norm(x)
-        if relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
+        y, want = _rmsnorm(lib, x, norm.weight.data, 1e-6, False), norm(x)
+        if y is None or relative_error(want, y) > (1e-5 if dtype == torch.float32 else 1e-2):
             log.warning("the native RMSNorm disagrees with torch's here: torch's kernels run instead")
             return False
         if not _agrees_layer_ops(lib, dtype, g):
@@ -174,8 +171,9 @@ def _agrees(lib: ctypes.CDLL) -> bool:
 def _agrees_layer_ops(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) -> bool:
     """The one-call MoE, attention, rotary and routing against torch's ops on small inputs."""
     from kernels.attention import attention_reference, attention_sinks
-    from kernels.moe import experts_reference
+    from kernels.moe import experts_reference, route
     from kernels.quant import dequantize, quantize_int4, quantize_int8, relative_error
+    from kernels.rope import apply_rotary
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     gate_up, down = torch.randn(4, 128, 64, generator=g).to(dtype), torch.randn(4, 64, 64, generator=g).to(dtype)
@@ -195,9 +193,6 @@ def _agrees_layer_ops(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) 
     ):
         if got is None or relative_error(want.to(dtype), got) > tolerance:
             return False
-    from kernels.moe import route
-    from kernels.rope import apply_rotary
-
     angles = torch.rand(1, 2, 32, generator=g) * 6
     cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
     q, k = torch.randn(1, 2, 4, 64, generator=g).to(dtype), torch.randn(1, 2, 2, 64, generator=g).to(dtype)
@@ -248,17 +243,24 @@ def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | No
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:
     """`kernels.span.RMSNorm` in one call (to fp32 rounding: the squares are summed in another
     order); None where it does not apply (not the CPU, another dtype, or no library)."""
-    lib, code, wcode = _library(), _DTYPES.get(x.dtype), _DTYPES.get(weight.dtype)
-    if lib is None or code is None or wcode is None or not (cast_after_weight or wcode == code):
+    lib = _library()
+    return None if lib is None else _rmsnorm(lib, x, weight, eps, cast_after_weight)
+
+
+def _rmsnorm(
+    lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool
+) -> torch.Tensor | None:
+    code, wcode = _DTYPES.get(x.dtype), _DTYPES.get(weight.dtype)
+    if code is None or wcode is None or not (cast_after_weight or wcode == code):
         return None
     if not (x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()):
         return None
     h = x.shape[-1]
     y = torch.empty_like(x)
-    lib.moemesh_rmsnorm(
+    rc = lib.moemesh_rmsnorm(
         x.data_ptr(), code, x.numel() // h, h, weight.data_ptr(), wcode, eps, cast_after_weight, y.data_ptr()
     )
-    return y
+    return None if rc else y
 
 
 def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor | None:

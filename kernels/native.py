@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from kernels.quant import Int4Weight, Int8Weight, QuantWeight
 
 __all__ = [
+    "DTYPES",
     "MAX_ROWS",
     "NO_NATIVE_ENV",
     "attend",
@@ -50,6 +51,7 @@ __all__ = [
     "gemv",
     "int4_gemv",
     "int8_gemv",
+    "library",
     "library_path",
     "load",
     "moe",
@@ -64,7 +66,7 @@ NO_NATIVE_ENV = "MOEMESH_NO_NATIVE"
 MAX_ROWS = 8  # calls of up to this many rows take the C kernels; more (prefill) take torch's
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C file's dtype codes
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
@@ -114,9 +116,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moemesh_attend.argtypes += [ctypes.c_float, _PTR, _PTR, _INT]
     lib.moemesh_rope.argtypes = [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _PTR, _PTR]
     lib.moemesh_route.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, _I64, _I64, _INT, _INT, _PTR, _PTR]
+    lib.moemesh_layers.argtypes = [_PTR, _I64, _INT, _I64, _I64, *[_PTR] * 7, _INT]
     for fn in (
         lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe, lib.moemesh_attend,
-        lib.moemesh_rope, lib.moemesh_route,
+        lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers,
     ):  # fmt: skip
         fn.restype = _INT
     return lib
@@ -148,7 +151,7 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     from kernels.span import RMSNorm
 
     g = torch.Generator().manual_seed(0)
-    for dtype in _DTYPES:
+    for dtype in DTYPES:
         w = torch.randn(160, 96, generator=g).to(dtype)
         x = torch.randn(3, 96, generator=g).to(dtype)
         for q, run in ((quantize_int8(w), _int8), (quantize_int4(w), _int4)):
@@ -213,9 +216,14 @@ def available() -> bool:
     return _library() is not None
 
 
+def library() -> ctypes.CDLL | None:
+    """The built, loaded and checked library, or None (see `available`)."""
+    return _library()
+
+
 def _applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
     """x and the weight on the CPU, x in a dtype the C file takes and in the scales' dtype."""
-    return x.is_cpu and scales.is_cpu and x.dtype is scales.dtype and x.dtype in _DTYPES
+    return x.is_cpu and scales.is_cpu and x.dtype is scales.dtype and x.dtype in DTYPES
 
 
 def _gemv(fn: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *group: int) -> torch.Tensor | None:
@@ -226,7 +234,7 @@ def _gemv(fn: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *
     k, n = x.shape[-1], codes.shape[0]
     y = x.new_empty((*x.shape[:-1], n))
     rc = fn(
-        x.data_ptr(), _DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), *group, n,
+        x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), *group, n,
         y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return None if rc else y
@@ -250,7 +258,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight
 def _rmsnorm(
     lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool
 ) -> torch.Tensor | None:
-    code, wcode = _DTYPES.get(x.dtype), _DTYPES.get(weight.dtype)
+    code, wcode = DTYPES.get(x.dtype), DTYPES.get(weight.dtype)
     if code is None or wcode is None or not (cast_after_weight or wcode == code):
         return None
     if not (x.is_cpu and weight.is_cpu and x.is_contiguous() and weight.is_contiguous()):
@@ -335,7 +343,7 @@ def _moe(
     rw = weights.to(torch.float32).contiguous()
     y = torch.empty_like(x)
     rc = lib.moemesh_moe(
-        kind, x.data_ptr(), _DTYPES[x.dtype], m, h, ids.shape[1], ids.data_ptr(), rw.data_ptr(), e, i, group,
+        kind, x.data_ptr(), DTYPES[x.dtype], m, h, ids.shape[1], ids.data_ptr(), rw.data_ptr(), e, i, group,
         gu_codes.data_ptr(), gu_scales.data_ptr(), dn_codes.data_ptr(), dn_scales.data_ptr(), y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -360,7 +368,7 @@ def attend(
 def _attend(
     lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sinks: torch.Tensor | None
 ) -> torch.Tensor | None:
-    code = _DTYPES.get(q.dtype)
+    code = DTYPES.get(q.dtype)
     if code is None or not (q.is_cpu and k.is_cpu and v.is_cpu) or not (q.dtype is k.dtype is v.dtype):
         return None
     (b, hq, t, d), (_, hkv, s, _), dv = q.shape, k.shape, v.shape[-1]
@@ -386,7 +394,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def _rope(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    code = _DTYPES.get(q.dtype)
+    code = DTYPES.get(q.dtype)
     if code is None or not (q.dtype is k.dtype is cos.dtype is sin.dtype):
         return False
     b, t, hq, d = q.shape
@@ -417,7 +425,7 @@ def route(
 def _route(
     lib: ctypes.CDLL, x: torch.Tensor, router: torch.Tensor, top_k: int, normalize: bool, weights_in_model_dtype: bool
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    code, wcode = _DTYPES.get(x.dtype), _DTYPES.get(router.dtype)
+    code, wcode = DTYPES.get(x.dtype), DTYPES.get(router.dtype)
     if code is None or wcode is None or x.dim() != 2 or x.shape[0] > MAX_ROWS:
         return None
     if not (x.is_cpu and router.is_cpu and x.is_contiguous() and router.is_contiguous()):

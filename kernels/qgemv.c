@@ -692,3 +692,105 @@ int moemesh_route(const void *x, int dtype, int64_t M, int64_t H, const void *w,
     free(buf);
     return 0;
 }
+
+/* ---- a quantized span's decode step, all its layers in one call ------------------------------
+ * The layers of kernels.span.DecoderLayer as a quantized span runs them one op at a time, in
+ * the same order with the same roundings, each piece the function above: x + attn(norm(x)),
+ * then x + moe(norm(x)), per layer, for M rows (one token of M sessions). Attention: q, k, v
+ * projected, per-head RMSNorms on q and k where the layer has them, rotary on q and k, the new key and value written into the row's cache at its
+ * position, `moemesh_attend` over positions 0 .. position, the o projection. MoE: softmax
+ * routing, then `moemesh_moe`. The residual adds round once to the dtype, as torch's do. So
+ * this call gives the bits of the op-by-op path (kernels/fused.py checks what it takes). */
+
+typedef struct {
+    int64_t kind; /* 8 or 4 */
+    const void *codes, *scales;
+    int64_t N, K, G;
+} QProj;
+
+typedef struct {
+    const void *input_norm, *post_norm; /* [H] in the dtype */
+    float eps;
+    QProj q, k, v, o;
+    const void *q_norm, *k_norm; /* [D] per head (Qwen3-MoE), or NULL */
+    int64_t Hq, Hkv, D;
+    float scale;
+    const void *router; /* [E, H] */
+    int64_t router_dtype, E, top_k, normalize, round_weights;
+    int64_t moe_kind, I, G;
+    const void *gu_codes, *gu_scales, *dn_codes, *dn_scales;
+} Layer;
+
+static int project(const QProj *p, const void *x, int dtype, int64_t M, void *y, int threads) {
+    if (p->kind == 8) return moemesh_int8_gemv(x, dtype, M, p->K, p->codes, p->scales, p->N, y, threads);
+    return moemesh_int4_gemv(x, dtype, M, p->K, p->codes, p->scales, p->G, p->N, y, threads);
+}
+
+static void add_into(void *x, const void *h, int dtype, int64_t n) { /* x = dtype(x + h) */
+    for (int64_t i = 0; i < n; i++) store(x, dtype, i, load(x, dtype, i) + load(h, dtype, i));
+}
+
+static int attention_block(const Layer *L, int dtype, int64_t M, const void *xn, char *q, char *k, char *v,
+                           char *att, void *const *keys, void *const *values, const int64_t *positions,
+                           const int64_t *slots, const void *cos, const void *sin, int threads) {
+    const size_t size = dtype == F32 ? 4 : 2;
+    const int64_t D = L->D, qw = L->Hq * D, kw = L->Hkv * D;
+    int rc = project(&L->q, xn, dtype, M, q, threads);
+    if (!rc) rc = project(&L->k, xn, dtype, M, k, threads);
+    if (!rc) rc = project(&L->v, xn, dtype, M, v, threads);
+    if (!rc && L->q_norm) rc = moemesh_rmsnorm(q, dtype, M * L->Hq, D, L->q_norm, dtype, L->eps, 0, q); /* in place */
+    if (!rc && L->k_norm) rc = moemesh_rmsnorm(k, dtype, M * L->Hkv, D, L->k_norm, dtype, L->eps, 0, k);
+    if (!rc) rc = moemesh_rope(q, L->Hq, k, L->Hkv, dtype, M, D, cos, sin);
+    for (int64_t m = 0; m < M && !rc; m++) {
+        const int64_t pos = positions[m], S = slots[m];
+        char *kc = keys[m], *vc = values[m];
+        for (int64_t h = 0; h < L->Hkv; h++) {
+            memcpy(kc + (size_t)((h * S + pos) * D) * size, k + (size_t)(m * kw + h * D) * size, (size_t)D * size);
+            memcpy(vc + (size_t)((h * S + pos) * D) * size, v + (size_t)(m * kw + h * D) * size, (size_t)D * size);
+        }
+        rc = moemesh_attend(q + (size_t)(m * qw) * size, dtype, L->Hq, D, D, kc, S * D, vc, S * D, L->Hkv, pos + 1,
+                            D, L->scale, NULL, att + (size_t)(m * qw) * size, threads);
+    }
+    return rc;
+}
+
+int moemesh_layers(const Layer *layers, int64_t n_layers, int dtype, int64_t M, int64_t H, void *x,
+                   void *const *keys, void *const *values, const int64_t *positions, const int64_t *slots,
+                   const void *cos, const void *sin, int threads) {
+    if (M < 1 || M > MAX_M) return 3;
+    const size_t size = dtype == F32 ? 4 : 2;
+    int64_t qw = 0, kw = 0, top_k = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        const Layer *L = layers + l;
+        qw = L->Hq * L->D > qw ? L->Hq * L->D : qw;
+        kw = L->Hkv * L->D > kw ? L->Hkv * L->D : kw;
+        top_k = L->top_k > top_k ? L->top_k : top_k;
+    }
+    char *buf = malloc((size_t)M * ((size_t)(2 * H + 2 * qw + 2 * kw) * size + (size_t)top_k * 12));
+    if (!buf) return 1;
+    char *xn = buf, *h = xn + (size_t)(M * H) * size, *q = h + (size_t)(M * H) * size;
+    char *k = q + (size_t)(M * qw) * size, *v = k + (size_t)(M * kw) * size, *att = v + (size_t)(M * kw) * size;
+    int64_t *ids = (int64_t *)(att + (size_t)(M * qw) * size);
+    float *rw = (float *)(ids + M * top_k);
+    int rc = 0;
+    for (int64_t l = 0; l < n_layers && !rc; l++) {
+        const Layer *L = layers + l;
+        rc = moemesh_rmsnorm(x, dtype, M, H, L->input_norm, dtype, L->eps, 0, xn);
+        if (!rc)
+            rc = attention_block(L, dtype, M, xn, q, k, v, att, keys + l * M, values + l * M, positions, slots, cos,
+                                 sin, threads);
+        if (!rc) rc = project(&L->o, att, dtype, M, h, threads);
+        if (rc) break;
+        add_into(x, h, dtype, M * H);
+        rc = moemesh_rmsnorm(x, dtype, M, H, L->post_norm, dtype, L->eps, 0, xn);
+        if (!rc)
+            rc = moemesh_route(xn, dtype, M, H, L->router, (int)L->router_dtype, L->E, L->top_k, (int)L->normalize,
+                               (int)L->round_weights, ids, rw);
+        if (!rc)
+            rc = moemesh_moe((int)L->moe_kind, xn, dtype, M, H, L->top_k, ids, rw, L->E, L->I, L->G, L->gu_codes,
+                             L->gu_scales, L->dn_codes, L->dn_scales, h, threads);
+        if (!rc) add_into(x, h, dtype, M * H);
+    }
+    free(buf);
+    return rc;
+}

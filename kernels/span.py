@@ -8,6 +8,7 @@ pipeline of spans reproduces the single-process model exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from kernels.moe import (
 from kernels.packed import PackedLinear, PackedTensor
 from kernels.quant import QuantLinear, QuantTensor, as_weight, scales_of
 from kernels.rope import Rotary, apply_rotary
+
+if TYPE_CHECKING:
+    from kernels.fused import FusedDecode
 
 __all__ = ["Attention", "DecoderLayer", "DenseMLP", "LatentAttention", "MoEBlock", "RMSNorm", "SpanModel"]
 
@@ -333,6 +337,8 @@ class SpanModel(nn.Module):
         self.is_last = end == cfg.num_layers
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_cast_after_weight) if self.is_last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        self._exact = True
+        self._fused: dict[tuple[int, int], FusedDecode | None] = {}  # one-call decode plans, per layer range
 
     @property
     def is_first(self) -> bool:
@@ -345,6 +351,23 @@ class SpanModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention | LatentAttention | RMSNorm | MoEBlock):
                 module.exact = exact
+        self._exact = exact
+        self._fused.clear()
+
+    def _apply(self, *args: Any, **kwargs: Any) -> SpanModel:  # .to(), .half(), ...: the plans' pointers go stale
+        self._fused.clear()
+        return super()._apply(*args, **kwargs)
+
+    def _fused_decode(self, first: int, last: int) -> FusedDecode | None:
+        """Layers [first, last) as one C call per decode step (kernels.fused), where they all
+        have what it takes; never for an exact span."""
+        if self._exact:
+            return None
+        if (first, last) not in self._fused:
+            from kernels.fused import plan
+
+            self._fused[first, last] = plan(self.layers[first:last], self.dtype)
+        return self._fused[first, last]
 
     def new_cache(self, max_length: int, batch: int = 1, layers: tuple[int, int] | None = None) -> KVCache:
         """A cache for `layers` (local [first, last), default all) holding up to `max_length` tokens."""
@@ -486,6 +509,10 @@ class SpanModel(nn.Module):
         else:
             h = x
         rope = self.rotary(positions.to(h.device), h.dtype)
+        if h.shape[1] == 1 and (fused := self._fused_decode(first, last)) is not None:
+            y = fused(h, rope, caches, starts)
+            if y is not None:
+                return y
         for i in range(first, last):
             h = self.layers[i](h, rope, caches, i - first, starts)
         return h

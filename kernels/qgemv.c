@@ -123,6 +123,14 @@ static inline float int8_dot(const float *restrict x, const int8_t *restrict w, 
             const __m128i codes = _mm_loadu_si128((const __m128i *)(w + k + 16 * q));
             a[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_loadu_ps(x + k + 16 * q), a[q]);
         }
+    if (kv == K) { /* fold64 in registers: the same additions in the same order, ~10 ops against ~60 */
+        const __m512 b = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
+                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+        const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
+        const __m128 d = _mm_add_ps(c4, _mm_movehl_ps(c4, c4)); /* c0 + c2, c1 + c3 */
+        return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+    }
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc + 16 * q, a[q]);
 #endif
     for (; k < kv; k += 4 * LANES)

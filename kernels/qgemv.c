@@ -481,11 +481,12 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
     {
         for (int64_t i = 0; i < n_hit; i++) {
             const int64_t p0 = start[i], rows = start[i + 1] - p0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait /* the experts' outputs are apart: no barrier between them */
             for (int64_t u = 0; u < units(&gu); u++)
                 matmul_unit(&gu, hit[i], xr + (size_t)(p0 * H) * size, dtype, xf + p0 * H, xsum + p0 * hg, rows, u,
                             g + p0 * 2 * I);
         }
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++) { /* h = dtype(silu(gate) * up) */
             const float *gate = g + p * 2 * I, *up = gate + I;
@@ -497,7 +498,7 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
         }
         for (int64_t i = 0; i < n_hit; i++) {
             const int64_t p0 = start[i], rows = start[i + 1] - p0;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
             for (int64_t u = 0; u < units(&dn); u++)
                 matmul_unit(&dn, hit[i], hr + (size_t)(p0 * I) * size, dtype, hf + p0 * I, hsum + p0 * ig, rows, u,
                             out + p0 * H);

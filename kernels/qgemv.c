@@ -146,17 +146,25 @@ static inline void int8_channel(const float *restrict xf, int64_t M, int64_t K, 
     for (int64_t m = 0; m < M; m++) out[m * ld] = int8_dot(xf + m * K, w + n * K, K) * scale;
 }
 
-int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
-                      int64_t N, void *y, int threads) {
-    if (M > MAX_M) return 3;
-    float *xf = as_f32(x, dtype, M * K);
-    if (!xf) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
+/* The channels of one int8 matmul, shared among the threads of the enclosing parallel region
+ * (orphaned: alone outside one), none waiting for the others at the end. */
+static void int8_share(const float *xf, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
+                       int64_t N, void *y) {
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         float out[MAX_M];
         int8_channel(xf, M, K, w, scales, dtype, n, out, 1);
         for (int64_t m = 0; m < M; m++) store(y, dtype, m * N + n, out[m]);
     }
+}
+
+int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
+                      int64_t N, void *y, int threads) {
+    if (M > MAX_M) return 3;
+    float *xf = as_f32(x, dtype, M * K);
+    if (!xf) return 1;
+#pragma omp parallel num_threads(threads) if (N * K >= 65536)
+    int8_share(xf, dtype, M, K, w, scales, N, y);
     free(xf);
     return 0;
 }
@@ -308,6 +316,21 @@ static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float 
 
 static inline int64_t int4_blocks(int64_t N) { return (N + BLOCK - 1) / BLOCK; }
 
+/* The blocks of one int4 matmul, shared as int8_share's channels; xsum: x's sums per group. */
+static void int4_share(const void *x, int dtype, const float *xf, const float *xsum, int64_t M, int64_t K,
+                       const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, void *y) {
+    const size_t size = dtype == F32 ? 4 : 2;
+    const int64_t groups = K / G;
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < int4_blocks(N); b++)
+        for (int64_t m = 0; m < M; m++) {
+            float out[BLOCK];
+            const int width = int4_block_row((const char *)x + (size_t)(m * K) * size, dtype, xf + m * K,
+                                             xsum + m * groups, K, packed, scale_zeros, G, N, b, out);
+            for (int c = 0; c < width; c++) store(y, dtype, m * N + b * BLOCK + c, out[c]);
+        }
+}
+
 int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint8_t *packed,
                       const void *scale_zeros, int64_t G, int64_t N, void *y, int threads) {
     if (K % G || G % 2) return 2;
@@ -320,15 +343,8 @@ int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
         return 1;
     }
     group_sums(xf, M * groups, G, xsum);
-    const size_t size = dtype == F32 ? 4 : 2;
-#pragma omp parallel for num_threads(threads) schedule(static) if (N * K >= 65536)
-    for (int64_t b = 0; b < int4_blocks(N); b++)
-        for (int64_t m = 0; m < M; m++) {
-            float out[BLOCK];
-            const int width = int4_block_row((const char *)x + (size_t)(m * K) * size, dtype, xf + m * K,
-                                             xsum + m * groups, K, packed, scale_zeros, G, N, b, out);
-            for (int c = 0; c < width; c++) store(y, dtype, m * N + b * BLOCK + c, out[c]);
-        }
+#pragma omp parallel num_threads(threads) if (N * K >= 65536)
+    int4_share(x, dtype, xf, xsum, M, K, packed, scale_zeros, G, N, y);
     free(xsum);
     free(xf);
     return 0;
@@ -735,6 +751,35 @@ static int project(const QProj *p, const void *x, int dtype, int64_t M, void *y,
     return moemesh_int4_gemv(x, dtype, M, p->K, p->codes, p->scales, p->G, p->N, y, threads);
 }
 
+/* q, k and v of one input in one parallel region, x converted once (one quantization for the
+ * three, as checkpoints have them); else one call each. The same bits either way. */
+static int project_qkv(const Layer *L, const void *x, int dtype, int64_t M, void *q, void *k, void *v,
+                       int threads) {
+    const QProj *p[3] = {&L->q, &L->k, &L->v};
+    void *y[3] = {q, k, v};
+    const int64_t K = L->q.K, kind = L->q.kind, G = L->q.G;
+    int same = 1;
+    for (int i = 1; i < 3; i++) same &= p[i]->kind == kind && p[i]->K == K && p[i]->G == G;
+    if (!same || M > MAX_M || (kind == 4 && (K % G || G % 2))) {
+        int rc = 0;
+        for (int i = 0; i < 3 && !rc; i++) rc = project(p[i], x, dtype, M, y[i], threads);
+        return rc;
+    }
+    const int64_t groups = kind == 4 ? K / G : 0;
+    float *xf = malloc((size_t)(M * (K + groups)) * sizeof(float));
+    if (!xf) return 1;
+    row_to_f32(x, dtype, M * K, xf);
+    float *xsum = xf + M * K;
+    if (kind == 4) group_sums(xf, M * groups, G, xsum);
+#pragma omp parallel num_threads(threads) if ((L->q.N + L->k.N + L->v.N) * K >= 65536)
+    for (int i = 0; i < 3; i++) {
+        if (kind == 8) int8_share(xf, dtype, M, K, p[i]->codes, p[i]->scales, p[i]->N, y[i]);
+        else int4_share(x, dtype, xf, xsum, M, K, p[i]->codes, p[i]->scales, G, p[i]->N, y[i]);
+    }
+    free(xf);
+    return 0;
+}
+
 static void add_into(void *x, const void *h, int dtype, int64_t n) { /* x = dtype(x + h) */
     for (int64_t i = 0; i < n; i++) store(x, dtype, i, load(x, dtype, i) + load(h, dtype, i));
 }
@@ -744,9 +789,7 @@ static int attention_block(const Layer *L, int dtype, int64_t M, const void *xn,
                            const int64_t *slots, const void *cos, const void *sin, int threads) {
     const size_t size = dtype == F32 ? 4 : 2;
     const int64_t D = L->D, qw = L->Hq * D, kw = L->Hkv * D;
-    int rc = project(&L->q, xn, dtype, M, q, threads);
-    if (!rc) rc = project(&L->k, xn, dtype, M, k, threads);
-    if (!rc) rc = project(&L->v, xn, dtype, M, v, threads);
+    int rc = project_qkv(L, xn, dtype, M, q, k, v, threads);
     if (!rc && L->q_norm) rc = moemesh_rmsnorm(q, dtype, M * L->Hq, D, L->q_norm, dtype, L->eps, 0, q); /* in place */
     if (!rc && L->k_norm) rc = moemesh_rmsnorm(k, dtype, M * L->Hkv, D, L->k_norm, dtype, L->eps, 0, k);
     if (!rc) rc = moemesh_rope(q, L->Hq, k, L->Hkv, dtype, M, D, cos, sin);

@@ -6,8 +6,8 @@ converted with its own ``convert_hf_to_gguf.py`` (the bench model is built here 
 demo model's vocabulary size and borrows its tokenizer, since the converter needs a tokenizer
 it knows; both sides run that same model) and quantized with ``llama-quantize`` to Q8_0 and Q4_0. Then, in one
 run, llama-bench's decode and prefill tok/s at bf16, Q8_0 and Q4_0 are printed beside
-moemesh's one-process figures at bf16, int8 and int4 (the span called in process, as
-bench/quant.py does), with the ratios.
+moemesh's one-process figures at bf16, int8 and int4 (the span called in process, each
+precision in a process of its own, as bench/quant.py does), with the ratios.
 
 Needs cmake, make and a C++ compiler (Debian/Ubuntu: ``apt-get install cmake g++``). The
 build takes a while on a small machine; it is done once (``--cache``).
@@ -20,6 +20,7 @@ build takes a while on a small machine; it is done once (``--cache``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -141,25 +142,40 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, tokens: in
 
 
 def moemesh_rates(model: Path, threads: int, prompt: int, tokens: int, repeat: int) -> dict[str, dict[str, float]]:
-    """moemesh's one-process decode tok/s after `prompt` and prefill tok/s, per --quantize."""
+    """moemesh's one-process decode tok/s after `prompt` and prefill tok/s, per --quantize: each
+    precision in a process of its own (bench/quant.py's workers: torch's int8 kernel slows
+    oneDNN's bf16 matmuls in the process it ran in), the rounds interleaved."""
+    import multiprocessing
     import statistics
 
     import torch
-    from quant import decode_rate
+    from quant import _span_worker
 
     from shards import Checkpoint
 
-    torch.set_num_threads(threads)
-    checkpoint = Checkpoint(model)
-    cfg = checkpoint.config
+    cfg = Checkpoint(model).config
     ids = torch.randint(1, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
-    spans = {m: checkpoint.load_span(0, cfg.num_layers, dtype=torch.bfloat16, quantize=m) for _, m, _ in PAIRS}
-    for span in spans.values():
-        decode_rate(span, ids[:, :8], 4)
-    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in spans}
-    for _ in range(repeat):
-        for m, span in spans.items():
-            runs[m].append(decode_rate(span, ids, tokens))
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for _, m, _ in PAIRS}
+    try:
+        for m in runs:  # one at a time: loading and quantizing take the cores
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_span_worker, args=(str(model), m, ids, theirs, threads), daemon=True)
+            process.start()
+            workers[m] = (process, mine)
+            mine.recv()  # loaded
+        for _ in range(repeat):
+            for m, (_, conn) in workers.items():
+                conn.send(tokens)
+                runs[m].append(conn.recv())
+    finally:
+        for process, conn in workers.values():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            process.join(10)
+            if process.is_alive():
+                process.kill()
     med = statistics.median
     return {
         m: {"prefill_tok_s": prompt / med(p for p, _ in r), "decode_tok_s": med(d for _, d in r)}

@@ -78,11 +78,13 @@ def decode_rate(span: SpanModel, prompt: torch.Tensor, tokens: int) -> tuple[flo
     return t1 - t0, tokens / (time.perf_counter() - t1)
 
 
-def _span_worker(folder: str, mode: str, prompt: torch.Tensor, conn: Connection) -> None:
+def _span_worker(folder: str, mode: str, prompt: torch.Tensor, conn: Connection, threads: int = 0) -> None:
     """A process holding one precision's span: it answers ("run", tokens) with decode_rate's figures.
 
     One process per precision: once torch's int8 kernel has run in a process, oneDNN's packed
     bf16 matmuls there run 2-5x slower, which would understate bf16 in a shared process."""
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     checkpoint = Checkpoint(Path(folder))
     span = checkpoint.load_span(0, checkpoint.config.num_layers, dtype=torch.bfloat16, quantize=mode)

@@ -108,6 +108,20 @@ def test_version_and_logging_flags_on_every_subcommand() -> None:
         assert (args.verbose, args.quiet) == (2, 1)
 
 
+def test_quantized_peers_spin_their_idle_workers_less() -> None:
+    """libgomp's spin before sleep: long for torch's ops (gaps between ops), short for a quantized
+    span's one-call decode; an explicit GOMP_SPINCOUNT stays the user's."""
+    from node.cli.commands import GOMP_SPINCOUNT, GOMP_SPINCOUNT_QUANTIZED, _spin_count
+    from node.cli.parser import build_parser
+
+    parser = build_parser()
+    for command in ("serve", "daemon"):
+        common = [command, "--model", "m"] + (["--layers", "0:1"] if command == "serve" else [])
+        plain, quantized = parser.parse_args(common), parser.parse_args([*common, "--quantize", "int4"])
+        assert (_spin_count(plain), _spin_count(quantized)) == (GOMP_SPINCOUNT, GOMP_SPINCOUNT_QUANTIZED)
+    assert int(GOMP_SPINCOUNT_QUANTIZED) < int(GOMP_SPINCOUNT)
+
+
 def test_a_port_in_use_is_an_error_not_a_shared_listener(tiny_models: dict[str, Path]) -> None:
     import socket
 

@@ -142,13 +142,22 @@ def _pinned(peers: list[str], fingerprint: str | None) -> list[str]:
 # next peer of a pipeline (or the volunteer's own programs) need; threads that fall asleep
 # between the parallel ops of one step pay a wake-up at each (on this VM, ruinous: a 58M
 # Llama's 2-server pipeline took 29-31 ms a token at 10k, 21-24 at 100k, 40 at 1M, in the
-# same interleaved rounds). 100k (about 2 ms here) outlasts the gaps inside a step and ends
-# well before the next.
+# same interleaved rounds). 100k (about 2.7 ms here) outlasts the gaps inside a step and ends
+# well before the next. A quantized span's decode step is one C call (kernels.fused) whose few
+# parallel regions are microseconds apart, so its workers need far less: after its step a
+# 100k spin held a core through the hand-off to the next peer and the answer's way out (bench
+# model, int4, interleaved rounds: one serving process 1.10x and a 2-span pipeline 1.26x the
+# tokens/s at 10k against 100k; 3k lost on the pipeline again).
 GOMP_SPINCOUNT = "100000"
+GOMP_SPINCOUNT_QUANTIZED = "10000"
+
+
+def _spin_count(args: argparse.Namespace) -> str:
+    return GOMP_SPINCOUNT if getattr(args, "quantize", "none") == "none" else GOMP_SPINCOUNT_QUANTIZED
 
 
 def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)  # read when torch loads OpenMP, below
+    os.environ.setdefault("GOMP_SPINCOUNT", _spin_count(args))  # read when torch loads OpenMP, below
     _need_torch("moemesh serve")
     with held_signals():
         from node.serve.lifecycle import Lifecycle, serve
@@ -263,7 +272,7 @@ def _daemon(args: argparse.Namespace) -> int:
     remote = bool(model_id or hub_id)
     if named and not remote:
         raise ConfigError(f"--model {named}: no such folder, nor a model id (24 hex digits), nor a Hub id ORG/NAME")
-    os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+    os.environ.setdefault("GOMP_SPINCOUNT", _spin_count(args))
     server = None
     if args.model is not None:
         _need_torch("moemesh daemon --model")

@@ -20,7 +20,6 @@ build takes a while on a small machine; it is done once (``--cache``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -145,37 +144,21 @@ def moemesh_rates(model: Path, threads: int, prompt: int, tokens: int, repeat: i
     """moemesh's one-process decode tok/s after `prompt` and prefill tok/s, per --quantize: each
     precision in a process of its own (bench/quant.py's workers: torch's int8 kernel slows
     oneDNN's bf16 matmuls in the process it ran in), the rounds interleaved."""
-    import multiprocessing
     import statistics
 
     import torch
-    from quant import _span_worker
+    from quant import span_workers
 
     from shards import Checkpoint
 
     cfg = Checkpoint(model).config
     ids = torch.randint(1, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
-    context = multiprocessing.get_context("spawn")
-    workers = {}
     runs: dict[str, list[tuple[float, float]]] = {m: [] for _, m, _ in PAIRS}
-    try:
-        for m in runs:  # one at a time: loading and quantizing take the cores
-            mine, theirs = context.Pipe()
-            process = context.Process(target=_span_worker, args=(str(model), m, ids, theirs, threads), daemon=True)
-            process.start()
-            workers[m] = (process, mine)
-            mine.recv()  # loaded
+    with span_workers(model, list(runs), ids, threads) as workers:
         for _ in range(repeat):
-            for m, (_, conn) in workers.items():
+            for m, (conn, _, _) in workers.items():
                 conn.send(tokens)
                 runs[m].append(conn.recv())
-    finally:
-        for process, conn in workers.values():
-            with contextlib.suppress(OSError):
-                conn.send(None)
-            process.join(10)
-            if process.is_alive():
-                process.kill()
     med = statistics.median
     return {
         m: {"prefill_tok_s": prompt / med(p for p, _ in r), "decode_tok_s": med(d for _, d in r)}

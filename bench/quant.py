@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -94,25 +95,31 @@ def _span_worker(folder: str, mode: str, prompt: torch.Tensor, conn: Connection,
         conn.send(decode_rate(span, prompt, command))
 
 
-def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+@contextlib.contextmanager
+def span_workers(
+    folder: Path, modes: Sequence[str], prompt: torch.Tensor, threads: int = 0
+) -> Iterator[dict[str, tuple[Connection, int, float]]]:
+    """One `_span_worker` process per precision, started one at a time (loading and quantizing
+    take the cores): mode -> (its pipe, weight bytes per token, seconds it took to load). All
+    are stopped on exit."""
     import multiprocessing
 
-    cfg = Checkpoint(folder).config
-    prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     context = multiprocessing.get_context("spawn")
-    workers: dict[str, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
-    nbytes: dict[str, int] = {}
+    processes: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    workers: dict[str, tuple[Connection, int, float]] = {}
     try:
-        for mode in MODES:  # one at a time: loading and quantizing take the cores
+        for mode in modes:
             mine, theirs = context.Pipe()
-            process = context.Process(target=_span_worker, args=(str(folder), mode, prompt, theirs), daemon=True)
+            process = context.Process(
+                target=_span_worker, args=(str(folder), mode, prompt, theirs, threads), daemon=True
+            )
             process.start()
-            workers[mode] = (process, mine)
-            nbytes[mode], took = mine.recv()
-            print(f"loaded {LABEL[mode]} in {took:.1f} s (its own process)", flush=True)
-        return _speed_rounds(folder, args, cfg, nbytes, workers)
+            processes.append((process, mine))
+            nbytes, took = mine.recv()
+            workers[mode] = (mine, nbytes, took)
+        yield workers
     finally:
-        for process, conn in workers.values():
+        for process, conn in processes:
             with contextlib.suppress(OSError):
                 conn.send(None)
             process.join(10)
@@ -120,15 +127,25 @@ def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]
                 process.kill()
 
 
+def speed(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    cfg = Checkpoint(folder).config
+    prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    with span_workers(folder, MODES, prompt) as workers:
+        for mode, (_, _, took) in workers.items():
+            print(f"loaded {LABEL[mode]} in {took:.1f} s (its own process)", flush=True)
+        nbytes = {mode: n for mode, (_, n, _) in workers.items()}
+        return _speed_rounds(folder, args, cfg, nbytes, {mode: conn for mode, (conn, _, _) in workers.items()})
+
+
 def _speed_rounds(
     folder: Path,
     args: argparse.Namespace,
     cfg: ModelConfig,
     nbytes: dict[str, int],
-    workers: dict[str, tuple[object, Connection]],
+    workers: dict[str, Connection],
 ) -> dict[str, dict[str, float]]:
     def decode(mode: str) -> tuple[float, float]:
-        conn = workers[mode][1]
+        conn = workers[mode]
         conn.send(args.tokens)
         return conn.recv()  # type: ignore[no-any-return]
 

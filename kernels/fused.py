@@ -147,7 +147,8 @@ class FusedDecode:
         self._lib, self._keep, self.dtype = lib, keep, dtype  # keep: the tensors the pointers point into
         self._layers = (_Layer * len(layers))(*layers)
         self._n = len(layers)
-        self._head_dim = layers[0].D
+        self._head_dim, self._hidden = layers[0].D, layers[0].q.K
+        self._kv = [(d.Hkv, d.D) for d in layers]  # what each layer's cache slots must be
 
     def __call__(
         self,
@@ -158,7 +159,9 @@ class FusedDecode:
     ) -> torch.Tensor | None:  # [M, 1, H], the caches written; None (nothing done) where it does not apply
         m, t, hidden = h.shape
         cos, sin = rope
-        if t != 1 or not 1 <= m <= native.MAX_ROWS or h.dtype is not self.dtype or not h.is_cpu:
+        if t != 1 or not 1 <= m <= native.MAX_ROWS or hidden != self._hidden or h.dtype is not self.dtype:
+            return None
+        if not h.is_cpu:
             return None
         if cos.shape[1:] != (1, self._head_dim) or cos.shape[0] not in (1, m) or sin.shape != cos.shape:
             return None
@@ -191,12 +194,16 @@ class FusedDecode:
             return None
         n = self._n
         keys, values = (_PTR * (n * m))(), (_PTR * (n * m))()
-        for r, (cache, b, _) in enumerate(pairs):
+        for r, (cache, b, position) in enumerate(pairs):
             if cache.num_layers != n or any(w is not None for w in cache.windows):
                 return None
-            for layer in range(n):
+            if not 0 <= position < cache.slots[0]:  # the C call writes there: never out of the slots
+                return None
+            for layer, (heads, dim) in enumerate(self._kv):
                 k, v = cache.keys[layer], cache.values[layer]
-                if k.dtype is not self.dtype or not (k.is_cpu and k.is_contiguous() and v.is_contiguous()):
+                if k.shape[1:] != (heads, cache.slots[0], dim) or v.shape != k.shape or k.dtype is not self.dtype:
+                    return None
+                if not (k.is_cpu and k.is_contiguous() and v.is_contiguous()):
                     return None
                 keys[layer * m + r] = k.data_ptr() + b * k.stride(0) * k.element_size()
                 values[layer * m + r] = v.data_ptr() + b * v.stride(0) * v.element_size()

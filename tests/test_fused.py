@@ -187,5 +187,11 @@ def test_what_the_one_call_does_not_take_runs_op_by_op(
     assert plan(torch.randn(1, 1, 64).bfloat16(), rope, [span.new_cache(8, layers=(0, 2))], [3]) is None
     windowed = KVCache(4, 2, 16, 8, torch.bfloat16, windows=[None, 4, None, None])
     assert plan(torch.randn(1, 1, 64).bfloat16(), rope, [windowed], [3]) is None  # a ring of slots
+    assert (
+        plan(torch.randn(1, 1, 64).bfloat16(), rope, [KVCache(4, 2, 8, 8, torch.bfloat16)], [3]) is None
+    )  # head width
+    assert plan(torch.randn(1, 1, 64).bfloat16(), rope, [one], [8]) is None  # past the cache's slots
+    assert plan(torch.randn(1, 1, 32).bfloat16(), rope, [one], [3]) is None  # another hidden size
+    assert plan(torch.randn(1, 1, 64).bfloat16(), rope, [one], [3]) is not None  # and what it takes
     monkeypatch.setattr(native, "library", lambda: None)
     assert _span(models["mixtral"], "int4")._fused_decode(0, 4) is None  # no library here

@@ -148,7 +148,7 @@ class FusedDecode:
         self._layers = (_Layer * len(layers))(*layers)
         self._n = len(layers)
         self._head_dim, self._hidden = layers[0].D, layers[0].q.K
-        self._kv = [(d.Hkv, d.D) for d in layers]  # what each layer's cache slots must be
+        self._kv_heads = layers[0].Hkv  # (one config: every layer has the same heads and width)
 
     def __call__(
         self,
@@ -197,16 +197,17 @@ class FusedDecode:
         for r, (cache, b, position) in enumerate(pairs):
             if cache.num_layers != n or any(w is not None for w in cache.windows):
                 return None
+            # without windows a KVCache's layers share one shape, dtype and device: its first says
+            k, v = cache.keys[0], cache.values[0]
+            if k.shape[1:] != (self._kv_heads, cache.slots[0], self._head_dim) or v.shape != k.shape:
+                return None
+            if k.dtype is not self.dtype or not (k.is_cpu and k.is_contiguous() and v.is_contiguous()):
+                return None
             if not 0 <= position < cache.slots[0]:  # the C call writes there: never out of the slots
                 return None
-            for layer, (heads, dim) in enumerate(self._kv):
-                k, v = cache.keys[layer], cache.values[layer]
-                if k.shape[1:] != (heads, cache.slots[0], dim) or v.shape != k.shape or k.dtype is not self.dtype:
-                    return None
-                if not (k.is_cpu and k.is_contiguous() and v.is_contiguous()):
-                    return None
-                keys[layer * m + r] = k.data_ptr() + b * k.stride(0) * k.element_size()
-                values[layer * m + r] = v.data_ptr() + b * v.stride(0) * v.element_size()
+            row = b * k.stride(0) * k.element_size()
+            keys[r::m] = [t.data_ptr() + row for t in cache.keys]
+            values[r::m] = [t.data_ptr() + row for t in cache.values]
         where = (_I64 * m)(*(p for _, _, p in pairs))
         slots = (_I64 * m)(*(c.slots[0] for c, _, _ in pairs))
         return keys, values, where, slots

@@ -95,9 +95,22 @@ static void row_from_f32(const float *restrict v, int dtype, int64_t n, void *p)
     }
 }
 
-static float *as_f32(const void *x, int dtype, int64_t count) {
-    float *xf = malloc((size_t)count * sizeof(float));
-    if (xf) row_to_f32(x, dtype, count, xf);
+static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float *restrict xsum) {
+    for (int64_t i = 0; i < rows; i++) {
+        float s = 0;
+        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
+        xsum[i] = s;
+    }
+}
+
+/* x [M, K] in fp32, then (int4: G > 0) its sums over each group of G k's, in one allocation:
+ * what a matmul's rows need before its loop. */
+static float *rows_f32(const void *x, int dtype, int64_t M, int64_t K, int64_t G) {
+    const int64_t sums = G ? M * (K / G) : 0;
+    float *xf = malloc((size_t)(M * K + sums) * sizeof(float));
+    if (!xf) return NULL;
+    row_to_f32(x, dtype, M * K, xf);
+    if (G) group_sums(xf, sums, G, xf + M * K);
     return xf;
 }
 
@@ -161,7 +174,7 @@ static void int8_share(const float *xf, int dtype, int64_t M, int64_t K, const i
 int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
                       int64_t N, void *y, int threads) {
     if (M > MAX_M) return 3;
-    float *xf = as_f32(x, dtype, M * K);
+    float *xf = rows_f32(x, dtype, M, K, 0);
     if (!xf) return 1;
 #pragma omp parallel num_threads(threads) if (N * K >= 65536)
     int8_share(xf, dtype, M, K, w, scales, N, y);
@@ -306,14 +319,6 @@ static int int4_block_row(const void *x, int dtype, const float *restrict xf, co
     return width;
 }
 
-static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float *restrict xsum) {
-    for (int64_t i = 0; i < rows; i++) {
-        float s = 0;
-        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
-        xsum[i] = s;
-    }
-}
-
 static inline int64_t int4_blocks(int64_t N) { return (N + BLOCK - 1) / BLOCK; }
 
 /* The blocks of one int4 matmul, shared as int8_share's channels; xsum: x's sums per group. */
@@ -334,18 +339,10 @@ static void int4_share(const void *x, int dtype, const float *xf, const float *x
 int moemesh_int4_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint8_t *packed,
                       const void *scale_zeros, int64_t G, int64_t N, void *y, int threads) {
     if (K % G || G % 2) return 2;
-    float *xf = as_f32(x, dtype, M * K);
+    float *xf = rows_f32(x, dtype, M, K, G);
     if (!xf) return 1;
-    const int64_t groups = K / G;
-    float *xsum = malloc((size_t)(M * groups) * sizeof(float)); /* sum of x over each group */
-    if (!xsum) {
-        free(xf);
-        return 1;
-    }
-    group_sums(xf, M * groups, G, xsum);
 #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    int4_share(x, dtype, xf, xsum, M, K, packed, scale_zeros, G, N, y);
-    free(xsum);
+    int4_share(x, dtype, xf, xf + M * K, M, K, packed, scale_zeros, G, N, y);
     free(xf);
     return 0;
 }
@@ -760,17 +757,14 @@ static int project_qkv(const Layer *L, const void *x, int dtype, int64_t M, void
     const int64_t K = L->q.K, kind = L->q.kind, G = L->q.G;
     int same = 1;
     for (int i = 1; i < 3; i++) same &= p[i]->kind == kind && p[i]->K == K && p[i]->G == G;
-    if (!same || M > MAX_M || (kind == 4 && (K % G || G % 2))) {
+    if (!same || (kind == 4 && (K % G || G % 2))) {
         int rc = 0;
         for (int i = 0; i < 3 && !rc; i++) rc = project(p[i], x, dtype, M, y[i], threads);
         return rc;
     }
-    const int64_t groups = kind == 4 ? K / G : 0;
-    float *xf = malloc((size_t)(M * (K + groups)) * sizeof(float));
+    float *xf = rows_f32(x, dtype, M, K, kind == 4 ? G : 0);
     if (!xf) return 1;
-    row_to_f32(x, dtype, M * K, xf);
-    float *xsum = xf + M * K;
-    if (kind == 4) group_sums(xf, M * groups, G, xsum);
+    const float *xsum = xf + M * K;
 #pragma omp parallel num_threads(threads) if ((L->q.N + L->k.N + L->v.N) * K >= 65536)
     for (int i = 0; i < 3; i++) {
         if (kind == 8) int8_share(xf, dtype, M, K, p[i]->codes, p[i]->scales, p[i]->N, y[i]);

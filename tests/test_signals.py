@@ -21,9 +21,21 @@ ROOT = Path(__file__).resolve().parent.parent
 NOISE = ("Traceback", "invalid state", "Event loop is closed", "Exception ignored", "KeyboardInterrupt")
 
 
+def _python_is_up(pid: int) -> bool:
+    """Whether the interpreter has installed its SIGINT handler (bit 2 of SigCgt): before that a
+    SIGINT ends any Python program by the signal itself, which no code of ours can change."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # exited: let wait() tell
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) & (1 << (signal.SIGINT - 1)))
+
+
 def _interrupt(args: list[str], when: str | float, home: Path) -> tuple[int, str]:
-    """Run `moemesh ARGS`, send SIGINT `when` seconds after the start or once a line holds `when`;
-    returns (exit code, everything it printed)."""
+    """Run `moemesh ARGS`, send SIGINT `when` seconds after its interpreter is up or once a line
+    holds `when`; returns (exit code, everything it printed). Counting from the interpreter's
+    start, not the fork, keeps a loaded machine's slow exec from moving the signal before it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "MOEMESH_CACHE": str(home / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "node", *args], cwd=ROOT, env=env, text=True,
@@ -43,6 +55,9 @@ def _interrupt(args: list[str], when: str | float, home: Path) -> tuple[int, str
     reader.start()
     try:
         if isinstance(when, float):
+            deadline = time.monotonic() + 60
+            while not _python_is_up(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
             time.sleep(when)
         else:
             deadline = time.monotonic() + 120

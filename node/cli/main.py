@@ -6,11 +6,8 @@ runs a command (`serve` and `daemon` turn SIGINT into their graceful stop, and s
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
-
-from node.cli.parser import build_parser
 
 __all__ = ["main"]
 
@@ -23,6 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    # Imported here, inside main's KeyboardInterrupt handling, not at module level: a Ctrl-C
+    # while they load (~20 ms) would otherwise be a traceback before main() is even entered.
+    import logging
+
+    from node.cli.parser import build_parser
+
     args = build_parser().parse_args(argv)
     from node.cli.commands import COMMANDS, held_signals
     from node.errors import MoemeshError

@@ -6,7 +6,7 @@ converted with its own ``convert_hf_to_gguf.py`` (the bench model is built here 
 demo model's vocabulary size and borrows its tokenizer, since the converter needs a tokenizer
 it knows; both sides run that same model) and quantized with ``llama-quantize`` to Q8_0 and Q4_0. Then, in one
 run, llama-bench's decode and prefill tok/s at bf16, Q8_0 and Q4_0 are printed beside
-moemesh's one-process figures at bf16, int8 and int4 (the span called in process, each
+moemesh's one-process figures at bf16 (--quantize none and bf16), int8 and int4 (the span called in process, each
 precision in a process of its own, as bench/quant.py does), with the ratios.
 
 Needs cmake, make and a C++ compiler (Debian/Ubuntu: ``apt-get install cmake g++``). The
@@ -36,7 +36,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
-PAIRS = (("bf16", "none", "bf16"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4"))  # gguf, --quantize, label
+# gguf, --quantize, label: BF16 beside both unquantized kinds of span ("bf16 tf": transformers'
+# kernels and bits, --quantize none; "bf16": the same weights on moemesh's kernels)
+PAIRS = (
+    ("bf16", "none", "bf16 tf"), ("bf16", "bf16", "bf16"), ("q8_0", "int8", "int8"), ("q4_0", "int4", "int4"),
+)  # fmt: skip
 TOOLS = ("llama-bench", "llama-quantize")
 
 

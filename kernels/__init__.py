@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
     from kernels.quant import (
         QUANT_MODES,
+        Bf16Weight,
         Int4Weight,
         Int8Weight,
         QuantLinear,
@@ -85,6 +86,7 @@ _WHERE = {
     **dict.fromkeys(
         (
             "QUANT_MODES",
+            "Bf16Weight",
             "Int4Weight",
             "Int8Weight",
             "QuantLinear",
@@ -111,6 +113,7 @@ __all__ = [
     "RopeConfig",
     "Dispatch",
     "CacheFullError",
+    "Bf16Weight",
     "Int4Weight",
     "Int8Weight",
     "KVCache",

@@ -33,7 +33,7 @@ from kernels.span import Attention, DecoderLayer, MoEBlock, RMSNorm
 __all__ = ["FusedDecode", "plan"]
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-_KIND = {"int8": 8, "int4": 4}
+_KIND = {"int8": 8, "int4": 4, "bf16": 16}
 
 
 class _QProj(ctypes.Structure):

@@ -24,6 +24,8 @@ def quantized_nbytes(shape: torch.Size | tuple[int, ...], mode: str, dtype: torc
     copies = math.prod(lead)
     if mode == "none":
         return copies * n * k * dtype.itemsize
+    if mode == "bf16":
+        return copies * n * k * 2  # no scales
     if mode == "int4" and k % INT4_GROUP == 0 and n % INT4_N_BLOCK == 0:
         return copies * (n * k // 2 + (k // INT4_GROUP) * n * 2 * dtype.itemsize)
     return copies * (n * k + n * dtype.itemsize)  # int8 codes and one scale per output channel

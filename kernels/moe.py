@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import native
-from kernels.quant import AnyWeight, Int4Weight, Int8Weight, linear
+from kernels.quant import AnyWeight, Bf16Weight, Int4Weight, Int8Weight, linear
 
 __all__ = [
     "Activation",
@@ -297,7 +297,7 @@ def experts_fused(
     path's plan and sums, with gate and up kept in fp32 and no rounding before the routing
     weight; a row's bits do not depend on the rows beside it. A quantized span's decode (it
     replaces ~25 dispatcher ops a token and layer); None where it does not apply."""
-    kinds = (Int8Weight, Int4Weight)
+    kinds = (Int8Weight, Int4Weight, Bf16Weight)
     if not (isinstance(gate_up, kinds) and isinstance(down, kinds)):
         return None
     return native.moe(x, ids, weights, gate_up, down)
@@ -313,6 +313,8 @@ def _gather(w: AnyWeight, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
         return dequantize(Int8Weight(w.codes[ids], w.scales[ids]), dtype)
     if isinstance(w, Int4Weight):
         return dequantize(Int4Weight(w.packed[ids], w.scale_zeros[ids], w.group), dtype)
+    if isinstance(w, Bf16Weight):
+        return dequantize(Bf16Weight(w.bits[ids], w.scales), dtype)
     raise TypeError("packed weights are CPU-only: the gathered path is for accelerators")
 
 

@@ -1,5 +1,5 @@
-"""Decode-sized work of quantized spans in C (`kernels/qgemv.c`), each piece one call: int8 and
-int4 matmuls, a MoE layer's quantized experts, a decode step's attention, rotary, softmax
+"""Decode-sized work of quantized spans in C (`kernels/qgemv.c`), each piece one call: int8,
+int4 and bf16-weight matmuls, a MoE layer's quantized experts, a decode step's attention, rotary, softmax
 routing and RMSNorm.
 
 For a few rows of activations (decode tokens) torch's packed CPU kernels read their weights
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from kernels.quant import Int4Weight, Int8Weight, QuantWeight
+    from kernels.quant import Bf16Weight, Int4Weight, Int8Weight, QuantWeight
 
 __all__ = [
     "DTYPES",
@@ -48,6 +48,7 @@ __all__ = [
     "NO_NATIVE_ENV",
     "attend",
     "available",
+    "bf16_gemv",
     "gemv",
     "int4_gemv",
     "int8_gemv",
@@ -110,6 +111,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.moemesh_int8_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT]
     lib.moemesh_int4_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]
+    lib.moemesh_bf16_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT]
     lib.moemesh_rmsnorm.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, ctypes.c_float, _INT, _PTR]
     lib.moemesh_moe.argtypes = [_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 5, _INT]
     lib.moemesh_attend.argtypes = [_PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64]
@@ -118,8 +120,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moemesh_route.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, _I64, _I64, _INT, _INT, _PTR, _PTR]
     lib.moemesh_layers.argtypes = [_PTR, _I64, _INT, _I64, _I64, *[_PTR] * 7, _INT]
     for fn in (
-        lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe, lib.moemesh_attend,
-        lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers,
+        lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_bf16_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe,
+        lib.moemesh_attend, lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers,
     ):  # fmt: skip
         fn.restype = _INT
     return lib
@@ -147,17 +149,17 @@ def _library() -> ctypes.CDLL | None:
 @torch.no_grad()
 def _agrees(lib: ctypes.CDLL) -> bool:
     """Whether the built kernels match the reference on this CPU (a miscompile stays unused)."""
-    from kernels.quant import linear_reference, quantize_int4, quantize_int8, relative_error
+    from kernels.quant import linear_reference, quantize_bf16, quantize_int4, quantize_int8, relative_error
     from kernels.span import RMSNorm
 
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
         w = torch.randn(160, 96, generator=g).to(dtype)
         x = torch.randn(3, 96, generator=g).to(dtype)
-        for q, run in ((quantize_int8(w), _int8), (quantize_int4(w), _int4)):
+        for q, run in ((quantize_int8(w), _int8), (quantize_int4(w), _int4), (quantize_bf16(w), _bf16)):
             got, want = run(lib, x, q), linear_reference(x, q)  # type: ignore[arg-type]
             if got is None or relative_error(want, got) > (1e-5 if dtype == torch.float32 else 1e-2):
-                log.warning("native int8/int4 kernels disagree with the reference here: torch's kernels run instead")
+                log.warning("native matmul kernels disagree with the reference here: torch's kernels run instead")
                 return False
         norm = RMSNorm(96, 1e-6)  # exact: torch's own ops
         norm.weight.data = torch.randn(96, generator=g).to(dtype)
@@ -175,14 +177,14 @@ def _agrees_layer_ops(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) 
     """The one-call MoE, attention, rotary and routing against torch's ops on small inputs."""
     from kernels.attention import attention_reference, attention_sinks
     from kernels.moe import experts_reference, route
-    from kernels.quant import dequantize, quantize_int4, quantize_int8, relative_error
+    from kernels.quant import dequantize, quantize_bf16, quantize_int4, quantize_int8, relative_error
     from kernels.rope import apply_rotary
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     gate_up, down = torch.randn(4, 128, 64, generator=g).to(dtype), torch.randn(4, 64, 64, generator=g).to(dtype)
     x = torch.randn(3, 64, generator=g).to(dtype)
     ids, weights = torch.tensor([[2, 0], [1, 2], [3, 1]]), torch.softmax(torch.randn(3, 2, generator=g), dim=-1)
-    for quantize in (quantize_int8, quantize_int4):
+    for quantize in (quantize_int8, quantize_int4, quantize_bf16):
         a, b = quantize(gate_up), quantize(down)
         got = _moe(lib, x, ids, weights, a, b)
         want = experts_reference(x.float(), ids, weights, dequantize(a), dequantize(b), F.silu)  # not these kernels
@@ -248,6 +250,23 @@ def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | No
     return _gemv(lib.moemesh_int4_gemv, x, w.packed, w.scale_zeros, w.group)
 
 
+def _bf16(lib: ctypes.CDLL, x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | None:
+    return _bf16_bits(lib, x, w.bits, w.scales)
+
+
+def _bf16_bits(lib: ctypes.CDLL, x: torch.Tensor, bits: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor | None:
+    """``moemesh_bf16_gemv``: as `_gemv`, with no scales (`carrier` has the compute dtype)."""
+    if not (_applies(x, carrier) and bits.is_cpu and bits.is_contiguous()):
+        return None
+    x = x.contiguous()
+    k, n = x.shape[-1], bits.shape[0]
+    y = x.new_empty((*x.shape[:-1], n))
+    rc = lib.moemesh_bf16_gemv(
+        x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, bits.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
+    )
+    return None if rc else y
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:
     """`kernels.span.RMSNorm` in one call (to fp32 rounding: the squares are summed in another
     order); None where it does not apply (not the CPU, another dtype, or no library)."""
@@ -272,7 +291,7 @@ def _rmsnorm(
 
 
 def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor | None:
-    """`int8_gemv` / `int4_gemv` on a `kernels.quant.QuantTensor`'s buffers as they are: a
+    """`int8_gemv` / `int4_gemv` / `bf16_gemv` on a `kernels.quant.QuantTensor`'s buffers as they are: a
     projection's decode call without building its weight or the dispatch of `kernels.quant.linear`
     (a `[1, 1024] x [256, 1024]` int4 projection: 14 against 17.5 us, ~5 of them the kernel)."""
     lib = _library()
@@ -280,6 +299,8 @@ def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, g
         return None
     if kind == "int8":
         return _gemv(lib.moemesh_int8_gemv, x, data, scales)
+    if kind == "bf16":
+        return _bf16_bits(lib, x, data, scales)
     return _gemv(lib.moemesh_int4_gemv, x, data, scales, group)
 
 
@@ -296,14 +317,26 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
     return None if lib is None else _int4(lib, x, w)
 
 
+def bf16_gemv(x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | None:
+    """``x [..., K] @ w.T`` for bf16 weights ``[N, K]``, x in any dtype the C file takes (the
+    weight's compute dtype); None as for `int8_gemv`."""
+    lib = _library()
+    return None if lib is None else _bf16(lib, x, w)
+
+
 def _experts(w: QuantWeight) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:
     """(kind, codes, scales, group) of a stack of quantized experts, None unless contiguous."""
-    from kernels.quant import Int8Weight
+    from kernels.quant import Bf16Weight, Int8Weight
 
-    codes, scales = (w.codes, w.scales) if isinstance(w, Int8Weight) else (w.packed, w.scale_zeros)
+    if isinstance(w, Bf16Weight):
+        kind, codes, scales, group = 16, w.bits, w.scales, 0
+    elif isinstance(w, Int8Weight):
+        kind, codes, scales, group = 8, w.codes, w.scales, 0
+    else:
+        kind, codes, scales, group = 4, w.packed, w.scale_zeros, w.group
     if not (codes.is_cpu and codes.is_contiguous() and scales.is_contiguous()):
         return None
-    return (8, codes, scales, 0) if isinstance(w, Int8Weight) else (4, codes, scales, w.group)
+    return kind, codes, scales, group
 
 
 def moe(

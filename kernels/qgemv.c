@@ -5,6 +5,7 @@
  * y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m, where w is
  *   int8: codes[n, k] * scale[n]                                  (kernels.quant.Int8Weight)
  *   int4: (q[n, k] - 8) * scale[k / G, n] + zero[k / G, n]        (kernels.quant.Int4Weight)
+ *   bf16: w[n, k] itself, widened to fp32                          (kernels.quant.Bf16Weight)
  * with the int4 codes in the byte layout of torch's CPU int4 kernel.
  *
  * Every output element is computed by one thread in one fixed order (int8: 64 fp32 partial
@@ -124,6 +125,19 @@ static inline float fold64(const float *a) { /* (a0 + a16) + (a32 + a48) per lan
     return fold(b);
 }
 
+#if defined(__AVX512F__)
+/* fold64 of four 16-lane accumulators, in registers: the same additions in the same order,
+ * ~10 ops against ~60 through memory */
+static inline float fold64_512(const __m512 a[4]) {
+    const __m512 b = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+    const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
+    const __m128 d = _mm_add_ps(c4, _mm_movehl_ps(c4, c4)); /* c0 + c2, c1 + c3 */
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+#endif
+
 static inline float int8_dot(const float *restrict x, const int8_t *restrict w, int64_t K) {
     float acc[4 * LANES] = {0};
     const int64_t kv = K - K % (4 * LANES);
@@ -136,14 +150,7 @@ static inline float int8_dot(const float *restrict x, const int8_t *restrict w, 
             const __m128i codes = _mm_loadu_si128((const __m128i *)(w + k + 16 * q));
             a[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_loadu_ps(x + k + 16 * q), a[q]);
         }
-    if (kv == K) { /* fold64 in registers: the same additions in the same order, ~10 ops against ~60 */
-        const __m512 b = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        const __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b),
-                                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
-        const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
-        const __m128 d = _mm_add_ps(c4, _mm_movehl_ps(c4, c4)); /* c0 + c2, c1 + c3 */
-        return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
-    }
+    if (kv == K) return fold64_512(a);
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc + 16 * q, a[q]);
 #endif
     for (; k < kv; k += 4 * LANES)
@@ -152,34 +159,75 @@ static inline float int8_dot(const float *restrict x, const int8_t *restrict w, 
     return fold64(acc);
 }
 
-/* Output channel n of int8 weights for M rows of fp32 x: out[m * ld], in fp32. */
-static inline void int8_channel(const float *restrict xf, int64_t M, int64_t K, const int8_t *restrict w,
-                                const void *scales, int dtype, int64_t n, float *restrict out, int64_t ld) {
-    const float scale = load(scales, dtype, n);
-    for (int64_t m = 0; m < M; m++) out[m * ld] = int8_dot(xf + m * K, w + n * K, K) * scale;
+/* bf16 weights: int8_dot's order and lanes, each weight widened to fp32 exactly (a shift). */
+static inline float bf16_dot(const float *restrict x, const uint16_t *restrict w, int64_t K) {
+    float acc[4 * LANES] = {0};
+    const int64_t kv = K - K % (4 * LANES);
+    int64_t k = 0;
+#if defined(__AVX512F__)
+    __m512 a[4];
+    for (int q = 0; q < 4; q++) a[q] = _mm512_setzero_ps();
+    for (; k < kv; k += 4 * LANES)
+        for (int q = 0; q < 4; q++) {
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + k + 16 * q));
+            const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            a[q] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + k + 16 * q), a[q]);
+        }
+    if (kv == K) return fold64_512(a);
+    for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc + 16 * q, a[q]);
+#endif
+    for (; k < kv; k += 4 * LANES)
+        for (int j = 0; j < 4 * LANES; j++) acc[j] = fmaf(bf16_to_f32(w[k + j]), x[k + j], acc[j]);
+    for (; k < K; k++) acc[k - kv] = fmaf(bf16_to_f32(w[k]), x[k], acc[k - kv]);
+    return fold64(acc);
 }
 
-/* The channels of one int8 matmul, shared among the threads of the enclosing parallel region
- * (orphaned: alone outside one), none waiting for the others at the end. */
-static void int8_share(const float *xf, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
-                       int64_t N, void *y) {
+/* Output channel n of int8 weights (kind 8: codes times the channel's scale) or bf16 weights
+ * (kind 16: no scales) for M rows of fp32 x: out[m * ld], in fp32. */
+static inline void dense_channel(int kind, const float *restrict xf, int64_t M, int64_t K, const void *w,
+                                 const void *scales, int dtype, int64_t n, float *restrict out, int64_t ld) {
+    if (kind == 16) {
+        const uint16_t *row = (const uint16_t *)w + n * K;
+        for (int64_t m = 0; m < M; m++) out[m * ld] = bf16_dot(xf + m * K, row, K);
+        return;
+    }
+    const float scale = load(scales, dtype, n);
+    const int8_t *row = (const int8_t *)w + n * K;
+    for (int64_t m = 0; m < M; m++) out[m * ld] = int8_dot(xf + m * K, row, K) * scale;
+}
+
+/* The channels of one int8 or bf16 matmul, shared among the threads of the enclosing parallel
+ * region (orphaned: alone outside one), none waiting for the others at the end. */
+static void dense_share(int kind, const float *xf, int dtype, int64_t M, int64_t K, const void *w,
+                        const void *scales, int64_t N, void *y) {
 #pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; n++) {
         float out[MAX_M];
-        int8_channel(xf, M, K, w, scales, dtype, n, out, 1);
+        dense_channel(kind, xf, M, K, w, scales, dtype, n, out, 1);
         for (int64_t m = 0; m < M; m++) store(y, dtype, m * N + n, out[m]);
     }
 }
 
-int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
+static int dense_gemv(int kind, const void *x, int dtype, int64_t M, int64_t K, const void *w, const void *scales,
                       int64_t N, void *y, int threads) {
     if (M > MAX_M) return 3;
     float *xf = rows_f32(x, dtype, M, K, 0);
     if (!xf) return 1;
 #pragma omp parallel num_threads(threads) if (N * K >= 65536)
-    int8_share(xf, dtype, M, K, w, scales, N, y);
+    dense_share(kind, xf, dtype, M, K, w, scales, N, y);
     free(xf);
     return 0;
+}
+
+int moemesh_int8_gemv(const void *x, int dtype, int64_t M, int64_t K, const int8_t *w, const void *scales,
+                      int64_t N, void *y, int threads) {
+    return dense_gemv(8, x, dtype, M, K, w, scales, N, y, threads);
+}
+
+/* w: bf16 [N, K], whatever the dtype of x and y */
+int moemesh_bf16_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint16_t *w, int64_t N, void *y,
+                      int threads) {
+    return dense_gemv(16, x, dtype, M, K, w, NULL, N, y, threads);
 }
 
 /* ---- int4, groups of G along k, torch's CPU layout ----------------------------------------
@@ -321,7 +369,7 @@ static int int4_block_row(const void *x, int dtype, const float *restrict xf, co
 
 static inline int64_t int4_blocks(int64_t N) { return (N + BLOCK - 1) / BLOCK; }
 
-/* The blocks of one int4 matmul, shared as int8_share's channels; xsum: x's sums per group. */
+/* The blocks of one int4 matmul, shared as dense_share's channels; xsum: x's sums per group. */
 static void int4_share(const void *x, int dtype, const float *xf, const float *xsum, int64_t M, int64_t K,
                        const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, void *y) {
     const size_t size = dtype == F32 ? 4 : 2;
@@ -423,7 +471,7 @@ typedef struct {
     int64_t N, K, G, codes_stride, scales_stride; /* per expert: bytes of codes, elements of scales */
 } Experts;
 
-static int64_t units(const Experts *w) { return w->kind == 8 ? w->N : int4_blocks(w->N); }
+static int64_t units(const Experts *w) { return w->kind == 4 ? int4_blocks(w->N) : w->N; }
 
 /* Unit u (a channel, or a block of 64) of expert e's matmul over `rows` rows: out[r * N + n]. */
 static void matmul_unit(const Experts *w, int64_t e, const void *x, int dtype, const float *xf, const float *xsum,
@@ -431,8 +479,8 @@ static void matmul_unit(const Experts *w, int64_t e, const void *x, int dtype, c
     const size_t size = dtype == F32 ? 4 : 2;
     const char *codes = (const char *)w->codes + e * w->codes_stride;
     const char *scales = (const char *)w->scales + (size_t)(e * w->scales_stride) * size;
-    if (w->kind == 8) {
-        int8_channel(xf, rows, w->K, (const int8_t *)codes, scales, dtype, u, out + u, w->N);
+    if (w->kind != 4) {
+        dense_channel(w->kind, xf, rows, w->K, codes, scales, dtype, u, out + u, w->N);
         return;
     }
     const int64_t groups = w->K / w->G;
@@ -456,12 +504,13 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
                 const float *rw, int64_t E, int64_t I, int64_t G, const void *gu_codes, const void *gu_scales,
                 const void *dn_codes, const void *dn_scales, void *y, int threads) {
     const int64_t P = M * top_k; /* (token, slot) pairs */
-    if (M > MAX_M || P > MAX_M * 8 || (kind != 8 && kind != 4)) return 3;
+    if (M > MAX_M || P > MAX_M * 8 || (kind != 8 && kind != 4 && kind != 16)) return 3;
     if (kind == 4 && (H % G || I % G || G % 2)) return 2;
-    const Experts gu = {kind, gu_codes, gu_scales, 2 * I, H, G, kind == 8 ? 2 * I * H : I * H,
-                        kind == 8 ? 2 * I : (H / G) * 2 * I * 2};
-    const Experts dn = {kind, dn_codes, dn_scales, H, I, G, kind == 8 ? H * I : H * I / 2,
-                        kind == 8 ? H : (I / G) * H * 2};
+    const int64_t code_bytes = kind == 16 ? 2 : 1; /* per weight; int4: half a byte */
+    const Experts gu = {kind, gu_codes, gu_scales, 2 * I, H, G, kind == 4 ? I * H : 2 * I * H * code_bytes,
+                        kind == 4 ? (H / G) * 2 * I * 2 : 2 * I};
+    const Experts dn = {kind, dn_codes, dn_scales, H, I, G, kind == 4 ? H * I / 2 : H * I * code_bytes,
+                        kind == 4 ? (I / G) * H * 2 : H};
     int64_t order[MAX_M * 8], start[MAX_M * 8 + 1], hit[MAX_M * 8], n_hit = 0;
     for (int64_t p = 0; p < P; p++)
         if (ids[p] < 0 || ids[p] >= E) return 4;
@@ -725,7 +774,7 @@ int moemesh_route(const void *x, int dtype, int64_t M, int64_t H, const void *w,
  * this call gives the bits of the op-by-op path (kernels/fused.py checks what it takes). */
 
 typedef struct {
-    int64_t kind; /* 8 or 4 */
+    int64_t kind; /* 8, 4 or 16 (bf16 weights, no scales) */
     const void *codes, *scales;
     int64_t N, K, G;
 } QProj;
@@ -744,7 +793,7 @@ typedef struct {
 } Layer;
 
 static int project(const QProj *p, const void *x, int dtype, int64_t M, void *y, int threads) {
-    if (p->kind == 8) return moemesh_int8_gemv(x, dtype, M, p->K, p->codes, p->scales, p->N, y, threads);
+    if (p->kind != 4) return dense_gemv((int)p->kind, x, dtype, M, p->K, p->codes, p->scales, p->N, y, threads);
     return moemesh_int4_gemv(x, dtype, M, p->K, p->codes, p->scales, p->G, p->N, y, threads);
 }
 
@@ -767,7 +816,7 @@ static int project_qkv(const Layer *L, const void *x, int dtype, int64_t M, void
     const float *xsum = xf + M * K;
 #pragma omp parallel num_threads(threads) if ((L->q.N + L->k.N + L->v.N) * K >= 65536)
     for (int i = 0; i < 3; i++) {
-        if (kind == 8) int8_share(xf, dtype, M, K, p[i]->codes, p[i]->scales, p[i]->N, y[i]);
+        if (kind != 4) dense_share((int)kind, xf, dtype, M, K, p[i]->codes, p[i]->scales, p[i]->N, y[i]);
         else int4_share(x, dtype, xf, xsum, M, K, p[i]->codes, p[i]->scales, G, p[i]->N, y[i]);
     }
     free(xf);

@@ -1,4 +1,5 @@
-"""Weight-only quantization: int8 per output channel, int4 in groups of 32 along the input.
+"""Weight-only quantization: int8 per output channel, int4 in groups of 32 along the input,
+and bf16 weights on moemesh's own kernels.
 
 A weight ``[..., N, K]`` (a projection ``[N, K]``, or fused experts ``[E, N, K]``) becomes
 
@@ -6,7 +7,11 @@ A weight ``[..., N, K]`` (a projection ``[N, K]``, or fused experts ``[E, N, K]`
   ``[..., N]``: ``w = codes * scale``;
 - `Int4Weight`: asymmetric 4-bit codes in groups of `INT4_GROUP` along K, two per byte
   ``uint8 [..., N, K/2]`` in the layout torch's CPU kernel reads, and per group a scale and
-  a zero ``[..., K/G, N, 2]``: ``w = (q - 8) * scale + zero``.
+  a zero ``[..., K/G, N, 2]``: ``w = (q - 8) * scale + zero``;
+- `Bf16Weight`: the weight rounded to bf16 (exact for a bf16 checkpoint), held as its int16
+  bit patterns. What it changes against "none" is whose kernels multiply: moemesh's decode
+  kernels (fp32 sums in their own fixed order, at the memory's speed) instead of transformers'
+  oneDNN matmuls, whose bits bind an unquantized span.
 
 Scales are held in the model's dtype (the kernels take them in the activations' dtype).
 `linear_reference` is the definition: dequantize to fp32, multiply in fp32, round once to
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AnyWeight",
+    "Bf16Weight",
     "INT4_GROUP",
     "QUANT_MODES",
     "Int4Weight",
@@ -70,7 +76,7 @@ __all__ = [
     "weight_bytes_per_token",
 ]
 
-QUANT_MODES = ("none", "int8", "int4")
+QUANT_MODES = ("none", "bf16", "int8", "int4")
 INT4_N_BLOCK = 32  # output rows per block of torch's int4 CPU kernel
 INT4_GROUP = 32  # torch's CPU kernel takes 32, 64, 128 or 256; 32 is llama.cpp Q4_0's block
 _BLOCK_N = 64  # the int4 CPU kernel's block of output channels (AVX-512 build)
@@ -114,7 +120,29 @@ class Int4Weight:
         return self.packed, self.scale_zeros
 
 
-QuantWeight = Int8Weight | Int4Weight
+@dataclass(frozen=True, eq=False)
+class Bf16Weight:
+    """``w [..., N, K]`` in bf16, as int16 bits: a span's dtype casts (``.half()``) leave them."""
+
+    bits: torch.Tensor  # [..., N, K] int16, the bf16 bit patterns
+    scales: torch.Tensor  # [0] in the compute dtype: no scales, but it says the dtype and device as theirs do
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.bits.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.bits.view(torch.bfloat16)
+
+    def __getitem__(self, expert: int) -> Bf16Weight:
+        return Bf16Weight(self.bits[expert], self.scales)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.bits, self.scales
+
+
+QuantWeight = Int8Weight | Int4Weight | Bf16Weight
 Weight = torch.Tensor | QuantWeight  # a weight as quantized
 AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the experts take
 
@@ -190,12 +218,20 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
     return Int4Weight(pack_int4(q.reshape(*lead, n, k)), scale_zeros.contiguous(), group)
 
 
+def quantize_bf16(w: torch.Tensor) -> Bf16Weight:
+    """`w` rounded to bf16 (to nearest even, as ``.to()``), for the native kernels."""
+    bits = w.detach().to(torch.bfloat16).contiguous().view(torch.int16)
+    return Bf16Weight(bits, torch.empty(0, dtype=w.dtype, device=w.device))
+
+
 def quantize(w: torch.Tensor, mode: str) -> Weight:
     """`w` [..., N, K] in `mode` ("none" returns it); int4 falls back to int8 where the packed
     kernel does not take the shape (K a multiple of the group, N a multiple of its 32-row blocks:
     MLA's small latent projections are not)."""
     if mode == "none":
         return w
+    if mode == "bf16":
+        return quantize_bf16(w)
     if mode == "int4" and w.shape[-1] % INT4_GROUP == 0 and w.shape[-2] % INT4_N_BLOCK == 0:
         return quantize_int4(w)
     if mode in ("int8", "int4"):
@@ -205,11 +241,13 @@ def quantize(w: torch.Tensor, mode: str) -> Weight:
 
 def scales_of(w: QuantWeight) -> torch.Tensor:
     """The weight's scales: they carry the compute dtype and the device of the weight."""
-    return w.scales if isinstance(w, Int8Weight) else w.scale_zeros
+    return w.scale_zeros if isinstance(w, Int4Weight) else w.scales
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight ``[..., N, K]`` the codes stand for, computed in fp32."""
+    if isinstance(w, Bf16Weight):
+        return w.weight.to(dtype)
     if isinstance(w, Int8Weight):
         return (w.codes.float() * w.scales.float()[..., None]).to(dtype)
     q = unpack_int4(w.packed).float()  # [..., N, K]
@@ -235,9 +273,14 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
     if x.numel() <= native.MAX_ROWS * x.shape[-1]:
-        y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
+        if isinstance(w, Bf16Weight):
+            y = native.bf16_gemv(x, w)
+        else:
+            y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
+    if isinstance(w, Bf16Weight):  # prefill: oneDNN's bf16 matmul (x in bf16), else in x's dtype
+        return F.linear(x, w.weight if x.dtype is torch.bfloat16 else w.weight.to(x.dtype))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x2, w.codes, w.scales)  # [M, N]
@@ -247,10 +290,10 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
 
 
 def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:
-    scales = w.scales if isinstance(w, Int8Weight) else w.scale_zeros
+    scales = scales_of(w)
     if x.device.type != "cpu" or scales.device.type != "cpu" or x.dtype != scales.dtype:
         return False
-    return isinstance(w, Int8Weight) or _int4_layout_ok()
+    return not isinstance(w, Int4Weight) or _int4_layout_ok()
 
 
 def linear(x: torch.Tensor, w: AnyWeight) -> torch.Tensor:
@@ -271,7 +314,7 @@ class QuantTensor(nn.Module):
 
     def __init__(self, weight: QuantWeight) -> None:
         super().__init__()
-        self.kind = "int8" if isinstance(weight, Int8Weight) else "int4"
+        self.kind = {Int8Weight: "int8", Int4Weight: "int4", Bf16Weight: "bf16"}[type(weight)]
         self.group = weight.group if isinstance(weight, Int4Weight) else 0
         self.data: torch.Tensor
         self.scales: torch.Tensor
@@ -282,6 +325,8 @@ class QuantTensor(nn.Module):
     def value(self) -> QuantWeight:
         if self.kind == "int8":
             return Int8Weight(self.data, self.scales)
+        if self.kind == "bf16":
+            return Bf16Weight(self.data, self.scales)
         return Int4Weight(self.data, self.scales, self.group)
 
     @property
@@ -338,7 +383,7 @@ def quantize_span(span: SpanModel, mode: str) -> None:
     if mode == "none":
         return
     for parent, name, lin in list(linears(span)):
-        head_mode = "int8" if name == "lm_head" else mode
+        head_mode = "int8" if name == "lm_head" and mode == "int4" else mode
         q = quantize(lin.weight, head_mode)
         assert not isinstance(q, torch.Tensor)
         setattr(parent, name, QuantLinear(q, lin.bias))

@@ -500,7 +500,7 @@ class Checkpoint:
 
         Every tensor is cast to one compute dtype (`dtype`, else `compute_dtype`), quantized
         ones dequantized first, except those transformers itself keeps in fp32. `quantize`
-        ("none" | "int8" | "int4", see `kernels.quant`) is applied once loaded; then bf16
+        ("none" | "bf16" | "int8" | "int4", see `kernels.quant`) is applied once loaded; then bf16
         weights are packed for the CPU's matmuls (`kernels.packed`) and big fp32 ones split over its
         threads (`kernels.gemv`) unless `pack` is false
         (a span to be moved to another device). `progress(done, total)` is called after each

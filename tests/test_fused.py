@@ -1,4 +1,4 @@
-"""A quantized span's decode step in one C call (kernels.fused): the op-by-op path's bits."""
+"""A quantized span's decode step in one C call (kernels.fused): the op-by-op path's bits (int8, int4, bf16)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _same_cache(a: KVCache, b: KVCache) -> bool:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_one_call_decode_gives_the_op_by_op_bits(
     models: dict[str, Path], family: str, mode: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch

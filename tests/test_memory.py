@@ -20,7 +20,7 @@ def held_bytes(span: SpanModel) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + packed
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["none", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_span_bytes_match_what_a_loaded_span_holds(family: str, mode: str, tiny_models: dict[str, Path]) -> None:
     checkpoint = Checkpoint(tiny_models[family])

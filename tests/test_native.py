@@ -1,5 +1,5 @@
-"""The C kernels (kernels/native.py, kernels/qgemv.c): decode-sized int8/int4 matmuls, RMSNorm, a MoE
-layer's quantized experts and a decode step's attention."""
+"""The C kernels (kernels/native.py, kernels/qgemv.c): decode-sized int8/int4/bf16-weight matmuls,
+RMSNorm, a MoE layer's quantized experts and a decode step's attention."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.quant import Int8Weight, linear, linear_fast, linear_reference, quantize, relative_error
+from kernels.quant import Bf16Weight, Int8Weight, linear, linear_fast, linear_reference, quantize, relative_error
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here: torch's kernels run instead")
 
@@ -20,13 +20,24 @@ SHAPES = [(160, 96), (64, 1024), (4099, 64), (96, 37), (192, 128), (5632, 256), 
 
 
 def _gemv(x: torch.Tensor, q: object) -> torch.Tensor:
-    y = native.int8_gemv(x, q) if isinstance(q, Int8Weight) else native.int4_gemv(x, q)  # type: ignore[arg-type]
+    if isinstance(q, Bf16Weight):
+        y = native.bf16_gemv(x, q)
+    else:
+        y = native.int8_gemv(x, q) if isinstance(q, Int8Weight) else native.int4_gemv(x, q)  # type: ignore[arg-type]
+    assert y is not None
+    return y
+
+
+def _run(lib: object, x: torch.Tensor, q: object) -> torch.Tensor:
+    """`_gemv` on the library `lib`."""
+    run = native._bf16 if isinstance(q, Bf16Weight) else native._int8 if isinstance(q, Int8Weight) else native._int4
+    y = run(lib, x, q)  # type: ignore[arg-type]
     assert y is not None
     return y
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_kernels_match_the_dequantize_then_matmul_reference(mode: str, dtype: torch.dtype, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n * k)
@@ -41,7 +52,7 @@ def test_kernels_match_the_dequantize_then_matmul_reference(mode: str, dtype: to
         assert bool(((got.float() - want.float()).abs() <= step * 1.01 + 1e-6).all())
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_a_rows_bits_do_not_depend_on_its_batch_or_the_thread_count(mode: str) -> None:
     g = torch.Generator().manual_seed(5)
     q = quantize(torch.randn(1000, 512, generator=g).to(torch.bfloat16), mode)
@@ -68,23 +79,27 @@ def test_infinities_and_nans_come_out_as_torch_rounds_them() -> None:
     assert torch.equal(_gemv(torch.zeros(1, 32, dtype=torch.bfloat16), ones), torch.zeros(1, 64, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+def _gemv_of(mode: str) -> object:
+    return {"int8": native.int8_gemv, "int4": native.int4_gemv, "bf16": native.bf16_gemv}[mode]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_decode_calls_take_the_c_kernels_and_prefill_takes_torchs(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(2)
     q = quantize(torch.randn(192, 128, generator=g).to(torch.bfloat16), mode)
     decode, prefill = torch.randn(1, 128, generator=g), torch.randn(native.MAX_ROWS + 1, 128, generator=g)
     expected = _gemv(decode.to(torch.bfloat16), q)
     calls: list[int] = []
-    for name in ("int8_gemv", "int4_gemv"):
+    for name in ("int8_gemv", "int4_gemv", "bf16_gemv"):
         real = getattr(native, name)
         monkeypatch.setattr(native, name, lambda x, w, real=real: calls.append(x.shape[-2]) or real(x, w))
     assert torch.equal(linear(decode.to(torch.bfloat16), q), expected)
     linear_fast(prefill.to(torch.bfloat16), q)
     assert calls == [1]  # the prefill went to torch's kernel
-    assert (native.int8_gemv if mode == "int8" else native.int4_gemv)(decode, q) is None  # fp32 x, bf16 scales
+    assert _gemv_of(mode)(decode, q) is None  # type: ignore[operator]  # fp32 x, bf16 scales (bf16: a span of bf16 compute)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_a_quantized_projection_decodes_straight_on_the_c_kernel(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from kernels.quant import QuantLinear
 
@@ -183,11 +198,10 @@ def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
     for n, k in ((4096, 512), (192, 96), (100, 64), (160, 64)):
         for dtype in (torch.bfloat16, torch.float32):
             w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(3, k, generator=g).to(dtype)
-            for mode in ("int8", "int4"):
+            for mode in ("int8", "int4", "bf16"):
                 q = quantize(w, mode)
-                run = native._int8 if isinstance(q, Int8Weight) else native._int4
-                assert torch.equal(run(lib, x, q), _gemv(x, q)), (mode, dtype, n, k)
-    for mode in ("int8", "int4"):
+                assert torch.equal(_run(lib, x, q), _gemv(x, q)), (mode, dtype, n, k)
+    for mode in ("int8", "int4", "bf16"):
         gate_up, down = _stacks(mode, torch.bfloat16, 6, 160, 96, g)
         x = torch.randn(3, 160, generator=g).bfloat16()
         ids, weights = _routing(3, 6, 2, g)
@@ -244,6 +258,7 @@ def test_a_library_whose_rmsnorm_disagrees_is_not_used(
         class Wrong:  # the matmuls as built, an RMSNorm that writes nothing
             moemesh_int8_gemv = lib.moemesh_int8_gemv
             moemesh_int4_gemv = lib.moemesh_int4_gemv
+            moemesh_bf16_gemv = lib.moemesh_bf16_gemv
 
             @staticmethod
             def moemesh_rmsnorm(*args: object) -> int:
@@ -272,7 +287,7 @@ def _routing(m: int, e: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize(("e", "h", "i"), EXPERT_SHAPES)
 def test_moe_in_one_call_matches_the_reference_experts(mode: str, dtype: torch.dtype, e: int, h: int, i: int) -> None:
     import torch.nn.functional as F
@@ -294,7 +309,7 @@ def test_moe_in_one_call_matches_the_reference_experts(mode: str, dtype: torch.d
         )
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_a_tokens_moe_bits_do_not_depend_on_its_batch_or_the_thread_count(mode: str) -> None:
     g = torch.Generator().manual_seed(3)
     gate_up, down = _stacks(mode, torch.bfloat16, 8, 256, 512, g)

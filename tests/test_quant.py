@@ -66,7 +66,7 @@ def test_quantization_error_is_within_half_a_step(mode: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("rows", [1, 7])
 def test_fast_kernels_match_the_dequantize_then_matmul_reference(mode: str, dtype: torch.dtype, rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
@@ -80,6 +80,20 @@ def test_fast_kernels_match_the_dequantize_then_matmul_reference(mode: str, dtyp
     assert torch.equal(linear(x, w), F.linear(x, w))  # and passes plain weights to F.linear
 
 
+def test_bf16_weights_are_the_rounded_weights_and_keep_through_dtype_casts() -> None:
+    from kernels.quant import Bf16Weight
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2))
+    q = quantize(w, "bf16")
+    assert isinstance(q, Bf16Weight) and q.bits.dtype == torch.int16 and q.scales.dtype == torch.float32
+    assert torch.equal(dequantize(q), w.to(torch.bfloat16).float())  # round to nearest even, once
+    layer = QuantLinear(q, None)
+    layer.half()  # the compute dtype moves; the weight's bits do not
+    assert layer.weight.scales.dtype == torch.float16 and torch.equal(layer.weight.data, q.bits)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(3)).half()
+    torch.testing.assert_close(layer(x), linear_reference(x, q), rtol=2e-3, atol=2e-3)
+
+
 def test_int4_falls_back_to_int8_where_the_group_does_not_fit() -> None:
     assert isinstance(quantize(torch.randn(64, 48), "int4"), Int8Weight)  # K = 48: no group of 32
     assert isinstance(quantize(torch.randn(64, 64), "int4"), Int4Weight)
@@ -87,7 +101,7 @@ def test_int4_falls_back_to_int8_where_the_group_does_not_fit() -> None:
         quantize(torch.randn(4, 4), "int3")
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 def test_quantized_experts_grouped_match_the_reference_exactly(mode: str) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 64, generator=g)
@@ -100,7 +114,7 @@ def test_quantized_experts_grouped_match_the_reference_exactly(mode: str) -> Non
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_spans_split_in_two_match_one_quantized_span_exactly(
     family: str, mode: str, tiny_models: dict[str, Path]
@@ -196,8 +210,9 @@ def test_weight_bytes_per_token_shrink_with_quantization(tiny_models: dict[str, 
     assert weight_bytes_per_token(full) == expected
     sizes = {
         mode: weight_bytes_per_token(checkpoint.load_span(0, 4, dtype=torch.bfloat16, quantize=mode))
-        for mode in ("int8", "int4")
+        for mode in ("bf16", "int8", "int4")
     }
+    assert sizes["bf16"] == expected  # a bf16 checkpoint's own weights, without scales
     assert 0.5 < sizes["int8"] / expected < 0.6 and sizes["int4"] < sizes["int8"]
 
 
@@ -218,7 +233,7 @@ def more_families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: build_tiny(name, root / name) for name in names}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "bf16"])
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "qwen2_moe", "olmoe", "granitemoe", "mixtral-swa"])
 def test_every_family_quantizes_and_its_split_matches_the_whole(
     family: str, mode: str, more_families: dict[str, Path]

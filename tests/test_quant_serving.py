@@ -30,22 +30,23 @@ def _one_process_greedy(folder: Path, mode: str, prompt: list[int], n: int) -> l
     return tokens
 
 
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
 def test_a_quantized_pipeline_says_so_equals_one_quantized_process_and_exact_avoids_it(
-    tiny_models: dict[str, Path],
+    tiny_models: dict[str, Path], mode: str
 ) -> None:
     folder = tiny_models["mixtral"]
     prompt = [5, 17, 42, 9, 100, 3]
-    with local_swarm(folder, [(0, 2), (2, 4)], extra_args=["--quantize", "int8"]) as servers:
+    with local_swarm(folder, [(0, 2), (2, 4)], extra_args=["--quantize", mode]) as servers:
         addresses = [s.address for s in servers]
         with Client(addresses) as client:
-            assert {client.info(a).quantization for a in addresses} == {"int8"}
+            assert {client.info(a).quantization for a in addresses} == {mode}
             assert {client.info(a).device for a in addresses} == {"cpu"}
             sizes = Checkpoint(folder).config, torch.float32
             from kernels import SpanBytes
 
-            assert {client.info(a).block_bytes for a in addresses} == {SpanBytes(*sizes, "int8").per_block}
+            assert {client.info(a).block_bytes for a in addresses} == {SpanBytes(*sizes, mode).per_block}
             tokens = list(client.generate(prompt, 8, stop_at_eos=False))
-        assert tokens == _one_process_greedy(folder, "int8", prompt, 8)
+        assert tokens == _one_process_greedy(folder, mode, prompt, 8)
         with Client(addresses, config=ClientConfig(exact=True)) as client:
             with pytest.raises(RouteError, match="quantized, left out by exact mode"):
                 client.route()

@@ -49,7 +49,7 @@ _FORWARD = "/moemesh.v1.Shard/Forward"
 # Relative L2 error two honest peers may show on the same inputs: the rounding of the
 # coarser side (one step of a chunked-vs-whole prefill, batched or not, adds a little).
 _DTYPE_TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 5e-2}
-_QUANT_TOLERANCE = {"none": 0.0, "int8": 0.15, "int4": 0.35}
+_QUANT_TOLERANCE = {"none": 0.0, "bf16": 5e-2, "int8": 0.15, "int4": 0.35}
 _DTYPE_NAME = {DType.FLOAT32: "float32", DType.BFLOAT16: "bfloat16", DType.FLOAT16: "float16"}
 
 

@@ -61,7 +61,7 @@ class PeerView:
     rtt_s: float = 0.0  # measured network round trip to it; 0: not measured
     max_layers: int = 0  # how many layers it can hold; 0: its current span's length
     protocol_version: int | None = None  # None: the source does not say (the CRDT member)
-    quantization: str = ""  # its weights: "none", "int8", "int4"; "": the source does not say
+    quantization: str = ""  # its weights: "none", "bf16", "int8", "int4"; "": the source does not say
     device: str = ""  # where it computes: "cpu", "cuda"; "": the source does not say
     block_bytes: int = 0  # bytes one block of its weights takes there; 0: not said
 

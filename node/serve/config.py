@@ -21,7 +21,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (printed at start)
     dtype: str | None = None  # None: as stored in the checkpoint
-    quantize: str = "none"  # weight-only quantization at load: "none", "int8", "int4" (kernels.quant)
+    quantize: str = "none"  # weight-only quantization at load: "none", "bf16", "int8", "int4" (kernels.quant)
     device: str = "cpu"  # where the span computes: "cpu", "cuda" or "auto" (node.serve.device)
     max_memory_bytes: int = 0  # the span's weights may take this much; 0: a safe share of free memory
     max_sessions: int = 64

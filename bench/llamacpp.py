@@ -7,7 +7,8 @@ demo model's vocabulary size and borrows its tokenizer, since the converter need
 it knows; both sides run that same model) and quantized with ``llama-quantize`` to Q8_0 and Q4_0. Then, in one
 run, llama-bench's decode and prefill tok/s at bf16, Q8_0 and Q4_0 are printed beside
 moemesh's one-process figures at bf16 (--quantize none and bf16), int8 and int4 (the span called in process, each
-precision in a process of its own, as bench/quant.py does), with the ratios.
+precision in a process of its own, as bench/quant.py does), with the ratios: rounds of
+llama-bench and of moemesh interleave, and each ratio is the median of the rounds' ratios.
 
 Needs cmake, make and a C++ compiler (Debian/Ubuntu: ``apt-get install cmake g++``). The
 build takes a while on a small machine; it is done once (``--cache``).
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -144,12 +146,14 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, prompt: int, tokens: in
     return got
 
 
-def moemesh_rates(model: Path, threads: int, prompt: int, tokens: int, repeat: int) -> dict[str, dict[str, float]]:
-    """moemesh's one-process decode tok/s after `prompt` and prefill tok/s, per --quantize: each
-    precision in a process of its own (bench/quant.py's workers: torch's int8 kernel slows
-    oneDNN's bf16 matmuls in the process it ran in), the rounds interleaved."""
-    import statistics
-
+def interleaved(
+    bin_dir: Path, files: dict[str, Path], model: Path, threads: int, prompt: int, tokens: int, repeat: int
+) -> list[tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]]:
+    """`repeat` rounds, each llama-bench once per GGUF file, then moemesh's one-process decode
+    tok/s after `prompt` and prefill tok/s per --quantize: (llama.cpp's, moemesh's) per round.
+    Interleaved, so that a ratio compares two runs minutes apart at most on this shared
+    machine. Each moemesh precision runs in a process of its own (bench/quant.py's workers:
+    torch's int8 kernel slows oneDNN's bf16 matmuls in the process it ran in), loaded once."""
     import torch
     from quant import span_workers
 
@@ -157,17 +161,25 @@ def moemesh_rates(model: Path, threads: int, prompt: int, tokens: int, repeat: i
 
     cfg = Checkpoint(model).config
     ids = torch.randint(1, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
-    runs: dict[str, list[tuple[float, float]]] = {m: [] for _, m, _ in PAIRS}
-    with span_workers(model, list(runs), ids, threads) as workers:
-        for _ in range(repeat):
+    rounds = []
+    with span_workers(model, list(dict.fromkeys(m for _, m, _ in PAIRS)), ids, threads) as workers:
+        for r in range(repeat):
+            theirs = {q: llama_bench(bin_dir, f, threads, prompt, tokens, 1) for q, f in files.items()}
+            ours = {}
             for m, (conn, _, _) in workers.items():
                 conn.send(tokens)
-                runs[m].append(conn.recv())
-    med = statistics.median
-    return {
-        m: {"prefill_tok_s": prompt / med(p for p, _ in r), "decode_tok_s": med(d for _, d in r)}
-        for m, r in runs.items()
-    }
+                prefill_s, decode_tok_s = conn.recv()
+                ours[m] = {"prefill_tok_s": prompt / prefill_s, "decode_tok_s": decode_tok_s}
+            print(
+                f"round {r + 1}/{repeat}: decode "
+                + ", ".join(f"{q} {v.get('decode_tok_s', 0):.1f}" for q, v in theirs.items())
+                + " | "
+                + ", ".join(f"{m} {v['decode_tok_s']:.1f}" for m, v in ours.items())
+                + " tok/s",
+                flush=True,
+            )
+            rounds.append((theirs, ours))
+    return rounds
 
 
 def main() -> int:
@@ -178,7 +190,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="build jobs")
     parser.add_argument("--threads", type=int, default=2, help="compute threads for both (default 2)")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens (default 32)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of both (default 3)")
     parser.add_argument("--build-only", action="store_true")
     args = parser.parse_args()
 
@@ -201,21 +213,24 @@ def main() -> int:
     )
     tree = source(args.cache)
     summary: dict[str, object] = {}
+    med = statistics.median
     for name, model, prompt in (("bench model", bench, 128), ("demo model", demo, 16)):
         files = convert(tree, bin_dir, model, demo, args.cache / "gguf")
-        theirs = {q: llama_bench(bin_dir, f, args.threads, prompt, args.tokens, args.repeat) for q, f in files.items()}
-        ours = moemesh_rates(model, args.threads, prompt, args.tokens, args.repeat)
+        rounds = interleaved(bin_dir, files, model, args.threads, prompt, args.tokens, args.repeat)
         print(
-            f"\n{name} ({model.name}): decode after {prompt} tokens and {prompt}-token prefill, {args.threads} threads"
+            f"\n{name} ({model.name}): decode after {prompt} tokens and {prompt}-token prefill, {args.threads} threads,"
+            f" {args.repeat} interleaved rounds (medians; the ratio is the median of each round's)"
         )
         print(f"{'llama.cpp':10} {'tok/s':>8} {'moemesh':>8} {'tok/s':>8} {'ratio':>6}   kind")
         rows = []
         for q, mode, label in PAIRS:
             for kind in ("decode_tok_s", "prefill_tok_s"):
-                a, b = theirs[q].get(kind, float("nan")), ours[mode][kind]
+                a = med(theirs[q].get(kind, float("nan")) for theirs, _ in rounds)
+                b = med(ours[mode][kind] for _, ours in rounds)
+                ratio = med(ours[mode][kind] / theirs[q].get(kind, float("nan")) for theirs, ours in rounds)
                 rows.append({"model": name, "llamacpp": q, "moemesh": label, "kind": kind, "llamacpp_tok_s": a,
-                             "moemesh_tok_s": b, "ratio": b / a})  # fmt: skip
-                print(f"{q.upper():10} {a:8.1f} {label:>8} {b:8.1f} {b / a:6.2f}x  {kind.removesuffix('_tok_s')}")
+                             "moemesh_tok_s": b, "ratio": ratio})  # fmt: skip
+                print(f"{q.upper():10} {a:8.1f} {label:>8} {b:8.1f} {ratio:6.2f}x  {kind.removesuffix('_tok_s')}")
         summary[name] = rows
     print(json.dumps(summary))
     return 0

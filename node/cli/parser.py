@@ -234,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--raw", action="store_true", help="do not wrap the prompt in the model's chat template")
     gen.add_argument(
-        "--exact", action="store_true", help="route only through peers serving unquantized weights (default: mix)"
+        "--exact",
+        action="store_true",
+        help="route only through peers serving --quantize none (the checkpoint's weights on transformers' kernels:"
+        " its tokens exactly; default: mix in bf16, int8 and int4 peers)",
     )
     gen.add_argument(
         "--verify",

@@ -22,7 +22,7 @@ class ClientConfig:
     retry_backoff_s: float = 0.25  # wait before the 2nd attempt; doubles each time (at most 5 s)
     recovery_deadline_s: float = 120.0  # time to replace one failed hop
     avoid_s: float = 60.0  # a peer that failed is left out of routes this long
-    exact: bool = False  # route only through unquantized peers (else quantized ones are mixed in)
+    exact: bool = False  # route only through --quantize none peers (else bf16, int8 and int4 ones are mixed in)
     hole_punch_wait_s: float = 0.0  # after routing through a relay, wait this long for a direct path
     warm_spares: bool = False  # keep a second session of each hop in step on another peer (2x compute, no replay)
     slow_factor: float = 4.0  # a session moves off a hop this many times slower than it was (0: never)

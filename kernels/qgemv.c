@@ -138,29 +138,25 @@ static inline float fold64_512(const __m512 a[4]) {
 }
 #endif
 
-static inline float int8_dot(const float *restrict x, const int8_t *restrict w, int64_t K) {
-    float acc[4 * LANES] = {0};
-    const int64_t kv = K - K % (4 * LANES);
-    int64_t k = 0;
-#if defined(__AVX512F__)
-    __m512 a[4];
-    for (int q = 0; q < 4; q++) a[q] = _mm512_setzero_ps();
-    for (; k < kv; k += 4 * LANES)
-        for (int q = 0; q < 4; q++) {
-            const __m128i codes = _mm_loadu_si128((const __m128i *)(w + k + 16 * q));
-            a[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_loadu_ps(x + k + 16 * q), a[q]);
-        }
-    if (kv == K) return fold64_512(a);
-    for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc + 16 * q, a[q]);
-#endif
-    for (; k < kv; k += 4 * LANES)
-        for (int j = 0; j < 4 * LANES; j++) acc[j] = fmaf((float)w[k + j], x[k + j], acc[j]);
-    for (; k < K; k++) acc[k - kv] = fmaf((float)w[k], x[k], acc[k - kv]);
-    return fold64(acc);
+/* Weight k of a row as fp32: int8 codes (kind 8) or bf16 (kind 16, widened exactly). */
+static inline float widen(int kind, const void *w, int64_t k) {
+    return kind == 16 ? bf16_to_f32(((const uint16_t *)w)[k]) : (float)((const int8_t *)w)[k];
 }
 
-/* bf16 weights: int8_dot's order and lanes, each weight widened to fp32 exactly (a shift). */
-static inline float bf16_dot(const float *restrict x, const uint16_t *restrict w, int64_t K) {
+#if defined(__AVX512F__)
+static inline __m512 widen16(int kind, const void *w, int64_t k) { /* weights k .. k + 15 */
+    if (kind == 16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    const __m128i codes = _mm_loadu_si128((const __m128i *)((const int8_t *)w + k));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+}
+#endif
+
+/* sum_k x[k] * w[k] over one row of int8 or bf16 weights: 64 fp32 partial sums, lane j taking
+ * k = j mod 64, folded pairwise (callers pass `kind` as a constant: each kind compiles apart). */
+static inline float dense_dot(int kind, const float *restrict x, const void *restrict w, int64_t K) {
     float acc[4 * LANES] = {0};
     const int64_t kv = K - K % (4 * LANES);
     int64_t k = 0;
@@ -168,17 +164,14 @@ static inline float bf16_dot(const float *restrict x, const uint16_t *restrict w
     __m512 a[4];
     for (int q = 0; q < 4; q++) a[q] = _mm512_setzero_ps();
     for (; k < kv; k += 4 * LANES)
-        for (int q = 0; q < 4; q++) {
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + k + 16 * q));
-            const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-            a[q] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + k + 16 * q), a[q]);
-        }
+        for (int q = 0; q < 4; q++)
+            a[q] = _mm512_fmadd_ps(widen16(kind, w, k + 16 * q), _mm512_loadu_ps(x + k + 16 * q), a[q]);
     if (kv == K) return fold64_512(a);
     for (int q = 0; q < 4; q++) _mm512_storeu_ps(acc + 16 * q, a[q]);
 #endif
     for (; k < kv; k += 4 * LANES)
-        for (int j = 0; j < 4 * LANES; j++) acc[j] = fmaf(bf16_to_f32(w[k + j]), x[k + j], acc[j]);
-    for (; k < K; k++) acc[k - kv] = fmaf(bf16_to_f32(w[k]), x[k], acc[k - kv]);
+        for (int j = 0; j < 4 * LANES; j++) acc[j] = fmaf(widen(kind, w, k + j), x[k + j], acc[j]);
+    for (; k < K; k++) acc[k - kv] = fmaf(widen(kind, w, k), x[k], acc[k - kv]);
     return fold64(acc);
 }
 
@@ -188,12 +181,12 @@ static inline void dense_channel(int kind, const float *restrict xf, int64_t M, 
                                  const void *scales, int dtype, int64_t n, float *restrict out, int64_t ld) {
     if (kind == 16) {
         const uint16_t *row = (const uint16_t *)w + n * K;
-        for (int64_t m = 0; m < M; m++) out[m * ld] = bf16_dot(xf + m * K, row, K);
+        for (int64_t m = 0; m < M; m++) out[m * ld] = dense_dot(16, xf + m * K, row, K);
         return;
     }
     const float scale = load(scales, dtype, n);
     const int8_t *row = (const int8_t *)w + n * K;
-    for (int64_t m = 0; m < M; m++) out[m * ld] = int8_dot(xf + m * K, row, K) * scale;
+    for (int64_t m = 0; m < M; m++) out[m * ld] = dense_dot(8, xf + m * K, row, K) * scale;
 }
 
 /* The channels of one int8 or bf16 matmul, shared among the threads of the enclosing parallel

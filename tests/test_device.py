@@ -104,7 +104,7 @@ def test_cuda_spans_match_transformers_on_cuda(family: str, tiny_models: dict[st
 
 
 @needs_gpu
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["none", "bf16", "int8", "int4"])
 def test_cuda_quantized_spans_match_the_cpu_and_decode_in_batches(mode: str, tiny_models: dict[str, Path]) -> None:
     checkpoint = Checkpoint(tiny_models["mixtral"])
     cpu = checkpoint.load_span(0, 4, quantize=mode)

@@ -8,8 +8,8 @@
  *   bf16: w[n, k] itself, widened to fp32                          (kernels.quant.Bf16Weight)
  * with the int4 codes in the byte layout of torch's CPU int4 kernel.
  *
- * Every output element is computed by one thread in one fixed order (int8: 64 fp32 partial
- * sums along k, lane j taking k = j mod 64, folded pairwise; int4: per group, one chain of
+ * Every output element is computed by one thread in one fixed order (int8 and bf16: 64 fp32
+ * partial sums along k, lane j taking k = j mod 64, folded pairwise; int4: per group, one chain of
  * fmas over the k, each pair odd first). So a row's result does not depend on how many rows are
  * in the call, on the thread count, or on whether the compiler emits 16-wide or 8-wide
  * vectors: the same bits on every x86 build of this file with FMA. The loops are written so
@@ -456,7 +456,8 @@ static inline float exp_f32(float x) {
  * gets the same bits whatever other rows share the call, as in the matmuls above.
  *
  * Experts are stacked: gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I], in the
- * int8 or int4 layout of the matmuls (kind 8 or 4), scales in the dtype of x. */
+ * int8, int4 or bf16 layout of the matmuls (kind 8, 4 or 16), scales in the dtype of x (bf16:
+ * none). */
 
 typedef struct {
     int kind;

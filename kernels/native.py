@@ -228,16 +228,20 @@ def _applies(x: torch.Tensor, scales: torch.Tensor) -> bool:
     return x.is_cpu and scales.is_cpu and x.dtype is scales.dtype and x.dtype in DTYPES
 
 
-def _gemv(fn: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *group: int) -> torch.Tensor | None:
-    """One kernel call ``fn(x, dtype, M, K, codes, scales[, group], N, y, threads)`` -> y [..., N]."""
-    if not (_applies(x, scales) and codes.is_contiguous() and scales.is_contiguous()):
+def _gemv(
+    fn: Any, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *group: int, scaled: bool = True
+) -> torch.Tensor | None:
+    """One kernel call ``fn(x, dtype, M, K, codes[, scales][, group], N, y, threads)`` -> y [..., N].
+    `scales` says the compute dtype and device even where the kernel takes none (bf16: `scaled`
+    false, an empty tensor)."""
+    if not (_applies(x, scales) and codes.is_cpu and codes.is_contiguous() and scales.is_contiguous()):
         return None
     x = x.contiguous()
     k, n = x.shape[-1], codes.shape[0]
     y = x.new_empty((*x.shape[:-1], n))
     rc = fn(
-        x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), scales.data_ptr(), *group, n,
-        y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, codes.data_ptr(), *((scales.data_ptr(),) if scaled else ()),
+        *group, n, y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return None if rc else y
 
@@ -251,20 +255,7 @@ def _int4(lib: ctypes.CDLL, x: torch.Tensor, w: Int4Weight) -> torch.Tensor | No
 
 
 def _bf16(lib: ctypes.CDLL, x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | None:
-    return _bf16_bits(lib, x, w.bits, w.scales)
-
-
-def _bf16_bits(lib: ctypes.CDLL, x: torch.Tensor, bits: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor | None:
-    """``moemesh_bf16_gemv``: as `_gemv`, with no scales (`carrier` has the compute dtype)."""
-    if not (_applies(x, carrier) and bits.is_cpu and bits.is_contiguous()):
-        return None
-    x = x.contiguous()
-    k, n = x.shape[-1], bits.shape[0]
-    y = x.new_empty((*x.shape[:-1], n))
-    rc = lib.moemesh_bf16_gemv(
-        x.data_ptr(), DTYPES[x.dtype], x.numel() // k, k, bits.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
-    )
-    return None if rc else y
+    return _gemv(lib.moemesh_bf16_gemv, x, w.bits, w.scales, scaled=False)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:
@@ -300,7 +291,7 @@ def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, g
     if kind == "int8":
         return _gemv(lib.moemesh_int8_gemv, x, data, scales)
     if kind == "bf16":
-        return _bf16_bits(lib, x, data, scales)
+        return _gemv(lib.moemesh_bf16_gemv, x, data, scales, scaled=False)
     return _gemv(lib.moemesh_int4_gemv, x, data, scales, group)
 
 

@@ -143,6 +143,7 @@ class Bf16Weight:
 
 
 QuantWeight = Int8Weight | Int4Weight | Bf16Weight
+_KIND: dict[type, str] = {Int8Weight: "int8", Int4Weight: "int4", Bf16Weight: "bf16"}  # QuantTensor.kind
 Weight = torch.Tensor | QuantWeight  # a weight as quantized
 AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the experts take
 
@@ -314,7 +315,7 @@ class QuantTensor(nn.Module):
 
     def __init__(self, weight: QuantWeight) -> None:
         super().__init__()
-        self.kind = {Int8Weight: "int8", Int4Weight: "int4", Bf16Weight: "bf16"}[type(weight)]
+        self.kind = _KIND[type(weight)]
         self.group = weight.group if isinstance(weight, Int4Weight) else 0
         self.data: torch.Tensor
         self.scales: torch.Tensor

@@ -20,16 +20,11 @@ SHAPES = [(160, 96), (64, 1024), (4099, 64), (96, 37), (192, 128), (5632, 256), 
 
 
 def _gemv(x: torch.Tensor, q: object) -> torch.Tensor:
-    if isinstance(q, Bf16Weight):
-        y = native.bf16_gemv(x, q)
-    else:
-        y = native.int8_gemv(x, q) if isinstance(q, Int8Weight) else native.int4_gemv(x, q)  # type: ignore[arg-type]
-    assert y is not None
-    return y
+    return _run(native.library(), x, q)
 
 
 def _run(lib: object, x: torch.Tensor, q: object) -> torch.Tensor:
-    """`_gemv` on the library `lib`."""
+    """The C matmul of `q`'s kind in the library `lib`."""
     run = native._bf16 if isinstance(q, Bf16Weight) else native._int8 if isinstance(q, Int8Weight) else native._int4
     y = run(lib, x, q)  # type: ignore[arg-type]
     assert y is not None

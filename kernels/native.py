@@ -50,6 +50,7 @@ __all__ = [
     "available",
     "bf16_gemv",
     "gemv",
+    "int4_block",
     "int4_gemv",
     "int8_gemv",
     "library",
@@ -67,6 +68,7 @@ NO_NATIVE_ENV = "MOEMESH_NO_NATIVE"
 MAX_ROWS = 8  # calls of up to this many rows take the C kernels; more (prefill) take torch's
 SOURCE = Path(__file__).with_name("qgemv.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+INT4_BLOCKS = (64, 32)  # torch's int4 CPU layouts: output channels per block (AVX-512 builds, AVX2 ones)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C file's dtype codes
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -85,11 +87,33 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
+def int4_block() -> int:
+    """Output channels per block of the int4 byte layout (`kernels.quant.pack_int4`): the one
+    torch's CPU packer writes here (64 where torch runs its AVX-512 kernels, 32 on AVX2), so that
+    one packing serves its prefill kernel and our decode kernels; 64 where torch's is neither.
+    The probe puts one code at channel block / 2: the high nibble of the first byte in that layout."""
+    for block in INT4_BLOCKS:
+        q = torch.zeros(2 * max(INT4_BLOCKS), 32, dtype=torch.int32)
+        q[block // 2, 0] = 1
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        except (RuntimeError, AttributeError):
+            break
+        if int(packed.flatten()[0]) == 16:
+            return block
+    return INT4_BLOCKS[0]
+
+
+def _flags() -> tuple[str, ...]:
+    return (*FLAGS, f"-DBLOCK={int4_block()}")
+
+
 def library_path(cc: str) -> Path:
     """Where the library built by `cc` from this source for this CPU is kept."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(), _cpu_flags())).encode()
+        "\0".join((SOURCE.read_text(), cc, version, " ".join(_flags()), platform.machine(), _cpu_flags())).encode()
     ).hexdigest()[:16]
     root = Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh")
     return root / "kernels" / f"qgemv-{key}.so"
@@ -99,7 +123,7 @@ def _build(cc: str, target: Path, extra: tuple[str, ...] = ()) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        command = [cc, *FLAGS, *extra, "-o", str(out), str(SOURCE)]
+        command = [cc, *_flags(), *extra, "-o", str(out), str(SOURCE)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")

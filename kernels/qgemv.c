@@ -29,7 +29,9 @@
 #endif
 
 #define LANES 16
-#define BLOCK 64 /* int4: output channels per block of torch's layout */
+#ifndef BLOCK
+#define BLOCK 64 /* int4: output channels per block of torch's layout (kernels.native.int4_block: 64 or 32) */
+#endif
 #define MAX_M 64  /* rows per call at most (kernels.native.MAX_ROWS is less) */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
@@ -224,8 +226,8 @@ int moemesh_bf16_gemv(const void *x, int dtype, int64_t M, int64_t K, const uint
 }
 
 /* ---- int4, groups of G along k, torch's CPU layout ----------------------------------------
- * Channels go in blocks of 64: block b is bytes [K, 32] whose low nibble is channel 64b + j and
- * high nibble channel 64b + 32 + j. The N % 64 channels left are bytes [K, r / 2], low nibble
+ * Channels go in blocks of BLOCK (B): block b is bytes [K, B/2] whose low nibble is channel Bb + j
+ * and high nibble channel Bb + B/2 + j. The N % B channels left are bytes [K, r / 2], low nibble
  * channel 2j, high nibble 2j + 1. scale_zeros is [K / G, N, 2]. */
 
 /* One group of G k's for the channels n0 .. n0 + width of one block: per channel, the sum of
@@ -281,7 +283,7 @@ static void int4_scales(const void *sz, int dtype, int64_t first, int width, flo
     }
 }
 
-#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__) && defined(__AVX512BW__) && BLOCK == 64
 #define INT4_BF16_DOT 1
 /* A full block with bf16 activations and scales, in registers, on the BF16 dot product: each
  * vdpbf16ps adds x[k+1] * w[k+1], then x[k] * w[k], to a lane (exact bf16 products, fp32
@@ -335,7 +337,7 @@ static void int4_block_bf16(const uint16_t *restrict xb, const uint8_t *restrict
 }
 #endif
 
-/* Block b (channels 64b .. 64b + width) of int4 weights for one row: x in its dtype (the BF16
+/* Block b (channels Bb .. Bb + width) of int4 weights for one row: x in its dtype (the BF16
  * dot product reads it as it is), xf in fp32, xsum its sums per group; out[c] in fp32. */
 static int int4_block_row(const void *x, int dtype, const float *restrict xf, const float *restrict xsum, int64_t K,
                           const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, int64_t b,
@@ -467,7 +469,7 @@ typedef struct {
 
 static int64_t units(const Experts *w) { return w->kind == 4 ? int4_blocks(w->N) : w->N; }
 
-/* Unit u (a channel, or a block of 64) of expert e's matmul over `rows` rows: out[r * N + n]. */
+/* Unit u (a channel, or a block of BLOCK) of expert e's matmul over `rows` rows: out[r * N + n]. */
 static void matmul_unit(const Experts *w, int64_t e, const void *x, int dtype, const float *xf, const float *xsum,
                         int64_t rows, int64_t u, float *out) {
     const size_t size = dtype == F32 ? 4 : 2;

@@ -79,7 +79,6 @@ __all__ = [
 QUANT_MODES = ("none", "bf16", "int8", "int4")
 INT4_N_BLOCK = 32  # output rows per block of torch's int4 CPU kernel
 INT4_GROUP = 32  # torch's CPU kernel takes 32, 64, 128 or 256; 32 is llama.cpp Q4_0's block
-_BLOCK_N = 64  # the int4 CPU kernel's block of output channels (AVX-512 build)
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,19 +148,20 @@ AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the expert
 
 
 # ---- int4 packing: the byte layout of torch._convert_weight_to_int4pack_for_cpu --------------
-# Output channels go in blocks of 64: block b is bytes [K, 32] whose low nibble is channel
-# 64b + j and high nibble channel 64b + 32 + j. The N % 64 channels left are bytes [K, r/2],
-# low nibble channel 2j, high nibble 2j + 1. A test checks this against torch's own packer,
-# and the fast path runs only where the two agree (`_int4_layout_ok`).
+# Output channels go in blocks of B (`native.int4_block`: 64 where torch runs AVX-512 kernels,
+# 32 on AVX2): block b is bytes [K, B/2] whose low nibble is channel Bb + j and high nibble
+# channel Bb + B/2 + j. The N % B channels left are bytes [K, r/2], low nibble channel 2j, high
+# nibble 2j + 1. Our C kernels are built for the same B; a test checks the layout against torch's
+# own packer, and torch's prefill kernel runs only where the two agree (`_int4_layout_ok`).
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Codes ``[..., N, K]`` in 0..15 (N even) -> ``uint8 [..., N, K/2]`` in the CPU kernel's layout."""
     *lead, n, k = q.shape
-    q = q.to(torch.uint8)
-    full = n - n % _BLOCK_N
-    block = q[..., :full, :].reshape(*lead, full // _BLOCK_N, 2, _BLOCK_N // 2, k)  # [.., b, half, j, K]
-    head = (block[..., 0, :, :] | block[..., 1, :, :] << 4).transpose(-1, -2)  # [.., b, K, 32]
+    q, b = q.to(torch.uint8), native.int4_block()
+    full = n - n % b
+    block = q[..., :full, :].reshape(*lead, full // b, 2, b // 2, k)  # [.., b, half, j, K]
+    head = (block[..., 0, :, :] | block[..., 1, :, :] << 4).transpose(-1, -2)  # [.., b, K, B/2]
     pairs = q[..., full:, :].reshape(*lead, (n - full) // 2, 2, k)  # [.., r/2, 2, K]
     tail = (pairs[..., 0, :] | pairs[..., 1, :] << 4).transpose(-1, -2)  # [.., K, r/2]
     flat = torch.cat((head.reshape(*lead, -1), tail.reshape(*lead, -1)), dim=-1)
@@ -171,11 +171,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_int4`: ``uint8 [..., N, K/2]`` -> codes ``uint8 [..., N, K]``."""
     *lead, n, half = packed.shape
-    k = 2 * half
-    full = n - n % _BLOCK_N
+    k, b = 2 * half, native.int4_block()
+    full = n - n % b
     flat = packed.reshape(*lead, n * half)
-    head = flat[..., : full * half].reshape(*lead, full // _BLOCK_N, k, _BLOCK_N // 2)  # [.., b, K, 32]
-    head = torch.stack((head & 0xF, head >> 4), dim=-3)  # [.., b, half, K, 32]
+    head = flat[..., : full * half].reshape(*lead, full // b, k, b // 2)  # [.., b, K, B/2]
+    head = torch.stack((head & 0xF, head >> 4), dim=-3)  # [.., b, half, K, B/2]
     head = head.transpose(-1, -2).reshape(*lead, full, k)  # [.., full, K]
     tail = flat[..., full * half :].reshape(*lead, k, (n - full) // 2)  # [.., K, r/2]
     tail = torch.stack((tail & 0xF, tail >> 4), dim=-1)  # [.., K, r/2, 2]
@@ -282,6 +282,8 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
             return y
     if isinstance(w, Bf16Weight):  # prefill: oneDNN's bf16 matmul (x in bf16), else in x's dtype
         return F.linear(x, w.weight if x.dtype is torch.bfloat16 else w.weight.to(x.dtype))
+    if isinstance(w, Int4Weight) and not _int4_layout_ok():
+        return linear_reference(x, w)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x2, w.codes, w.scales)  # [M, N]
@@ -292,9 +294,7 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
 
 def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:
     scales = scales_of(w)
-    if x.device.type != "cpu" or scales.device.type != "cpu" or x.dtype != scales.dtype:
-        return False
-    return not isinstance(w, Int4Weight) or _int4_layout_ok()
+    return x.device.type == "cpu" and scales.device.type == "cpu" and x.dtype == scales.dtype
 
 
 def linear(x: torch.Tensor, w: AnyWeight) -> torch.Tensor:

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(900)
 def test_demo_answers_a_question_through_three_peers() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node.demo", "What is the capital of France?", "--max-new-tokens", "24"],
+        # the default prompt, what `make demo` shows. The 135M model's greedy answer to the shorter
+        # "What is the capital of France?" turns on bf16 rounding: on an AVX2 CPU it wanders off
+        # (transformers' own bf16 generate does the same there), on AVX-512 ones it says Paris.
+        [sys.executable, "-m", "node.demo", "--max-new-tokens", "24"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -181,13 +181,14 @@ def test_a_library_whose_moe_attention_or_routing_disagrees_is_not_used(
     assert not native.available()
 
 
-def test_the_avx512_paths_give_the_portable_loops_bits(tmp_path: Path) -> None:
-    if "avx512f" not in native._cpu_flags().split():
-        pytest.skip("this CPU has no AVX-512: only the portable loops are built here")
+@pytest.mark.parametrize(("flag", "without"), [("avx512f", ("-mno-avx512f",)), ("avx2", ("-mno-avx512f", "-mno-avx2"))])
+def test_the_simd_paths_give_the_portable_loops_bits(flag: str, without: tuple[str, ...], tmp_path: Path) -> None:
+    if flag not in native._cpu_flags().split():
+        pytest.skip(f"this CPU has no {flag}: its paths are not built here")
     cc = native._compiler()
     assert cc is not None
     portable = tmp_path / "portable.so"
-    native._build(cc, portable, ("-mno-avx512f",))  # the same source as an AVX2 machine builds it
+    native._build(cc, portable, without)  # the same source as a CPU without them builds it
     lib = native.load(portable)
     g = torch.Generator().manual_seed(9)
     for n, k in ((4096, 512), (192, 96), (100, 64), (160, 64)):

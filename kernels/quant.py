@@ -31,7 +31,8 @@ layers of a bigger span quantized.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
@@ -270,7 +271,8 @@ def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K],
 
 def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N, K] -> [..., N]
     """Decode-sized calls on the C kernels (`kernels.native`) where they are built, else and for
-    more rows torch's packed CPU kernels (x on the CPU, in the scales' dtype)."""
+    more rows torch's packed CPU kernels (x on the CPU, in the scales' dtype), or the reference
+    where that is faster here (`_reference_prefill`)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
     if x.numel() <= native.MAX_ROWS * x.shape[-1]:
@@ -280,16 +282,47 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
             y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
-    if isinstance(w, Bf16Weight):  # prefill: oneDNN's bf16 matmul (x in bf16), else in x's dtype
-        return F.linear(x, w.weight if x.dtype is torch.bfloat16 else w.weight.to(x.dtype))
-    if isinstance(w, Int4Weight) and not _int4_layout_ok():
+    if (isinstance(w, Int4Weight) and not _int4_layout_ok()) or _reference_prefill(_KIND[type(w)], x.dtype):
         return linear_reference(x, w)
+    return _torch_prefill(x, w)
+
+
+def _torch_prefill(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """torch's kernel for `w`'s kind: oneDNN's bf16 matmul (x in bf16), its packed int8 and int4 ones."""
+    if isinstance(w, Bf16Weight):
+        return F.linear(x, w.weight if x.dtype is torch.bfloat16 else w.weight.to(x.dtype))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, K]
     if isinstance(w, Int8Weight):
         y = torch._weight_int8pack_mm(x2, w.codes, w.scales)  # [M, N]
     else:
         y = torch._weight_int4pack_mm_for_cpu(x2, w.packed, w.group, w.scale_zeros)  # [M, N]
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@functools.cache
+def _reference_prefill(kind: str, dtype: torch.dtype) -> bool:
+    """Whether prefill-sized matmuls of `kind` run faster here as the reference (dequantize, then
+    MKL's fp32 matmul) than on torch's kernel for the kind. On a CPU without bf16 hardware
+    (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x [5632, 1024] against 33 in
+    fp32 on the widened weights, and the int8 kernel 48 against 36; with AVX-512 BF16 the bf16
+    matmul wins. Timed once per process on one smaller matrix, best of three each."""
+    g = torch.Generator().manual_seed(0)
+    w = quantize(torch.randn(512, 1024, generator=g).to(dtype), kind)
+    x = torch.randn(32, 1024, generator=g).to(dtype)
+    assert not isinstance(w, torch.Tensor)
+    if isinstance(w, Int4Weight) and not _int4_layout_ok():
+        return True
+
+    def best(fn: Callable[[], torch.Tensor]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    return best(lambda: linear_reference(x, w)) < best(lambda: _torch_prefill(x, w))
 
 
 def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:

@@ -258,3 +258,19 @@ def test_every_family_quantizes_and_its_split_matches_the_whole(
             h = part(h, cache, position)
         position += chunk.shape[1]
         assert torch.isfinite(expected).all() and torch.equal(h, expected)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_prefill_takes_the_reference_where_it_was_timed_faster(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kernels.quant as kq
+
+    g = torch.Generator().manual_seed(4)
+    q = quantize(torch.randn(64, 64, generator=g).bfloat16(), mode)
+    x = torch.randn(40, 64, generator=g).bfloat16()  # prefill-sized: not the C kernels
+    assert isinstance(kq._reference_prefill(mode, torch.bfloat16), bool)
+    monkeypatch.setattr(kq, "_reference_prefill", lambda kind, dtype: True)
+    assert torch.equal(kq.linear_fast(x, q), kq.linear_reference(x, q))
+    monkeypatch.setattr(kq, "_reference_prefill", lambda kind, dtype: False)
+    torch.testing.assert_close(kq.linear_fast(x, q), kq.linear_reference(x, q), **TOLERANCE[torch.bfloat16])
+    if mode != "int4" or kq._int4_layout_ok():
+        assert torch.equal(kq.linear_fast(x, q), kq._torch_prefill(x, q))

@@ -23,7 +23,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
@@ -103,22 +103,41 @@ static void row_from_f32(const float *restrict v, int dtype, int64_t n, void *p)
     }
 }
 
-static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float *restrict xsum) {
-    for (int64_t i = 0; i < rows; i++) {
-        float s = 0;
-        for (int64_t k = 0; k < G; k++) s += xf[i * G + k];
-        xsum[i] = s;
+/* What an int4 matmul needs of each group of G k's of a row of x, a record of GROUP_REC(G)
+ * floats: [0] the fp32 sum of the group (the zeros' term); for the integer path (int4_block_int)
+ * [1] the power of two 2^e, [2] the sum of the integers below (an int32), [4 ..] the G int16
+ * xi = x / 2^e rounded to nearest even, e putting the group's largest |x| in [2^13, 2^14):
+ * a bf16 x within 2^7 of it keeps every bit, smaller ones are off by at most 2^-15 of it. */
+#define GROUP_REC(G) (4 + (G) / 2)
+
+static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float *restrict rec) {
+    for (int64_t i = 0; i < rows; i++, rec += GROUP_REC(G)) {
+        const float *x = xf + i * G;
+        float s = 0, top = 0;
+        for (int64_t k = 0; k < G; k++) {
+            s += x[k];
+            top = fmaxf(top, fabsf(x[k]));
+        }
+        int e = top > 0 ? ilogbf(top) - 13 : 0; /* finite x: e <= 114 */
+        e = e < -100 ? -100 : e;
+        const float down = ldexpf(1.0f, -e);
+        int16_t *xi = (int16_t *)(rec + 4);
+        int32_t total = 0;
+        for (int64_t k = 0; k < G; k++) total += xi[k] = (int16_t)lrintf(x[k] * down);
+        rec[0] = s;
+        rec[1] = ldexpf(1.0f, e);
+        memcpy(rec + 2, &total, sizeof total);
     }
 }
 
-/* x [M, K] in fp32, then (int4: G > 0) its sums over each group of G k's, in one allocation:
+/* x [M, K] in fp32, then (int4: G > 0) its group records (group_sums), in one allocation:
  * what a matmul's rows need before its loop. */
 static float *rows_f32(const void *x, int dtype, int64_t M, int64_t K, int64_t G) {
-    const int64_t sums = G ? M * (K / G) : 0;
-    float *xf = malloc((size_t)(M * K + sums) * sizeof(float));
+    const int64_t groups = G ? M * (K / G) : 0;
+    float *xf = malloc((size_t)(M * K + groups * (G ? GROUP_REC(G) : 0)) * sizeof(float));
     if (!xf) return NULL;
     row_to_f32(x, dtype, M * K, xf);
-    if (G) group_sums(xf, sums, G, xf + M * K);
+    if (G) group_sums(xf, groups, G, xf + M * K);
     return xf;
 }
 
@@ -359,7 +378,7 @@ static void int4_block_bf16(const uint16_t *restrict xb, const uint8_t *restrict
                 a[2 + half] = _mm512_dpbf16_ps(a[2 + half], (__m512bh)hi, xk); /* 32 + 16h .. */
             }
         }
-        const __m512 xs = _mm512_set1_ps(xsum[g]);
+        const __m512 xs = _mm512_set1_ps(xsum[g * GROUP_REC(G)]);
         for (int q = 0; q < 4; q++) { /* 16 channels' (scale, zero) pairs: one bf16 pair per lane */
             const __m512i pairs = _mm512_loadu_si512((const void *)(sz + 2 * (g * N + n0 + 16 * q)));
             const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
@@ -402,7 +421,7 @@ static void int4_block_avx2(const float *restrict xf, const uint8_t *restrict ba
                     }
                 }
             }
-        const __m256 xs = _mm256_set1_ps(xsum[g]);
+        const __m256 xs = _mm256_set1_ps(xsum[g * GROUP_REC(G)]);
         for (int r = 0; r < R; r++) {
             __m256 scale, zero;
             if (dtype == BF16) { /* 8 channels' (scale, zero) pairs: one bf16 pair per 32-bit lane */
@@ -423,6 +442,73 @@ static void int4_block_avx2(const float *restrict xf, const uint8_t *restrict ba
 }
 #endif
 
+#if !defined(INT4_BF16_DOT) && !defined(INT4_FLOAT_X)
+#define INT4_INT_X 1
+/* A full block for bf16 x, on the integers of its group records (group_sums): per channel and
+ * group, sum xi (q - 8) exactly in int32 (any order gives these bits), then one rounding each
+ * of the steps (float)(sum) * 2^e, fma with the scale, plus zero * the group's fp32 sum. Wide
+ * SIMD integer multiply-adds take a pair of codes per op where fp32 needs a conversion of each
+ * code: on AVX2 the fp32 loop above was bound by those conversions. */
+static void int4_block_int(const uint8_t *restrict base, const void *sz, int dtype, int64_t G, int64_t groups,
+                           int64_t N, int64_t n0, const float *restrict rec0, float out[BLOCK]) {
+    float s[BLOCK], z[BLOCK];
+#if defined(__AVX2__)
+    enum { R = BLOCK / 8 }; /* registers per block, in channel order */
+    const __m128i nibble = _mm_set1_epi8(15);
+    for (int64_t g = 0; g < groups; g++) {
+        const float *rec = rec0 + g * GROUP_REC(G);
+        const int16_t *xi = (const int16_t *)(rec + 4);
+        __m256i a[R];
+        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_si256();
+        for (int64_t k = 0; k < G; k += 2) {
+            int32_t pair;
+            memcpy(&pair, xi + k, 4); /* xi[k] in the low word, xi[k + 1] in the high */
+            const __m256i xk = _mm256_set1_epi32(pair);
+            const uint8_t *row = base + (g * G + k) * (BLOCK / 2);
+            for (int c = 0; c < BLOCK / 32; c++) { /* 16 bytes of rows k and k + 1: 32 channels */
+                const __m128i r0 = _mm_loadu_si128((const __m128i *)(row + 16 * c));
+                const __m128i r1 = _mm_loadu_si128((const __m128i *)(row + BLOCK / 2 + 16 * c));
+                const __m128i pairs[2] = {_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1)}; /* (k, k+1) */
+                for (int h = 0; h < 2; h++) { /* channels 16c + 8h .. (low nibbles), B/2 + 16c + 8h .. (high) */
+                    const __m128i lo = _mm_and_si128(pairs[h], nibble);
+                    const __m128i hi = _mm_and_si128(_mm_srli_epi16(pairs[h], 4), nibble);
+                    a[2 * c + h] = _mm256_add_epi32(a[2 * c + h], _mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), xk));
+                    a[R / 2 + 2 * c + h] =
+                        _mm256_add_epi32(a[R / 2 + 2 * c + h], _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), xk));
+                }
+            }
+        }
+        int32_t total;
+        memcpy(&total, rec + 2, sizeof total);
+        const __m256i shift = _mm256_set1_epi32(8 * total); /* sum xi q - 8 sum xi = sum xi (q - 8) */
+        const __m256 up = _mm256_set1_ps(rec[1]), xs = _mm256_set1_ps(rec[0]);
+        int4_scales(sz, dtype, g * N + n0, BLOCK, s, z);
+        for (int r = 0; r < R; r++) {
+            const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a[r], shift)), up);
+            const __m256 term = _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * r), dot, _mm256_mul_ps(_mm256_loadu_ps(z + 8 * r), xs));
+            _mm256_storeu_ps(out + 8 * r, _mm256_add_ps(_mm256_loadu_ps(out + 8 * r), term));
+        }
+    }
+#else
+    for (int64_t g = 0; g < groups; g++) {
+        const float *rec = rec0 + g * GROUP_REC(G);
+        const int16_t *xi = (const int16_t *)(rec + 4);
+        int32_t acc[BLOCK] = {0}, total;
+        for (int64_t k = 0; k < G; k++) {
+            const uint8_t *row = base + (g * G + k) * (BLOCK / 2);
+            for (int c = 0; c < BLOCK / 2; c++) {
+                acc[c] += xi[k] * (row[c] & 15);
+                acc[c + BLOCK / 2] += xi[k] * (row[c] >> 4);
+            }
+        }
+        memcpy(&total, rec + 2, sizeof total);
+        int4_scales(sz, dtype, g * N + n0, BLOCK, s, z);
+        for (int c = 0; c < BLOCK; c++) out[c] += fmaf(s[c], (float)(acc[c] - 8 * total) * rec[1], z[c] * rec[0]);
+    }
+#endif
+}
+#endif
+
 /* Block b (channels Bb .. Bb + width) of int4 weights for one row: x in its dtype (the BF16
  * dot product reads it as it is), xf in fp32, xsum its sums per group; out[c] in fp32. */
 static int int4_block_row(const void *x, int dtype, const float *restrict xf, const float *restrict xsum, int64_t K,
@@ -438,6 +524,12 @@ static int int4_block_row(const void *x, int dtype, const float *restrict xf, co
         return width;
     }
 #endif
+#ifdef INT4_INT_X
+    if (dtype == BF16 && width == BLOCK) {
+        int4_block_int(base, scale_zeros, dtype, G, groups, N, n0, xsum, out);
+        return width;
+    }
+#endif
 #ifdef INT4_AVX2
     if (width == BLOCK) {
         int4_block_avx2(xf, base, scale_zeros, dtype, G, groups, N, n0, xsum, out);
@@ -449,7 +541,7 @@ static int int4_block_row(const void *x, int dtype, const float *restrict xf, co
     for (int64_t g = 0; g < groups; g++) {
         int4_group(xf, base, g * G, G, width, acc);
         int4_scales(scale_zeros, dtype, g * N + n0, width, s, z);
-        for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[c], z[c] * xsum[g]);
+        for (int c = 0; c < width; c++) out[c] += fmaf(s[c], acc[c], z[c] * xsum[g * GROUP_REC(G)]);
     }
     return width;
 }
@@ -466,7 +558,7 @@ static void int4_share(const void *x, int dtype, const float *xf, const float *x
         for (int64_t m = 0; m < M; m++) {
             float out[BLOCK];
             const int width = int4_block_row((const char *)x + (size_t)(m * K) * size, dtype, xf + m * K,
-                                             xsum + m * groups, K, packed, scale_zeros, G, N, b, out);
+                                             xsum + m * groups * GROUP_REC(G), K, packed, scale_zeros, G, N, b, out);
             for (int c = 0; c < width; c++) store(y, dtype, m * N + b * BLOCK + c, out[c]);
         }
 }
@@ -575,7 +667,8 @@ static void matmul_unit(const Experts *w, int64_t e, const void *x, int dtype, c
     for (int64_t r = 0; r < rows; r++) {
         float o[BLOCK];
         const int width = int4_block_row((const char *)x + (size_t)(r * w->K) * size, dtype, xf + r * w->K,
-                                         xsum + r * groups, w->K, (const uint8_t *)codes, scales, w->G, w->N, u, o);
+                                         xsum + r * groups * GROUP_REC(w->G), w->K, (const uint8_t *)codes, scales, w->G,
+                                         w->N, u, o);
         memcpy(out + r * w->N + u * BLOCK, o, (size_t)width * sizeof(float));
     }
 }
@@ -616,7 +709,8 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
     }
     start[n_hit] = n;
     const size_t size = dtype == F32 ? 4 : 2;
-    const int64_t hg = H / (kind == 4 ? G : 1), ig = I / (kind == 4 ? G : 1);
+    const int64_t rec = kind == 4 ? GROUP_REC(G) : 0; /* floats per group record */
+    const int64_t hg = kind == 4 ? H / G * rec : 0, ig = kind == 4 ? I / G * rec : 0; /* per row */
     float *buf = malloc((size_t)P * (size_t)(H + hg + 2 * I + I + ig + H) * sizeof(float) + (size_t)P * (H + I) * size);
     if (!buf) return 1;
     float *xf = buf, *xsum = xf + P * H, *g = xsum + P * hg, *hf = g + P * 2 * I, *hsum = hf + P * I,
@@ -626,7 +720,7 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
         memcpy(xr + (size_t)(p * H) * size, (const char *)x + (size_t)(order[p] / top_k * H) * size, (size_t)H * size);
         row_to_f32(xr + (size_t)(p * H) * size, dtype, H, xf + p * H);
     }
-    if (kind == 4) group_sums(xf, P * hg, G, xsum);
+    if (kind == 4) group_sums(xf, P * (H / G), G, xsum);
 #pragma omp parallel num_threads(threads) if (2 * I * H >= 65536)
     {
         for (int64_t i = 0; i < n_hit; i++) {
@@ -644,7 +738,7 @@ int moemesh_moe(int kind, const void *x, int dtype, int64_t M, int64_t H, int64_
             for (int64_t j = 0; j < I; j++) h[j] = gate[j] / (1.0f + exp_f32(-gate[j])) * up[j];
             row_from_f32(h, dtype, I, hr + (size_t)(p * I) * size);
             row_to_f32(hr + (size_t)(p * I) * size, dtype, I, h);
-            if (kind == 4) group_sums(h, ig, G, hsum + p * ig);
+            if (kind == 4) group_sums(h, I / G, G, hsum + p * ig);
         }
         for (int64_t i = 0; i < n_hit; i++) {
             const int64_t p0 = start[i], rows = start[i + 1] - p0;

@@ -10,7 +10,8 @@
  *
  * Every output element is computed by one thread in one fixed order (int8 and bf16: 64 fp32
  * partial sums along k, lane j taking k = j mod 64, folded pairwise; int4: per group, one chain of
- * fmas over the k, each pair odd first). So a row's result does not depend on how many rows are
+ * fmas over the k, each pair odd first, or, for bf16 x where the AVX-512 BF16 dot product is not
+ * built, an exact int32 sum over x as int16, see group_sums). So a row's result does not depend on how many rows are
  * in the call, on the thread count, or on whether the compiler emits 16-wide or 8-wide
  * vectors: the same bits on every x86 build of this file with FMA. The loops are written so
  * that gcc vectorizes them without -ffast-math; the hot ones also have AVX-512 and AVX2

@@ -123,7 +123,7 @@ def _build(cc: str, target: Path, extra: tuple[str, ...] = ()) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        command = [cc, *_flags(), *extra, "-o", str(out), str(SOURCE)]
+        command = [cc, *_flags(), *extra, "-o", str(out), str(SOURCE), "-lm"]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")

@@ -117,14 +117,15 @@ static void group_sums(const float *restrict xf, int64_t rows, int64_t G, float 
         float s = 0, top = 0;
         for (int64_t k = 0; k < G; k++) {
             s += x[k];
-            top = fmaxf(top, fabsf(x[k]));
+            const float a = fabsf(x[k]);
+            top = a > top ? a : top; /* inline, unlike fmaxf */
         }
         int e = top > 0 ? ilogbf(top) - 13 : 0; /* finite x: e <= 114 */
         e = e < -100 ? -100 : e;
         const float down = ldexpf(1.0f, -e);
         int16_t *xi = (int16_t *)(rec + 4);
         int32_t total = 0;
-        for (int64_t k = 0; k < G; k++) total += xi[k] = (int16_t)lrintf(x[k] * down);
+        for (int64_t k = 0; k < G; k++) total += xi[k] = (int16_t)rintf(x[k] * down); /* to nearest even */
         rec[0] = s;
         rec[1] = ldexpf(1.0f, e);
         memcpy(rec + 2, &total, sizeof total);

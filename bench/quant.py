@@ -223,7 +223,10 @@ def pipelines(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, flo
         for mode in MODES:
             for parts in (1, 2):
                 spans = split_evenly(cfg.num_layers, parts)
-                servers = stack.enter_context(local_swarm(folder, spans, extra_args=["--quantize", mode], timeout=900))
+                # 12 processes hold 4 precisions twice over: the default share of free RAM, taken
+                # while the others load, refused the last ones on a 23 GiB machine; they fit
+                extra = ["--quantize", mode, "--max-memory", "8GiB"]
+                servers = stack.enter_context(local_swarm(folder, spans, extra_args=extra, timeout=900))
                 runners[mode, parts] = SwarmRunner(stack.enter_context(Client([s.pinned for s in servers])))
                 print(f"serving {LABEL[mode]} in {parts} process(es)", flush=True)
         for run in runners.values():

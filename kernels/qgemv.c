@@ -424,21 +424,11 @@ static void int4_block_avx2(const float *restrict xf, const uint8_t *restrict ba
                 }
             }
         const __m256 xs = _mm256_set1_ps(xsum[g * GROUP_REC(G)]);
-        for (int r = 0; r < R; r++) {
-            __m256 scale, zero;
-            if (dtype == BF16) { /* 8 channels' (scale, zero) pairs: one bf16 pair per 32-bit lane */
-                const __m256i pairs =
-                    _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + 2 * (g * N + n0 + 8 * r)));
-                scale = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
-                zero = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xffff0000u)));
-            } else {
-                float s[8], z[8];
-                int4_scales(sz, dtype, g * N + n0 + 8 * r, 8, s, z);
-                scale = _mm256_loadu_ps(s);
-                zero = _mm256_loadu_ps(z);
-            }
-            o[r] = _mm256_add_ps(o[r], _mm256_fmadd_ps(scale, a[r], _mm256_mul_ps(zero, xs)));
-        }
+        float s[BLOCK], z[BLOCK];
+        int4_scales(sz, dtype, g * N + n0, BLOCK, s, z);
+        for (int r = 0; r < R; r++)
+            o[r] = _mm256_add_ps(o[r], _mm256_fmadd_ps(_mm256_loadu_ps(s + 8 * r), a[r],
+                                                       _mm256_mul_ps(_mm256_loadu_ps(z + 8 * r), xs)));
     }
     for (int r = 0; r < R; r++) _mm256_storeu_ps(out + 8 * r, o[r]);
 }
@@ -512,7 +502,7 @@ static void int4_block_int(const uint8_t *restrict base, const void *sz, int dty
 #endif
 
 /* Block b (channels Bb .. Bb + width) of int4 weights for one row: x in its dtype (the BF16
- * dot product reads it as it is), xf in fp32, xsum its sums per group; out[c] in fp32. */
+ * dot product reads it as it is), xf in fp32, xsum its group records (group_sums); out[c] in fp32. */
 static int int4_block_row(const void *x, int dtype, const float *restrict xf, const float *restrict xsum, int64_t K,
                           const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, int64_t b,
                           float out[BLOCK]) {

@@ -282,7 +282,7 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
             y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
-    if (isinstance(w, Int4Weight) and not _int4_layout_ok()) or _reference_prefill(_KIND[type(w)], x.dtype):
+    if _reference_prefill(_KIND[type(w)], x.dtype):
         return linear_reference(x, w)
     return _torch_prefill(x, w)
 
@@ -305,13 +305,14 @@ def _reference_prefill(kind: str, dtype: torch.dtype) -> bool:
     MKL's fp32 matmul) than on torch's kernel for the kind. On a CPU without bf16 hardware
     (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x [5632, 1024] against 33 in
     fp32 on the widened weights, and the int8 kernel 48 against 36; with AVX-512 BF16 the bf16
-    matmul wins. Timed once per process on one smaller matrix, best of three each."""
+    matmul wins. Timed once per process on one smaller matrix, best of three each; int4 where
+    torch's packer writes another layout than ours (`_int4_layout_ok`) always takes the reference."""
+    if kind == "int4" and not _int4_layout_ok():
+        return True
     g = torch.Generator().manual_seed(0)
     w = quantize(torch.randn(512, 1024, generator=g).to(dtype), kind)
     x = torch.randn(32, 1024, generator=g).to(dtype)
     assert not isinstance(w, torch.Tensor)
-    if isinstance(w, Int4Weight) and not _int4_layout_ok():
-        return True
 
     def best(fn: Callable[[], torch.Tensor]) -> float:
         fn()

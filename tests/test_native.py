@@ -210,9 +210,6 @@ def test_the_simd_paths_give_the_portable_loops_bits(flag: str, without: tuple[s
     cc = native._compiler()
     assert cc is not None
     portable = tmp_path / "portable.so"
-    cpu = set(native._cpu_flags().split())
-    if flag == "avx512f" and {"avx512_bf16", "avx512vbmi", "avx512bw"} <= cpu and native.int4_block() == 64:
-        without += ("-DINT4_FLOAT_X",)  # int4 for bf16 x on the BF16 dot product: fp32 sums, as without it
     native._build(cc, portable, without)  # the same source as a CPU without them builds it
     lib = native.load(portable)
     g = torch.Generator().manual_seed(9)

@@ -65,10 +65,33 @@ def source(cache: Path) -> Path:
     return tree
 
 
+# ggml's CPU flags for what /proc/cpuinfo lists (a build for this CPU without AMX, see `_arch`)
+GGML_ISA = (
+    ("sse4_2", "SSE42"), ("f16c", "F16C"), ("fma", "FMA"), ("bmi2", "BMI2"), ("avx", "AVX"), ("avx2", "AVX2"),
+    ("avx_vnni", "AVX_VNNI"), ("avx512f", "AVX512"), ("avx512vbmi", "AVX512_VBMI"), ("avx512_vnni", "AVX512_VNNI"),
+    ("avx512_bf16", "AVX512_BF16"),
+)  # fmt: skip
+
+
+def _arch() -> tuple[str, list[str]]:
+    """(build folder name, cmake flags) for this CPU. Native, except on CPUs with AMX: there
+    this llama.cpp's AMX backend crashed (SIGSEGV in ggml_backend_amx_mul_mat, llama-bench on a
+    Q8_0 model, a Xeon VM), so it is built for every other ISA extension the CPU lists."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if "amx_int8" not in flags:
+        return "build", ["-DGGML_NATIVE=ON"]
+    isa = [f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}" for flag, name in GGML_ISA]
+    return "build-no-amx", ["-DGGML_NATIVE=OFF", *isa]
+
+
 def build(cache: Path, jobs: int) -> Path:
-    """llama-bench and llama-quantize built (Release, native CPU), once; returns the bin folder."""
+    """llama-bench and llama-quantize built (Release, for this CPU: `_arch`), once; returns the bin folder."""
     tree = source(cache)
-    out = cache / "build"
+    folder, arch = _arch()
+    out = cache / folder
     bin_dir = out / "bin"
     if all((bin_dir / t).is_file() for t in TOOLS):
         return bin_dir
@@ -79,7 +102,7 @@ def build(cache: Path, jobs: int) -> Path:
         )
     _run(
         [
-            "cmake", "-S", str(tree), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+            "cmake", "-S", str(tree), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release", *arch,
             "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
             "-DGGML_OPENMP=ON",
         ]

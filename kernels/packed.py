@@ -4,8 +4,9 @@
 token that is most of the work: on an AVX-512-BF16 CPU a [1, 1024] x [5632, 1024] matmul
 over weights that do not fit in the cache reads ~12 GB/s through ``F.linear`` and ~30 GB/s
 through oneDNN's ``_linear_pointwise`` on a weight reordered once at load
-(``_reorder_linear_weight``). The two give the same bits (both are oneDNN's bf16 gemm; a
-test checks it), so packing changes speed only.
+(``_reorder_linear_weight``). The two give the same bits for decode-sized inputs (both are
+oneDNN's bf16 gemm; probed at load and tested), so packing changes speed only; where a
+bigger input would come out otherwise (oneDNN on AMX), it multiplies the weight unpacked.
 
 A packed weight is an opaque ``MkldnnCPU`` tensor: it cannot be indexed, moved or saved,
 so a span is packed last, on the CPU, after loading and quantizing (`pack_span`); fused
@@ -30,19 +31,40 @@ NO_PACK_ENV = "MOEMESH_NO_PACK"  # set to 1 to keep plain weights (for compariso
 
 @functools.cache
 def packing_available() -> bool:
-    """Whether this torch and CPU run oneDNN's packed bf16 matmul, and it agrees with F.linear."""
+    """Whether this torch and CPU run oneDNN's packed bf16 matmul, and it agrees with F.linear
+    for decode-sized inputs (up to `PACKED_ROWS` rows)."""
     if os.environ.get(NO_PACK_ENV, "") not in ("", "0"):
         return False
     try:
         if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
             return False
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(64, 96, generator=g).bfloat16()
-        x = torch.randn(3, 96, generator=g).bfloat16()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        return torch.equal(_mm(x, packed), torch.nn.functional.linear(x, w))
+        return _agrees((1, 3, 17, PACKED_ROWS))
     except (RuntimeError, AttributeError):
         return False
+
+
+PACKED_ROWS = 32  # rows that a packed weight always takes (packing_available checks them)
+
+
+@functools.cache
+def _packed_takes_all_rows() -> bool:
+    """Whether the packed matmul also gives F.linear's bits for prefill-sized inputs. Not on
+    every CPU: with AMX, oneDNN computes more than ~32 rows otherwise on a packed weight than
+    on a plain one (704 x 1024 from 34 rows, 5632 x 1024 from 33), so there a bigger input
+    multiplies the weight unpacked again (`to_dense`: the same bf16, about 2x the time)."""
+    return _agrees((33, 34, 64, 128))
+
+
+def _agrees(rows: tuple[int, ...]) -> bool:
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((64, 96), (704, 1024), (256, 48)):
+        w = torch.randn(n, k, generator=g).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        for m in rows:
+            x = torch.randn(m, k, generator=g).bfloat16()
+            if not torch.equal(_mm(x, packed), torch.nn.functional.linear(x, w)):
+                return False
+    return True
 
 
 def _mm(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -76,6 +98,8 @@ def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:  # x [..., 
     assert len(w.packed) == 1, "index the expert first"
     if x.dtype != torch.bfloat16:
         raise ValueError(f"a packed weight takes bf16 activations, got {x.dtype}")
+    if x.numel() > PACKED_ROWS * x.shape[-1] and not _packed_takes_all_rows():
+        return torch.nn.functional.linear(x, w.packed[0].to_dense())
     return _mm(x if x.is_contiguous() else x.contiguous(), w.packed[0])
 
 

@@ -27,6 +27,7 @@ from torch import nn
 __all__ = ["PackedLinear", "PackedTensor", "PackedWeight", "pack_span", "packed_linear", "packing_available"]
 
 NO_PACK_ENV = "MOEMESH_NO_PACK"  # set to 1 to keep plain weights (for comparisons)
+PACKED_ROWS = 32  # rows that a packed weight always takes (packing_available checks them)
 
 
 @functools.cache
@@ -41,9 +42,6 @@ def packing_available() -> bool:
         return _agrees((1, 3, 17, PACKED_ROWS))
     except (RuntimeError, AttributeError):
         return False
-
-
-PACKED_ROWS = 32  # rows that a packed weight always takes (packing_available checks them)
 
 
 @functools.cache

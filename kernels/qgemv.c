@@ -458,6 +458,22 @@ static void int4_block_int(const uint8_t *restrict base, const void *sz, int dty
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && BLOCK == 64
 #define INT4_VNNI 1
+/* vpermb's picks for int4_block_vnni: byte b of half h takes byte (b >> 1 & 1 ? 32 : 0) + 16h +
+ * (b >> 2) of rows k and k + 1, i.e. word 2c is row k's byte 16h + c, word 2c + 1 row k + 1's */
+static const uint8_t VNNI_PICK[2][64] = {
+    {
+      0,  0, 32, 32,  1,  1, 33, 33,  2,  2, 34, 34,  3,  3, 35, 35,
+      4,  4, 36, 36,  5,  5, 37, 37,  6,  6, 38, 38,  7,  7, 39, 39,
+      8,  8, 40, 40,  9,  9, 41, 41, 10, 10, 42, 42, 11, 11, 43, 43,
+     12, 12, 44, 44, 13, 13, 45, 45, 14, 14, 46, 46, 15, 15, 47, 47,
+    },
+    {
+     16, 16, 48, 48, 17, 17, 49, 49, 18, 18, 50, 50, 19, 19, 51, 51,
+     20, 20, 52, 52, 21, 21, 53, 53, 22, 22, 54, 54, 23, 23, 55, 55,
+     24, 24, 56, 56, 25, 25, 57, 57, 26, 26, 58, 58, 27, 27, 59, 59,
+     28, 28, 60, 60, 29, 29, 61, 61, 30, 30, 62, 62, 31, 31, 63, 63,
+    },
+};
 /* int4_block_int on AVX-512 VNNI: 64 channels in four registers of int32 sums. Rows k and k + 1
  * of the block are 64 adjacent bytes; vpermb lays them out as (row k, row k + 1) byte pairs, one
  * byte per 16-bit word (the other zeroed), so that the low nibble and the high one are each a
@@ -466,10 +482,7 @@ static void int4_block_int(const uint8_t *restrict base, const void *sz, int dty
  * ops in the same order. */
 static void int4_block_vnni(const uint8_t *restrict base, const uint16_t *restrict sz, int64_t G, int64_t groups,
                             int64_t N, int64_t n0, const float *restrict rec0, float out[BLOCK]) {
-    uint8_t index[2][64];
-    for (int half = 0; half < 2; half++)
-        for (int b = 0; b < 64; b++) index[half][b] = (uint8_t)((b >> 1 & 1 ? 32 : 0) + 16 * half + (b >> 2));
-    const __m512i pick0 = _mm512_loadu_si512(index[0]), pick1 = _mm512_loadu_si512(index[1]);
+    const __m512i pick0 = _mm512_loadu_si512(VNNI_PICK[0]), pick1 = _mm512_loadu_si512(VNNI_PICK[1]);
     const __mmask64 low_bytes = 0x5555555555555555ull;
     const __m512i nibble = _mm512_set1_epi16(15), high = _mm512_set1_epi32((int)0xffff0000u);
     __m512 o[4];
@@ -512,8 +525,8 @@ static void int4_block_vnni(const uint8_t *restrict base, const uint16_t *restri
 }
 #endif
 
-/* Block b (channels Bb .. Bb + width) of int4 weights for one row: x in its dtype (the BF16
- * dot product reads it as it is), xf in fp32, xsum its group records (group_sums); out[c] in fp32. */
+/* Block b (channels Bb .. Bb + width) of int4 weights for one row: xf in fp32, xsum its group
+ * records (group_sums), dtype that of the scales; out[c] in fp32. */
 static int int4_block_row(int dtype, const float *restrict xf, const float *restrict xsum, int64_t K,
                           const uint8_t *packed, const void *scale_zeros, int64_t G, int64_t N, int64_t b,
                           float out[BLOCK]) {
@@ -548,7 +561,7 @@ static int int4_block_row(int dtype, const float *restrict xf, const float *rest
 
 static inline int64_t int4_blocks(int64_t N) { return (N + BLOCK - 1) / BLOCK; }
 
-/* The blocks of one int4 matmul, shared as dense_share's channels; xsum: x's sums per group. */
+/* The blocks of one int4 matmul, shared as dense_share's channels; xsum: x's group records. */
 static void int4_share(int dtype, const float *xf, const float *xsum, int64_t M, int64_t K, const uint8_t *packed,
                        const void *scale_zeros, int64_t G, int64_t N, void *y) {
     const int64_t groups = K / G;
@@ -556,7 +569,8 @@ static void int4_share(int dtype, const float *xf, const float *xsum, int64_t M,
     for (int64_t b = 0; b < int4_blocks(N); b++)
         for (int64_t m = 0; m < M; m++) {
             float out[BLOCK];
-            const int width = int4_block_row(dtype, xf + m * K, xsum + m * groups * GROUP_REC(G), K, packed, scale_zeros, G, N, b, out);
+            const int width = int4_block_row(dtype, xf + m * K, xsum + m * groups * GROUP_REC(G), K, packed,
+                                             scale_zeros, G, N, b, out);
             for (int c = 0; c < width; c++) store(y, dtype, m * N + b * BLOCK + c, out[c]);
         }
 }
@@ -664,8 +678,8 @@ static void matmul_unit(const Experts *w, int64_t e, int dtype, const float *xf,
     const int64_t groups = w->K / w->G;
     for (int64_t r = 0; r < rows; r++) {
         float o[BLOCK];
-        const int width = int4_block_row(dtype, xf + r * w->K, xsum + r * groups * GROUP_REC(w->G), w->K, (const uint8_t *)codes, scales, w->G,
-                                         w->N, u, o);
+        const int width = int4_block_row(dtype, xf + r * w->K, xsum + r * groups * GROUP_REC(w->G), w->K,
+                                         (const uint8_t *)codes, scales, w->G, w->N, u, o);
         memcpy(out + r * w->N + u * BLOCK, o, (size_t)width * sizeof(float));
     }
 }

@@ -49,6 +49,8 @@ __all__ = [
     "attend",
     "available",
     "bf16_gemv",
+    "bf16_matmul_hardware",
+    "dequantize",
     "gemv",
     "int4_block",
     "int4_gemv",
@@ -143,9 +145,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.moemesh_rope.argtypes = [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _PTR, _PTR]
     lib.moemesh_route.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, _I64, _I64, _INT, _INT, _PTR, _PTR]
     lib.moemesh_layers.argtypes = [_PTR, _I64, _INT, _I64, _I64, *[_PTR] * 7, _INT]
+    lib.moemesh_dequantize.argtypes = [_INT, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT]
     for fn in (
         lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_bf16_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe,
-        lib.moemesh_attend, lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers,
+        lib.moemesh_attend, lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers, lib.moemesh_dequantize,
     ):  # fmt: skip
         fn.restype = _INT
     return lib
@@ -173,7 +176,15 @@ def _library() -> ctypes.CDLL | None:
 @torch.no_grad()
 def _agrees(lib: ctypes.CDLL) -> bool:
     """Whether the built kernels match the reference on this CPU (a miscompile stays unused)."""
-    from kernels.quant import linear_reference, quantize_bf16, quantize_int4, quantize_int8, relative_error
+    from kernels.quant import (
+        Bf16Weight,
+        dequantize,
+        linear_reference,
+        quantize_bf16,
+        quantize_int4,
+        quantize_int8,
+        relative_error,
+    )  # fmt: skip
     from kernels.span import RMSNorm
 
     g = torch.Generator().manual_seed(0)
@@ -184,6 +195,10 @@ def _agrees(lib: ctypes.CDLL) -> bool:
             got, want = run(lib, x, q), linear_reference(x, q)  # type: ignore[arg-type]
             if got is None or relative_error(want, got) > (1e-5 if dtype == torch.float32 else 1e-2):
                 log.warning("native matmul kernels disagree with the reference here: torch's kernels run instead")
+                return False
+            weight = None if isinstance(q, Bf16Weight) else _dequantize(lib, q)
+            if not isinstance(q, Bf16Weight) and (weight is None or not torch.equal(weight, dequantize(q, dtype))):
+                log.warning("the native dequantizer disagrees with the reference here: torch's kernels run instead")
                 return False
         norm = RMSNorm(96, 1e-6)  # exact: torch's own ops
         norm.weight.data = torch.randn(96, generator=g).to(dtype)
@@ -337,6 +352,40 @@ def bf16_gemv(x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | None:
     weight's compute dtype); None as for `int8_gemv`."""
     lib = _library()
     return None if lib is None else _bf16(lib, x, w)
+
+
+@functools.cache
+def bf16_matmul_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16), where oneDNN's bf16
+    matmul is the fast one for prefill-sized calls."""
+    flags = _cpu_flags().split()
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def dequantize(w: Int8Weight | Int4Weight) -> torch.Tensor | None:
+    """`kernels.quant.dequantize(w, dtype)` in one call, in the scales' dtype, ``[N, K]`` (an int4
+    weight comes as the transposed view of a contiguous ``[K, N]``); None where it does not apply."""
+    lib = _library()
+    return None if lib is None else _dequantize(lib, w)
+
+
+def _dequantize(lib: ctypes.CDLL, w: Int8Weight | Int4Weight) -> torch.Tensor | None:
+    from kernels.quant import Int8Weight
+
+    kind, data = (8, w.codes) if isinstance(w, Int8Weight) else (4, w.packed)
+    scales = w.scales if isinstance(w, Int8Weight) else w.scale_zeros
+    if data.dim() != 2 or scales.dtype not in DTYPES or not (data.is_cpu and scales.is_cpu):
+        return None
+    if not (data.is_contiguous() and scales.is_contiguous()):
+        return None
+    n, k = w.shape
+    out = scales.new_empty((n, k) if kind == 8 else (k, n))
+    group = 0 if isinstance(w, Int8Weight) else w.group
+    rc = lib.moemesh_dequantize(
+        kind, data.data_ptr(), scales.data_ptr(), DTYPES[scales.dtype], n, k, group, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return None if rc else (out if kind == 8 else out.t())
 
 
 def _experts(w: QuantWeight) -> tuple[int, torch.Tensor, torch.Tensor, int] | None:

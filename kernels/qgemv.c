@@ -1078,3 +1078,86 @@ int moemesh_layers(const Layer *layers, int64_t n_layers, int dtype, int64_t M, 
     free(buf);
     return rc;
 }
+
+/* ---- dequantizing, for prefill-sized matmuls ----------------------------------------------
+ * The weight that int8 or int4 codes stand for, in `dtype`, each value computed in fp32 and
+ * rounded once, as kernels.quant.dequantize (with -ffp-contract=off: a multiply, then an add).
+ * A prefill then multiplies it on torch's matmul for that dtype: on a CPU with AMX or AVX-512
+ * BF16 oneDNN's bf16 matmul is ~8x faster for 128 rows than torch's packed int8 and int4
+ * kernels, and writing the weight out costs less than the difference.
+ *   int8: codes [N, K], scales [N]              -> out [N, K]
+ *   int4: torch's layout (above), scale_zeros   -> out [K, N] (transposed: a block's codes for
+ *         one k are 64 channels side by side, so both sides of the loop are contiguous) */
+static void dequant_int4_block(const uint8_t *restrict base, int width, int64_t K, int64_t G, const void *sz,
+                               int dtype, int64_t N, int64_t n0, void *out) {
+    float s[BLOCK], z[BLOCK], v[BLOCK];
+    const int half = width / 2;
+    for (int64_t k = 0; k < K; k++) {
+        if (k % G == 0) int4_scales(sz, dtype, (k / G) * N + n0, width, s, z);
+        const uint8_t *row = base + k * half;
+        if (width == BLOCK) { /* low nibbles: channels n0 .. n0 + B/2, high: the rest of the block */
+            for (int c = 0; c < BLOCK / 2; c++) {
+                v[c] = ((float)(row[c] & 15) - 8.0f) * s[c] + z[c];
+                v[c + BLOCK / 2] = ((float)(row[c] >> 4) - 8.0f) * s[c + BLOCK / 2] + z[c + BLOCK / 2];
+            }
+        } else { /* the channels after the last block: low nibble 2j, high 2j + 1 */
+            for (int c = 0; c < half; c++) {
+                v[2 * c] = ((float)(row[c] & 15) - 8.0f) * s[2 * c] + z[2 * c];
+                v[2 * c + 1] = ((float)(row[c] >> 4) - 8.0f) * s[2 * c + 1] + z[2 * c + 1];
+            }
+        }
+        switch (dtype) { /* one loop per dtype, so that each vectorizes */
+        case BF16: {
+            uint16_t *o = (uint16_t *)out + k * N + n0;
+            for (int c = 0; c < width; c++) o[c] = f32_to_bf16(v[c]);
+            break;
+        }
+        case F16: {
+            _Float16 *o = (_Float16 *)out + k * N + n0;
+            for (int c = 0; c < width; c++) o[c] = (_Float16)v[c];
+            break;
+        }
+        default: memcpy((float *)out + k * N + n0, v, (size_t)width * sizeof(float));
+        }
+    }
+}
+
+int moemesh_dequantize(int kind, const void *data, const void *scales, int dtype, int64_t N, int64_t K, int64_t G,
+                       void *out, int threads) {
+    if (kind == 8) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= 65536)
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t *codes = (const int8_t *)data + n * K;
+            const float scale = load(scales, dtype, n);
+            float v[256];
+            for (int64_t k0 = 0; k0 < K; k0 += 256) {
+                const int64_t width = K - k0 < 256 ? K - k0 : 256;
+                for (int64_t j = 0; j < width; j++) v[j] = (float)codes[k0 + j] * scale;
+                switch (dtype) {
+                case BF16: {
+                    uint16_t *o = (uint16_t *)out + n * K + k0;
+                    for (int64_t j = 0; j < width; j++) o[j] = f32_to_bf16(v[j]);
+                    break;
+                }
+                case F16: {
+                    _Float16 *o = (_Float16 *)out + n * K + k0;
+                    for (int64_t j = 0; j < width; j++) o[j] = (_Float16)v[j];
+                    break;
+                }
+                default: memcpy((float *)out + n * K + k0, v, (size_t)width * sizeof(float));
+                }
+            }
+        }
+        return 0;
+    }
+    if (kind != 4 || G < 1 || K % G || N % 2) return 2;
+    const int64_t full = N - N % BLOCK, blocks = int4_blocks(N);
+    const uint8_t *packed = (const uint8_t *)data;
+#pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= 65536)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * BLOCK;
+        const int width = n0 < full ? BLOCK : (int)(N - full);
+        dequant_int4_block(packed + n0 * (K / 2), width, K, G, scales, dtype, N, n0, out);
+    }
+    return 0;
+}

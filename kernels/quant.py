@@ -80,6 +80,11 @@ __all__ = [
 QUANT_MODES = ("none", "bf16", "int8", "int4")
 INT4_N_BLOCK = 32  # output rows per block of torch's int4 CPU kernel
 INT4_GROUP = 32  # torch's CPU kernel takes 32, 64, 128 or 256; 32 is llama.cpp Q4_0's block
+DEQUANTIZED_ROWS = 24  # fewer rows never write the weight out: its cost is the same for any rows (AMX Xeon:
+# [M, 1024] x [2816, 1024] int8 at 16 rows 0.60 ms on torch's kernel, 0.59 dequantized; int4 at 24: 0.80, 0.78)
+# how much faster the dequantized prefill must time than the next best to be taken: every process of
+# a machine must choose alike (the choice sets the bits), and on an AMX Xeon it was 4-5x
+DEQUANTIZED_MARGIN = 1.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,19 +275,27 @@ def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K],
 
 
 def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N, K] -> [..., N]
-    """Decode-sized calls on the C kernels (`kernels.native`) where they are built, else and for
-    more rows torch's packed CPU kernels (x on the CPU, in the scales' dtype), or the reference
-    where that is faster here (`_reference_prefill`)."""
+    """Decode-sized calls on the C kernels (`kernels.native`) where they are built; more rows
+    (prefill) on whichever of torch's packed kernel for the kind, the reference, or the weight
+    dequantized in C and multiplied on torch's matmul for x's dtype was timed fastest here
+    (`_prefill_path`). x on the CPU, in the scales' dtype."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
-    if x.numel() <= native.MAX_ROWS * x.shape[-1]:
+    rows = x.numel() // x.shape[-1]
+    if rows <= native.MAX_ROWS:
         if isinstance(w, Bf16Weight):
             y = native.bf16_gemv(x, w)
         else:
             y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
-    if _reference_prefill(_KIND[type(w)], x.dtype):
+    path = _prefill_path(_KIND[type(w)], x.dtype)
+    if path == "dequantized" and not isinstance(w, Bf16Weight):
+        weight = native.dequantize(w) if rows >= DEQUANTIZED_ROWS else None
+        if weight is not None:
+            return F.linear(x, weight)
+        path = "torch" if isinstance(w, Int8Weight) or _int4_layout_ok() else "reference"
+    if path == "reference":
         return linear_reference(x, w)
     return _torch_prefill(x, w)
 
@@ -300,18 +313,20 @@ def _torch_prefill(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 
 @functools.cache
-def _reference_prefill(kind: str, dtype: torch.dtype) -> bool:
-    """Whether prefill-sized matmuls of `kind` run faster here as the reference (dequantize, then
-    MKL's fp32 matmul) than on torch's kernel for the kind. On a CPU without bf16 hardware
-    (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x [5632, 1024] against 33 in
-    fp32 on the widened weights, and the int8 kernel 48 against 36; with AVX-512 BF16 the bf16
-    matmul wins. Timed once per process on one smaller matrix, best of three each; int4 where
-    torch's packer writes another layout than ours (`_int4_layout_ok`) always takes the reference."""
-    if kind == "int4" and not _int4_layout_ok():
-        return True
+def _prefill_path(kind: str, dtype: torch.dtype) -> str:
+    """How prefill-sized matmuls of `kind` run fastest here: "torch" (its packed kernel for the
+    kind), "reference" (dequantize, then MKL's fp32 matmul) or "dequantized" (the weight written
+    out in x's dtype by `kernels.native.dequantize`, then torch's matmul in that dtype). On a CPU
+    without bf16 hardware (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x
+    [5632, 1024] against 33 in fp32 on the widened weights, and the int8 kernel 48 against 36;
+    on a Xeon with AMX, for [128, 1024] x [2816, 1024]: the int8 and int4 kernels 6.0 ms, the
+    weight dequantized to bf16 and multiplied 1.1-1.3 ms. Timed once per process on one smaller
+    matrix at 64 rows, best of three each; "dequantized" only for bf16 on a CPU
+    with bf16 matmul hardware and by `DEQUANTIZED_MARGIN`; int4 where torch's packer writes
+    another layout than ours (`_int4_layout_ok`) never takes torch's kernel."""
     g = torch.Generator().manual_seed(0)
-    w = quantize(torch.randn(512, 1024, generator=g).to(dtype), kind)
-    x = torch.randn(32, 1024, generator=g).to(dtype)
+    w = quantize(torch.randn(1024, 1024, generator=g).to(dtype), kind)
+    x = torch.randn(64, 1024, generator=g).to(dtype)
     assert not isinstance(w, torch.Tensor)
 
     def best(fn: Callable[[], torch.Tensor]) -> float:
@@ -323,7 +338,16 @@ def _reference_prefill(kind: str, dtype: torch.dtype) -> bool:
             times.append(time.perf_counter() - started)
         return min(times)
 
-    return best(lambda: linear_reference(x, w)) < best(lambda: _torch_prefill(x, w))
+    times = {"reference": best(lambda: linear_reference(x, w))}
+    if kind != "int4" or _int4_layout_ok():
+        times["torch"] = best(lambda: _torch_prefill(x, w))
+    path = min(times, key=lambda p: times[p])
+    if not isinstance(w, Bf16Weight) and dtype is torch.bfloat16 and native.bf16_matmul_hardware():
+        if native.dequantize(w) is not None:  # rounds the weight to bf16: taken only for a clear win
+            dequantized = best(lambda: F.linear(x, native.dequantize(w)))  # type: ignore[arg-type]
+            if dequantized * DEQUANTIZED_MARGIN < times[path]:
+                return "dequantized"
+    return path
 
 
 def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:

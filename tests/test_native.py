@@ -277,9 +277,33 @@ def test_a_library_whose_rmsnorm_disagrees_is_not_used(
             moemesh_int8_gemv = lib.moemesh_int8_gemv
             moemesh_int4_gemv = lib.moemesh_int4_gemv
             moemesh_bf16_gemv = lib.moemesh_bf16_gemv
+            moemesh_dequantize = lib.moemesh_dequantize
 
             @staticmethod
             def moemesh_rmsnorm(*args: object) -> int:
+                return 0
+
+        return Wrong()
+
+    monkeypatch.setattr(native, "load", broken)
+    assert not native.available()
+
+
+def test_a_library_whose_dequantizer_disagrees_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
+) -> None:
+    _fresh(monkeypatch, tmp_path)
+    real = native.load
+
+    def broken(path: Path) -> object:
+        lib = real(path)
+
+        class Wrong:  # every kernel as built but the dequantizer, which writes nothing
+            def __getattr__(self, name: str) -> object:
+                return getattr(lib, name)
+
+            @staticmethod
+            def moemesh_dequantize(*args: object) -> int:
                 return 0
 
         return Wrong()

@@ -21,6 +21,7 @@ from kernels import (
     linear,
     linear_fast,
     linear_reference,
+    native,
     quantize,
     quantize_span,
     relative_error,
@@ -261,16 +262,37 @@ def test_every_family_quantizes_and_its_split_matches_the_whole(
 
 
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_prefill_takes_the_reference_where_it_was_timed_faster(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_takes_the_path_that_was_timed_fastest(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import kernels.quant as kq
 
     g = torch.Generator().manual_seed(4)
     q = quantize(torch.randn(64, 64, generator=g).bfloat16(), mode)
-    x = torch.randn(40, 64, generator=g).bfloat16()  # prefill-sized: not the C kernels
-    assert isinstance(kq._reference_prefill(mode, torch.bfloat16), bool)
-    monkeypatch.setattr(kq, "_reference_prefill", lambda kind, dtype: True)
+    x = torch.randn(kq.DEQUANTIZED_ROWS + 8, 64, generator=g).bfloat16()  # prefill-sized: not the C kernels
+    assert kq._prefill_path(mode, torch.bfloat16) in ("reference", "torch", "dequantized")
+    monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "reference")
     assert torch.equal(kq.linear_fast(x, q), kq.linear_reference(x, q))
-    monkeypatch.setattr(kq, "_reference_prefill", lambda kind, dtype: False)
+    monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "torch")
     torch.testing.assert_close(kq.linear_fast(x, q), kq.linear_reference(x, q), **TOLERANCE[torch.bfloat16])
     if mode != "int4" or kq._int4_layout_ok():
         assert torch.equal(kq.linear_fast(x, q), kq._torch_prefill(x, q))
+    if mode != "bf16" and native.available():
+        monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "dequantized")
+        fast = kq.linear_fast(x, q)
+        assert torch.equal(fast, F.linear(x, dequantize(q, torch.bfloat16)))  # the reference's weight, in bf16
+        # that weight is rounded to bf16 once (2^-9 relative), as an unquantized bf16 span's is: its error
+        # is bf16's (measured 0.25 % here), not within the fp32-sum tolerance of torch's kernels
+        assert relative_error(kq.linear_reference(x, q), fast) < 8e-3
+        few = x[: kq.DEQUANTIZED_ROWS - 1]  # too few rows to pay for writing the weight out: the next best
+        torch_ok = mode == "int8" or kq._int4_layout_ok()
+        assert torch.equal(kq.linear_fast(few, q), (kq._torch_prefill if torch_ok else kq.linear_reference)(few, q))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(96, 64), (200, 128), (2 * 64 + 6, 96)])  # int4: whole blocks, a tail, both
+def test_native_dequantize_gives_the_reference_weight(mode: str, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    if not native.available():
+        pytest.skip("the C kernels are not built here")
+    w = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(5)).to(dtype), mode)
+    mine = native.dequantize(w)
+    assert mine is not None and mine.shape == shape and torch.equal(mine, dequantize(w, dtype))

@@ -1106,19 +1106,7 @@ static void dequant_int4_block(const uint8_t *restrict base, int width, int64_t 
                 v[2 * c + 1] = ((float)(row[c] >> 4) - 8.0f) * s[2 * c + 1] + z[2 * c + 1];
             }
         }
-        switch (dtype) { /* one loop per dtype, so that each vectorizes */
-        case BF16: {
-            uint16_t *o = (uint16_t *)out + k * N + n0;
-            for (int c = 0; c < width; c++) o[c] = f32_to_bf16(v[c]);
-            break;
-        }
-        case F16: {
-            _Float16 *o = (_Float16 *)out + k * N + n0;
-            for (int c = 0; c < width; c++) o[c] = (_Float16)v[c];
-            break;
-        }
-        default: memcpy((float *)out + k * N + n0, v, (size_t)width * sizeof(float));
-        }
+        row_from_f32(v, dtype, width, (char *)out + (size_t)(k * N + n0) * (dtype == F32 ? 4 : 2));
     }
 }
 
@@ -1133,19 +1121,7 @@ int moemesh_dequantize(int kind, const void *data, const void *scales, int dtype
             for (int64_t k0 = 0; k0 < K; k0 += 256) {
                 const int64_t width = K - k0 < 256 ? K - k0 : 256;
                 for (int64_t j = 0; j < width; j++) v[j] = (float)codes[k0 + j] * scale;
-                switch (dtype) {
-                case BF16: {
-                    uint16_t *o = (uint16_t *)out + n * K + k0;
-                    for (int64_t j = 0; j < width; j++) o[j] = f32_to_bf16(v[j]);
-                    break;
-                }
-                case F16: {
-                    _Float16 *o = (_Float16 *)out + n * K + k0;
-                    for (int64_t j = 0; j < width; j++) o[j] = (_Float16)v[j];
-                    break;
-                }
-                default: memcpy((float *)out + n * K + k0, v, (size_t)width * sizeof(float));
-                }
+                row_from_f32(v, dtype, width, (char *)out + (size_t)(n * K + k0) * (dtype == F32 ? 4 : 2));
             }
         }
         return 0;

@@ -295,20 +295,18 @@ def test_a_library_whose_dequantizer_disagrees_is_not_used(
     _fresh(monkeypatch, tmp_path)
     real = native.load
 
-    def broken(path: Path) -> object:
-        lib = real(path)
+    class Wrong:  # every kernel as built but the dequantizer, which writes nothing
+        def __init__(self, lib: object) -> None:
+            self.lib = lib
 
-        class Wrong:  # every kernel as built but the dequantizer, which writes nothing
-            def __getattr__(self, name: str) -> object:
-                return getattr(lib, name)
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.lib, name)
 
-            @staticmethod
-            def moemesh_dequantize(*args: object) -> int:
-                return 0
+        @staticmethod
+        def moemesh_dequantize(*args: object) -> int:
+            return 0
 
-        return Wrong()
-
-    monkeypatch.setattr(native, "load", broken)
+    monkeypatch.setattr(native, "load", lambda path: Wrong(real(path)))
     assert not native.available()
 
 

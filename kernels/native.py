@@ -196,8 +196,10 @@ def _agrees(lib: ctypes.CDLL) -> bool:
             if got is None or relative_error(want, got) > (1e-5 if dtype == torch.float32 else 1e-2):
                 log.warning("native matmul kernels disagree with the reference here: torch's kernels run instead")
                 return False
-            weight = None if isinstance(q, Bf16Weight) else _dequantize(lib, q)
-            if not isinstance(q, Bf16Weight) and (weight is None or not torch.equal(weight, dequantize(q, dtype))):
+            if isinstance(q, Bf16Weight):
+                continue
+            weight = _dequantize(lib, q)
+            if weight is None or not torch.equal(weight, dequantize(q, dtype)):
                 log.warning("the native dequantizer disagrees with the reference here: torch's kernels run instead")
                 return False
         norm = RMSNorm(96, 1e-6)  # exact: torch's own ops

@@ -1089,7 +1089,7 @@ int moemesh_layers(const Layer *layers, int64_t n_layers, int dtype, int64_t M, 
  *   int4: torch's layout (above), scale_zeros   -> out [K, N] (transposed: a block's codes for
  *         one k are 64 channels side by side, so both sides of the loop are contiguous) */
 static void dequant_int4_block(const uint8_t *restrict base, int width, int64_t K, int64_t G, const void *sz,
-                               int dtype, int64_t N, int64_t n0, void *out) {
+                               int dtype, int64_t N, int64_t n0, char *out, size_t size) {
     float s[BLOCK], z[BLOCK], v[BLOCK];
     const int half = width / 2;
     for (int64_t k = 0; k < K; k++) {
@@ -1106,12 +1106,13 @@ static void dequant_int4_block(const uint8_t *restrict base, int width, int64_t 
                 v[2 * c + 1] = ((float)(row[c] >> 4) - 8.0f) * s[2 * c + 1] + z[2 * c + 1];
             }
         }
-        row_from_f32(v, dtype, width, (char *)out + (size_t)(k * N + n0) * (dtype == F32 ? 4 : 2));
+        row_from_f32(v, dtype, width, out + (size_t)(k * N + n0) * size);
     }
 }
 
 int moemesh_dequantize(int kind, const void *data, const void *scales, int dtype, int64_t N, int64_t K, int64_t G,
                        void *out, int threads) {
+    const size_t size = dtype == F32 ? 4 : 2;
     if (kind == 8) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (N * K >= 65536)
         for (int64_t n = 0; n < N; n++) {
@@ -1121,7 +1122,7 @@ int moemesh_dequantize(int kind, const void *data, const void *scales, int dtype
             for (int64_t k0 = 0; k0 < K; k0 += 256) {
                 const int64_t width = K - k0 < 256 ? K - k0 : 256;
                 for (int64_t j = 0; j < width; j++) v[j] = (float)codes[k0 + j] * scale;
-                row_from_f32(v, dtype, width, (char *)out + (size_t)(n * K + k0) * (dtype == F32 ? 4 : 2));
+                row_from_f32(v, dtype, width, (char *)out + (size_t)(n * K + k0) * size);
             }
         }
         return 0;
@@ -1133,7 +1134,7 @@ int moemesh_dequantize(int kind, const void *data, const void *scales, int dtype
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * BLOCK;
         const int width = n0 < full ? BLOCK : (int)(N - full);
-        dequant_int4_block(packed + n0 * (K / 2), width, K, G, scales, dtype, N, n0, out);
+        dequant_int4_block(packed + n0 * (K / 2), width, K, G, scales, dtype, N, n0, (char *)out, size);
     }
     return 0;
 }

@@ -289,13 +289,11 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
             y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
-    path = _prefill_path(_KIND[type(w)], x.dtype)
-    if path == "dequantized" and not isinstance(w, Bf16Weight):
-        weight = native.dequantize(w) if rows >= DEQUANTIZED_ROWS else None
+    if rows >= DEQUANTIZED_ROWS and not isinstance(w, Bf16Weight) and _dequantized_prefill(_KIND[type(w)], x.dtype):
+        weight = native.dequantize(w)
         if weight is not None:
             return F.linear(x, weight)
-        path = "torch" if isinstance(w, Int8Weight) or _int4_layout_ok() else "reference"
-    if path == "reference":
+    if _prefill_path(_KIND[type(w)], x.dtype) == "reference":
         return linear_reference(x, w)
     return _torch_prefill(x, w)
 
@@ -314,16 +312,31 @@ def _torch_prefill(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 
 @functools.cache
 def _prefill_path(kind: str, dtype: torch.dtype) -> str:
-    """How prefill-sized matmuls of `kind` run fastest here: "torch" (its packed kernel for the
-    kind), "reference" (dequantize, then MKL's fp32 matmul) or "dequantized" (the weight written
-    out in x's dtype by `kernels.native.dequantize`, then torch's matmul in that dtype). On a CPU
-    without bf16 hardware (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x
-    [5632, 1024] against 33 in fp32 on the widened weights, and the int8 kernel 48 against 36;
-    on a Xeon with AMX, for [128, 1024] x [2816, 1024]: the int8 and int4 kernels 6.0 ms, the
-    weight dequantized to bf16 and multiplied 1.1-1.3 ms. Timed once per process on one smaller
-    matrix at 64 rows, best of three each; "dequantized" only for bf16 on a CPU
-    with bf16 matmul hardware and by `DEQUANTIZED_MARGIN`; int4 where torch's packer writes
-    another layout than ours (`_int4_layout_ok`) never takes torch's kernel."""
+    """How prefill-sized matmuls of `kind` run fastest here of "torch" (its packed kernel for the
+    kind) and "reference" (dequantize, then MKL's fp32 matmul): on a CPU without bf16 hardware
+    (an AVX2 EPYC) oneDNN's bf16 matmul took 134 ms for [128, 1024] x [5632, 1024] against 33 in
+    fp32 on the widened weights, and the int8 kernel 48 against 36. Timed once per process
+    (`_probe_times`); int4 where torch's packer writes another layout than ours
+    (`_int4_layout_ok`) never takes torch's kernel."""
+    times = _probe_times(kind, dtype)
+    return min(("torch", "reference"), key=lambda path: times.get(path, float("inf")))
+
+
+@functools.cache
+def _dequantized_prefill(kind: str, dtype: torch.dtype) -> bool:
+    """Whether prefill-sized int8/int4 matmuls run on the weight written out in x's dtype by
+    `kernels.native.dequantize`, then torch's matmul in that dtype: only for bf16 on a CPU with
+    bf16 matmul hardware, and only where it timed `DEQUANTIZED_MARGIN` faster than `_prefill_path`
+    (it rounds the weight to bf16). On a Xeon with AMX, for [128, 1024] x [2816, 1024]: torch's
+    int8 and int4 kernels 6.0 ms, the weight dequantized to bf16 and multiplied 1.1-1.3 ms."""
+    times = _probe_times(kind, dtype)
+    return "dequantized" in times and times["dequantized"] * DEQUANTIZED_MARGIN < times[_prefill_path(kind, dtype)]
+
+
+@functools.cache
+def _probe_times(kind: str, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of each prefill path that applies here, on one [64, 1024] x [1024, 1024] matmul
+    of `kind`, best of three each (once per process)."""
     g = torch.Generator().manual_seed(0)
     w = quantize(torch.randn(1024, 1024, generator=g).to(dtype), kind)
     x = torch.randn(64, 1024, generator=g).to(dtype)
@@ -341,13 +354,10 @@ def _prefill_path(kind: str, dtype: torch.dtype) -> str:
     times = {"reference": best(lambda: linear_reference(x, w))}
     if kind != "int4" or _int4_layout_ok():
         times["torch"] = best(lambda: _torch_prefill(x, w))
-    path = min(times, key=lambda p: times[p])
-    if not isinstance(w, Bf16Weight) and dtype is torch.bfloat16 and native.bf16_matmul_hardware():
-        if native.dequantize(w) is not None:  # rounds the weight to bf16: taken only for a clear win
-            dequantized = best(lambda: F.linear(x, native.dequantize(w)))  # type: ignore[arg-type]
-            if dequantized * DEQUANTIZED_MARGIN < times[path]:
-                return "dequantized"
-    return path
+    hardware = dtype is torch.bfloat16 and native.bf16_matmul_hardware()
+    if hardware and not isinstance(w, Bf16Weight) and native.dequantize(w) is not None:
+        times["dequantized"] = best(lambda: F.linear(x, native.dequantize(w)))  # type: ignore[arg-type]
+    return times
 
 
 def _fast_applies(x: torch.Tensor, w: QuantWeight) -> bool:

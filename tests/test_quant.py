@@ -268,7 +268,10 @@ def test_prefill_takes_the_path_that_was_timed_fastest(mode: str, monkeypatch: p
     g = torch.Generator().manual_seed(4)
     q = quantize(torch.randn(64, 64, generator=g).bfloat16(), mode)
     x = torch.randn(kq.DEQUANTIZED_ROWS + 8, 64, generator=g).bfloat16()  # prefill-sized: not the C kernels
-    assert kq._prefill_path(mode, torch.bfloat16) in ("reference", "torch", "dequantized")
+    assert kq._prefill_path(mode, torch.bfloat16) in ("reference", "torch")
+    torch_ok = mode != "int4" or kq._int4_layout_ok()
+    assert isinstance(kq._dequantized_prefill(mode, torch.bfloat16), bool)
+    monkeypatch.setattr(kq, "_dequantized_prefill", lambda kind, dtype: False)
     monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "reference")
     assert torch.equal(kq.linear_fast(x, q), kq.linear_reference(x, q))
     monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "torch")
@@ -276,14 +279,14 @@ def test_prefill_takes_the_path_that_was_timed_fastest(mode: str, monkeypatch: p
     if mode != "int4" or kq._int4_layout_ok():
         assert torch.equal(kq.linear_fast(x, q), kq._torch_prefill(x, q))
     if mode != "bf16" and native.available():
-        monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "dequantized")
+        monkeypatch.setattr(kq, "_dequantized_prefill", lambda kind, dtype: True)
+        monkeypatch.setattr(kq, "_prefill_path", lambda kind, dtype: "torch" if torch_ok else "reference")
         fast = kq.linear_fast(x, q)
         assert torch.equal(fast, F.linear(x, dequantize(q, torch.bfloat16)))  # the reference's weight, in bf16
         # that weight is rounded to bf16 once (2^-9 relative), as an unquantized bf16 span's is: its error
         # is bf16's (measured 0.25 % here), not within the fp32-sum tolerance of torch's kernels
         assert relative_error(kq.linear_reference(x, q), fast) < 8e-3
         few = x[: kq.DEQUANTIZED_ROWS - 1]  # too few rows to pay for writing the weight out: the next best
-        torch_ok = mode == "int8" or kq._int4_layout_ok()
         assert torch.equal(kq.linear_fast(few, q), (kq._torch_prefill if torch_ok else kq.linear_reference)(few, q))
 
 

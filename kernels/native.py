@@ -13,31 +13,27 @@ The layer pieces replace a dozen or more dispatcher ops each (the small ops had 
 of a quantized token's time); they compute in fp32 and round once, so they are for spans
 that no one's bits bind (`SpanModel.set_exact(False)`: quantized spans).
 
-The library is built on first use with the system C compiler (``cc -O3 -march=native
--fopenmp``) into ``$MOEMESH_CACHE/kernels/`` under a name keyed on the source, the compiler
-and the CPU, and then loaded from there. It links the OpenMP runtime torch has already
-loaded (the same soname), so its threads are torch's threads, not a second team fighting
-them for the cores. Before first use it is checked against the reference on this CPU; where
-no compiler is found, the build or the check fails, or ``MOEMESH_NO_NATIVE=1`` is set, torch's
-kernels run instead (`available` says which).
+The library is built on first use with the system C compiler and kept in a cache folder
+(`kernels.clib`). It links the OpenMP runtime torch has already loaded (the same soname), so
+its threads are torch's threads, not a second team fighting them for the cores. Before first
+use it is checked against the reference on this CPU; where no compiler is found, the build or
+the check fails, or ``MOEMESH_NO_NATIVE=1`` is set, torch's kernels run instead (`available`
+says which).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from kernels import clib
 
 if TYPE_CHECKING:
     from kernels.quant import Bf16Weight, Int4Weight, Int8Weight, QuantWeight
@@ -52,12 +48,9 @@ __all__ = [
     "bf16_matmul_hardware",
     "dequantize",
     "gemv",
-    "int4_block",
     "int4_gemv",
     "int8_gemv",
     "library",
-    "library_path",
-    "load",
     "moe",
     "rmsnorm",
     "rope",
@@ -68,105 +61,22 @@ log = logging.getLogger(__name__)
 
 NO_NATIVE_ENV = "MOEMESH_NO_NATIVE"
 MAX_ROWS = 8  # calls of up to this many rows take the C kernels; more (prefill) take torch's
-SOURCE = Path(__file__).with_name("qgemv.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-INT4_BLOCKS = (64, 32)  # torch's int4 CPU layouts: output channels per block (AVX-512 builds, AVX2 ones)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C file's dtype codes
-_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-@functools.cache
-def int4_block() -> int:
-    """Output channels per block of the int4 byte layout (`kernels.quant.pack_int4`): the one
-    torch's CPU packer writes here (64 where torch runs its AVX-512 kernels, 32 on AVX2), so that
-    one packing serves its prefill kernel and our decode kernels; 64 where torch's is neither.
-    The probe puts one code at channel block / 2: the high nibble of the first byte in that layout."""
-    for block in INT4_BLOCKS:
-        q = torch.zeros(2 * max(INT4_BLOCKS), 32, dtype=torch.int32)
-        q[block // 2, 0] = 1
-        try:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        except (RuntimeError, AttributeError):
-            break
-        if int(packed.flatten()[0]) == 16:
-            return block
-    return INT4_BLOCKS[0]
-
-
-def _flags() -> tuple[str, ...]:
-    return (*FLAGS, f"-DBLOCK={int4_block()}")
-
-
-def library_path(cc: str) -> Path:
-    """Where the library built by `cc` from this source for this CPU is kept."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(
-        "\0".join((SOURCE.read_text(), cc, version, " ".join(_flags()), platform.machine(), _cpu_flags())).encode()
-    ).hexdigest()[:16]
-    root = Path(os.environ.get("MOEMESH_CACHE") or Path.home() / ".cache" / "moemesh")
-    return root / "kernels" / f"qgemv-{key}.so"
-
-
-def _build(cc: str, target: Path, extra: tuple[str, ...] = ()) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        command = [cc, *_flags(), *extra, "-o", str(out), str(SOURCE), "-lm"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
-        os.replace(out, target)  # atomic: a concurrent build leaves one whole library
-
-
-def load(path: Path) -> ctypes.CDLL:
-    """The library at `path`, its functions typed."""
-    lib = ctypes.CDLL(str(path))
-    lib.moemesh_int8_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT]
-    lib.moemesh_int4_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _INT]
-    lib.moemesh_bf16_gemv.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT]
-    lib.moemesh_rmsnorm.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, ctypes.c_float, _INT, _PTR]
-    lib.moemesh_moe.argtypes = [_INT, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, *[_PTR] * 5, _INT]
-    lib.moemesh_attend.argtypes = [_PTR, _INT, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64]
-    lib.moemesh_attend.argtypes += [ctypes.c_float, _PTR, _PTR, _INT]
-    lib.moemesh_rope.argtypes = [_PTR, _I64, _PTR, _I64, _INT, _I64, _I64, _PTR, _PTR]
-    lib.moemesh_route.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _INT, _I64, _I64, _INT, _INT, _PTR, _PTR]
-    lib.moemesh_layers.argtypes = [_PTR, _I64, _INT, _I64, _I64, *[_PTR] * 7, _INT]
-    lib.moemesh_dequantize.argtypes = [_INT, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT]
-    for fn in (
-        lib.moemesh_int8_gemv, lib.moemesh_int4_gemv, lib.moemesh_bf16_gemv, lib.moemesh_rmsnorm, lib.moemesh_moe,
-        lib.moemesh_attend, lib.moemesh_rope, lib.moemesh_route, lib.moemesh_layers, lib.moemesh_dequantize,
-    ):  # fmt: skip
-        fn.restype = _INT
-    return lib
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(NO_NATIVE_ENV, "") not in ("", "0"):
         return None
-    cc = _compiler()
+    cc = clib.compiler()
     if cc is None:
         log.info("no C compiler found: int8/int4 decode runs on torch's kernels")
         return None
     try:
-        path = library_path(cc)
+        path = clib.library_path(cc)
         if not path.exists():
-            _build(cc, path)
-        lib = load(path)
+            clib.build(cc, path)
+        lib = clib.load(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("native int8/int4 kernels unavailable (%s): torch's kernels run instead", e)
         return None
@@ -360,7 +270,7 @@ def bf16_gemv(x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | None:
 def bf16_matmul_hardware() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16), where oneDNN's bf16
     matmul is the fast one for prefill-sized calls."""
-    flags = _cpu_flags().split()
+    flags = clib.cpu_flags().split()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import native
+from kernels import clib, native
 from kernels.gemv import applies as gemv_applies
 from kernels.gemv import gemv_split, split_available
 from kernels.packed import PackedTensor, PackedWeight, linears, packed_linear
@@ -154,7 +154,7 @@ AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the expert
 
 
 # ---- int4 packing: the byte layout of torch._convert_weight_to_int4pack_for_cpu --------------
-# Output channels go in blocks of B (`native.int4_block`: 64 where torch runs AVX-512 kernels,
+# Output channels go in blocks of B (`clib.int4_block`: 64 where torch runs AVX-512 kernels,
 # 32 on AVX2): block b is bytes [K, B/2] whose low nibble is channel Bb + j and high nibble
 # channel Bb + B/2 + j. The N % B channels left are bytes [K, r/2], low nibble channel 2j, high
 # nibble 2j + 1. Our C kernels are built for the same B; a test checks the layout against torch's
@@ -164,7 +164,7 @@ AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the expert
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Codes ``[..., N, K]`` in 0..15 (N even) -> ``uint8 [..., N, K/2]`` in the CPU kernel's layout."""
     *lead, n, k = q.shape
-    q, b = q.to(torch.uint8), native.int4_block()
+    q, b = q.to(torch.uint8), clib.int4_block()
     full = n - n % b
     block = q[..., :full, :].reshape(*lead, full // b, 2, b // 2, k)  # [.., b, half, j, K]
     head = (block[..., 0, :, :] | block[..., 1, :, :] << 4).transpose(-1, -2)  # [.., b, K, B/2]
@@ -177,7 +177,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_int4`: ``uint8 [..., N, K/2]`` -> codes ``uint8 [..., N, K]``."""
     *lead, n, half = packed.shape
-    k, b = 2 * half, native.int4_block()
+    k, b = 2 * half, clib.int4_block()
     full = n - n % b
     flat = packed.reshape(*lead, n * half)
     head = flat[..., : full * half].reshape(*lead, full // b, k, b // 2)  # [.., b, K, B/2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import native
+from kernels import clib, native
 from kernels.quant import (
     Bf16Weight,
     Int4Weight,
@@ -155,7 +155,7 @@ def test_the_library_is_built_once_into_the_cache_and_reused(
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     _fresh(monkeypatch, tmp_path)
-    monkeypatch.setattr(native, "_build", lambda *_: pytest.fail("rebuilt a library that was in the cache"))
+    monkeypatch.setattr(clib, "build", lambda *_: pytest.fail("rebuilt a library that was in the cache"))
     assert native.available() and built[0].stat().st_mtime_ns == stamp
 
 
@@ -167,7 +167,7 @@ def test_without_the_library_torchs_kernels_run(
     if how == "env":
         monkeypatch.setenv(native.NO_NATIVE_ENV, "1")
     elif how == "no compiler":
-        monkeypatch.setattr(native, "_compiler", lambda: None)
+        monkeypatch.setattr(clib, "compiler", lambda: None)
     else:
         monkeypatch.setenv("CC", "false")
     with caplog.at_level(logging.INFO, logger="kernels.native"):
@@ -205,13 +205,13 @@ def test_a_library_whose_moe_attention_or_routing_disagrees_is_not_used(
 
 @pytest.mark.parametrize(("flag", "without"), [("avx512f", ("-mno-avx512f",)), ("avx2", ("-mno-avx512f", "-mno-avx2"))])
 def test_the_simd_paths_give_the_portable_loops_bits(flag: str, without: tuple[str, ...], tmp_path: Path) -> None:
-    if flag not in native._cpu_flags().split():
+    if flag not in clib.cpu_flags().split():
         pytest.skip(f"this CPU has no {flag}: its paths are not built here")
-    cc = native._compiler()
+    cc = clib.compiler()
     assert cc is not None
     portable = tmp_path / "portable.so"
-    native._build(cc, portable, without)  # the same source as a CPU without them builds it
-    lib = native.load(portable)
+    clib.build(cc, portable, without)  # the same source as a CPU without them builds it
+    lib = clib.load(portable)
     g = torch.Generator().manual_seed(9)
     for n, k in ((4096, 512), (192, 96), (100, 64), (160, 64)):
         for dtype in (torch.bfloat16, torch.float32):
@@ -268,7 +268,7 @@ def test_a_library_whose_rmsnorm_disagrees_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
 ) -> None:
     _fresh(monkeypatch, tmp_path)
-    real = native.load
+    real = clib.load
 
     def broken(path: Path) -> object:
         lib = real(path)
@@ -285,7 +285,7 @@ def test_a_library_whose_rmsnorm_disagrees_is_not_used(
 
         return Wrong()
 
-    monkeypatch.setattr(native, "load", broken)
+    monkeypatch.setattr(clib, "load", broken)
     assert not native.available()
 
 
@@ -293,7 +293,7 @@ def test_a_library_whose_dequantizer_disagrees_is_not_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuilt: object
 ) -> None:
     _fresh(monkeypatch, tmp_path)
-    real = native.load
+    real = clib.load
 
     class Wrong:  # every kernel as built but the dequantizer, which writes nothing
         def __init__(self, lib: object) -> None:
@@ -306,7 +306,7 @@ def test_a_library_whose_dequantizer_disagrees_is_not_used(
         def moemesh_dequantize(*args: object) -> int:
             return 0
 
-    monkeypatch.setattr(native, "load", lambda path: Wrong(real(path)))
+    monkeypatch.setattr(clib, "load", lambda path: Wrong(real(path)))
     assert not native.available()
 
 

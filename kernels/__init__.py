@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from kernels.cache import KVCache
     from kernels.config import LatentAttentionConfig, ModelConfig, RopeConfig
     from kernels.gemv import SplitLinear, split_available, split_span
+    from kernels.measure import layer_errors, relative_error, weight_bytes_per_token
     from kernels.memory import SpanBytes
     from kernels.moe import (
         ClampedSwiGLU,
@@ -37,22 +38,17 @@ if TYPE_CHECKING:
         run_experts,
     )
     from kernels.packed import PackedLinear, PackedTensor, PackedWeight, pack_span, packing_available
+    from kernels.qspan import QuantLinear, QuantTensor, quantize_span
     from kernels.quant import (
         QUANT_MODES,
         Bf16Weight,
         Int4Weight,
         Int8Weight,
-        QuantLinear,
-        QuantTensor,
         dequantize,
-        layer_errors,
         linear,
         linear_fast,
         linear_reference,
         quantize,
-        quantize_span,
-        relative_error,
-        weight_bytes_per_token,
     )
     from kernels.span import SpanModel
 
@@ -89,20 +85,16 @@ _WHERE = {
             "Bf16Weight",
             "Int4Weight",
             "Int8Weight",
-            "QuantLinear",
-            "QuantTensor",
             "dequantize",
-            "layer_errors",
             "linear",
             "linear_fast",
             "linear_reference",
             "quantize",
-            "quantize_span",
-            "relative_error",
-            "weight_bytes_per_token",
         ),
         "quant",
     ),
+    **dict.fromkeys(("QuantLinear", "QuantTensor", "quantize_span"), "qspan"),
+    **dict.fromkeys(("layer_errors", "relative_error", "weight_bytes_per_token"), "measure"),
     **dict.fromkeys(("SpanModel",), "span"),
 }
 

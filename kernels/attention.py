@@ -96,7 +96,7 @@ def attention_decode_fp32(
     none of the ~10 dispatcher ops around an SDPA call. Else torch's fp32 SDPA on casts: bf16
     SDPA on a CPU without AMX took 150 us against fp32's 37 (136 keys, 16 heads of 64, 4 kv
     heads; 600 against 92 at 512 keys). Neither is transformers' bf16 arithmetic, so only
-    spans not bound to transformers' bits use it (quantized ones: `kernels.quant.quantize_span`)."""
+    spans not bound to transformers' bits use it (quantized ones: `kernels.qspan.quantize_span`)."""
     decode = q.shape[2] == 1 and q.device.type == "cpu"
     if decode and (y := native.attend(q, k, v, scale, sinks)) is not None:  # a decode step sees every cached key
         return y

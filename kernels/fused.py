@@ -27,7 +27,7 @@ from torch import nn
 
 from kernels import native
 from kernels.cache import KVCache
-from kernels.quant import QuantLinear, QuantTensor
+from kernels.qspan import QuantLinear, QuantTensor
 from kernels.span import Attention, DecoderLayer, MoEBlock, RMSNorm
 
 __all__ = ["FusedDecode", "plan"]

@@ -86,6 +86,7 @@ def _library() -> ctypes.CDLL | None:
 @torch.no_grad()
 def _agrees(lib: ctypes.CDLL) -> bool:
     """Whether the built kernels match the reference on this CPU (a miscompile stays unused)."""
+    from kernels.measure import relative_error
     from kernels.quant import (
         Bf16Weight,
         dequantize,
@@ -93,7 +94,6 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         quantize_bf16,
         quantize_int4,
         quantize_int8,
-        relative_error,
     )  # fmt: skip
     from kernels.span import RMSNorm
 
@@ -127,8 +127,9 @@ def _agrees(lib: ctypes.CDLL) -> bool:
 def _agrees_layer_ops(lib: ctypes.CDLL, dtype: torch.dtype, g: torch.Generator) -> bool:
     """The one-call MoE, attention, rotary and routing against torch's ops on small inputs."""
     from kernels.attention import attention_reference, attention_sinks
+    from kernels.measure import relative_error
     from kernels.moe import experts_reference, route
-    from kernels.quant import dequantize, quantize_bf16, quantize_int4, quantize_int8, relative_error
+    from kernels.quant import dequantize, quantize_bf16, quantize_int4, quantize_int8
     from kernels.rope import apply_rotary
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -233,7 +234,7 @@ def _rmsnorm(
 
 
 def gemv(x: torch.Tensor, kind: str, data: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor | None:
-    """`int8_gemv` / `int4_gemv` / `bf16_gemv` on a `kernels.quant.QuantTensor`'s buffers as they are: a
+    """`int8_gemv` / `int4_gemv` / `bf16_gemv` on a `kernels.qspan.QuantTensor`'s buffers as they are: a
     projection's decode call without building its weight or the dispatch of `kernels.quant.linear`
     (a `[1, 1024] x [256, 1024]` int4 projection: 14 against 17.5 us, ~5 of them the kernel)."""
     lib = _library()

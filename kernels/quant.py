@@ -20,49 +20,39 @@ the activations' dtype. `linear_fast` calls torch's packed CPU kernels
 fp32 inside the matmul; the two agree to fp32 rounding (not bit for bit: the kernels sum in
 another order). `linear` is the dispatcher, and it takes plain tensors too (``F.linear``).
 
-`quantize_span` swaps a loaded span's projections (attention q/k/v/o, dense MLP, the LM
-head) for `QuantLinear` and its fused experts for `QuantTensor`; routers, norms and the
-embedding stay as they are. In "int4" mode the LM head is int8 (as llama.cpp keeps its
-output matrix at higher precision), and any weight whose K is not a multiple of the group
-falls back to int8. Quantization is per tensor, so a span quantized alone equals the same
-layers of a bigger span quantized.
+`kernels.qspan` puts these weights into a span (`quantize_span`).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from kernels import clib, native
 from kernels.gemv import applies as gemv_applies
 from kernels.gemv import gemv_split, split_available
-from kernels.packed import PackedTensor, PackedWeight, linears, packed_linear
+from kernels.packed import PackedWeight, packed_linear
 
 if TYPE_CHECKING:
-    from kernels.span import SpanModel
+    pass
 
 __all__ = [
     "AnyWeight",
     "Bf16Weight",
     "INT4_GROUP",
+    "KIND_OF",
     "QUANT_MODES",
     "Int4Weight",
     "Int8Weight",
-    "QuantLinear",
-    "QuantTensor",
     "QuantWeight",
     "Weight",
-    "as_weight",
     "dequantize",
-    "layer_errors",
     "linear",
     "linear_fast",
     "linear_reference",
@@ -70,11 +60,8 @@ __all__ = [
     "quantize",
     "quantize_int4",
     "quantize_int8",
-    "quantize_span",
-    "relative_error",
     "scales_of",
     "unpack_int4",
-    "weight_bytes_per_token",
 ]
 
 QUANT_MODES = ("none", "bf16", "int8", "int4")
@@ -148,7 +135,7 @@ class Bf16Weight:
 
 
 QuantWeight = Int8Weight | Int4Weight | Bf16Weight
-_KIND: dict[type, str] = {Int8Weight: "int8", Int4Weight: "int4", Bf16Weight: "bf16"}  # QuantTensor.kind
+KIND_OF: dict[type, str] = {Int8Weight: "int8", Int4Weight: "int4", Bf16Weight: "bf16"}  # QuantTensor.kind
 Weight = torch.Tensor | QuantWeight  # a weight as quantized
 AnyWeight = Weight | PackedWeight  # what the matmuls of the span and the experts take
 
@@ -289,11 +276,11 @@ def linear_fast(x: torch.Tensor, w: Weight) -> torch.Tensor:  # x [..., K], w [N
             y = native.int8_gemv(x, w) if isinstance(w, Int8Weight) else native.int4_gemv(x, w)
         if y is not None:
             return y
-    if rows >= DEQUANTIZED_ROWS and not isinstance(w, Bf16Weight) and _dequantized_prefill(_KIND[type(w)], x.dtype):
+    if rows >= DEQUANTIZED_ROWS and not isinstance(w, Bf16Weight) and _dequantized_prefill(KIND_OF[type(w)], x.dtype):
         weight = native.dequantize(w)
         if weight is not None:
             return F.linear(x, weight)
-    if _prefill_path(_KIND[type(w)], x.dtype) == "reference":
+    if _prefill_path(KIND_OF[type(w)], x.dtype) == "reference":
         return linear_reference(x, w)
     return _torch_prefill(x, w)
 
@@ -373,147 +360,3 @@ def linear(x: torch.Tensor, w: AnyWeight) -> torch.Tensor:
     if isinstance(w, PackedWeight):
         return packed_linear(x, w)
     return linear_fast(x, w) if _fast_applies(x, w) else linear_reference(x, w)
-
-
-# ---- modules that hold quantized weights in a span -------------------------------------------
-
-
-class QuantTensor(nn.Module):
-    """A quantized weight held as buffers (so ``.to()`` and ``state_dict`` see them)."""
-
-    def __init__(self, weight: QuantWeight) -> None:
-        super().__init__()
-        self.kind = _KIND[type(weight)]
-        self.group = weight.group if isinstance(weight, Int4Weight) else 0
-        self.data: torch.Tensor
-        self.scales: torch.Tensor
-        self.register_buffer("data", weight.tensors()[0])
-        self.register_buffer("scales", weight.tensors()[1])
-
-    @property
-    def value(self) -> QuantWeight:
-        if self.kind == "int8":
-            return Int8Weight(self.data, self.scales)
-        if self.kind == "bf16":
-            return Bf16Weight(self.data, self.scales)
-        return Int4Weight(self.data, self.scales, self.group)
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.value.shape
-
-    def extra_repr(self) -> str:
-        return f"{self.kind}, shape={list(self.shape)}" + (f", group={self.group}" if self.group else "")
-
-
-def as_weight(p: torch.Tensor | QuantTensor | PackedTensor) -> AnyWeight:
-    """What the matmuls take: a plain tensor as it is, a `QuantTensor`'s or `PackedTensor`'s weight."""
-    return p.value if isinstance(p, QuantTensor | PackedTensor) else p
-
-
-class QuantLinear(nn.Module):
-    """``nn.Linear`` over a quantized weight: ``linear(x, w) + bias``."""
-
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight = QuantTensor(weight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.out_features, self.in_features = weight.shape
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        y = None
-        if x.numel() <= native.MAX_ROWS * x.shape[-1]:  # decode: straight to the C kernel, as linear_fast would
-            y = native.gemv(x, w.kind, w.data, w.scales, w.group)
-        if y is None:
-            y = linear(x, w.value)
-        return y if self.bias is None else y + self.bias
-
-
-def _expert_holders(span: nn.Module) -> Iterator[nn.Module]:
-    """Modules holding fused experts as ``gate_up [E, 2I, H]`` and ``down [E, H, I]``."""
-    for module in span.modules():
-        gate_up, down = getattr(module, "gate_up", None), getattr(module, "down", None)
-        if isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3:
-            if getattr(module, "gate_up_bias", None) is not None:
-                continue  # GPT-OSS: stored transposed with biases (and MXFP4 on disk): kept in the compute dtype
-            yield module
-
-
-@torch.no_grad()
-def quantize_span(span: SpanModel, mode: str) -> None:
-    """Replace the span's projections and fused experts by quantized ones, in place ("none": no-op).
-
-    Each weight is quantized on its own and its full-precision tensor freed, so the peak
-    memory is the loaded span plus one quantized weight.
-    """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"unknown quantization {mode!r} (known: {', '.join(QUANT_MODES)})")
-    if mode == "none":
-        return
-    for parent, name, lin in list(linears(span)):
-        head_mode = "int8" if name == "lm_head" and mode == "int4" else mode
-        q = quantize(lin.weight, head_mode)
-        assert not isinstance(q, torch.Tensor)
-        setattr(parent, name, QuantLinear(q, lin.bias))
-    for module in list(_expert_holders(span)):
-        for name in ("gate_up", "down"):
-            q = quantize(getattr(module, name), mode)
-            assert not isinstance(q, torch.Tensor)
-            delattr(module, name)
-            setattr(module, name, QuantTensor(q))
-    span.set_exact(False)  # bound to no one's bits: the faster decode ops
-    span.quantization = mode
-
-
-# ---- what quantization costs and saves -------------------------------------------------------
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def weight_bytes_per_token(span: nn.Module) -> int:
-    """Bytes of weights one decode token reads: every weight once, except the experts (top_k of
-    E of them, in expectation) and the embedding (one row)."""
-    total = 0
-    expert_tensors: set[int] = set()
-    for module in span.modules():
-        cfg, gate_up, down = (getattr(module, a, None) for a in ("cfg", "gate_up", "down"))
-        if cfg is None or gate_up is None or down is None:
-            continue
-        tensors = [t for m in (gate_up, down) for t in (m.buffers() if isinstance(m, nn.Module) else [m])]
-        expert_tensors |= {id(t) for t in tensors}
-        packed = sum(m.nbytes for m in (gate_up, down) if isinstance(m, PackedTensor))
-        total += round((sum(_nbytes(t) for t in tensors) + packed) * cfg.top_k / cfg.num_experts)
-    for module in span.modules():  # packed projections (the experts' are counted above)
-        if isinstance(module, PackedTensor) and len(module.value.packed) == 1 and len(module.shape) == 2:
-            total += module.nbytes
-    for name, t in chain(span.named_parameters(), span.named_buffers()):
-        if id(t) in expert_tensors or name.endswith("inv_freq"):
-            continue
-        total += t.shape[-1] * t.element_size() if name == "embed_tokens.weight" else _nbytes(t)
-    return total
-
-
-def relative_error(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||approx - ref|| / ||ref||`` in fp32."""
-    ref32 = ref.float()
-    return float((approx.float() - ref32).norm() / ref32.norm().clamp(min=torch.finfo(torch.float32).tiny))
-
-
-def layer_errors(reference: SpanModel, quantized: SpanModel, x: torch.Tensor) -> list[float]:
-    """Relative error of each layer's output of `quantized` against `reference` on input `x`
-    (one prefill from position 0; errors accumulate down the layers, as in a real forward)."""
-    outputs: list[list[torch.Tensor]] = [[], []]
-    hooks = []
-    for i, span in enumerate((reference, quantized)):
-        for layer in span.layers:
-            hooks.append(layer.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out.detach())))
-    try:
-        for span in (reference, quantized):
-            span(x, span.new_cache(x.shape[1]), 0)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [relative_error(r, q) for r, q in zip(outputs[0], outputs[1], strict=True)]

@@ -31,7 +31,8 @@ from kernels.moe import (
     route_topk_softmax,
 )
 from kernels.packed import PackedLinear, PackedTensor
-from kernels.quant import QuantLinear, QuantTensor, as_weight, scales_of
+from kernels.qspan import QuantLinear, QuantTensor, as_weight
+from kernels.quant import scales_of
 from kernels.rope import Rotary, apply_rotary
 
 if TYPE_CHECKING:
@@ -324,7 +325,7 @@ class SpanModel(nn.Module):
     ``T' = 1`` if ``last_only`` else ``T``.
     """
 
-    quantization = "none"  # set by kernels.quant.quantize_span: "none" | "int8" | "int4"
+    quantization = "none"  # set by kernels.qspan.quantize_span: "none" | "int8" | "int4"
 
     def __init__(self, cfg: ModelConfig, start: int, end: int) -> None:
         super().__init__()

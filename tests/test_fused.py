@@ -124,7 +124,7 @@ def test_batched_sessions_at_different_positions_in_one_call(
 def test_a_batch_in_one_cache_and_a_pipeline_of_spans(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """forward's rows in one cache (close to op by op, whose attention over a batch is torch's
     SDPA); spans [0, 1) then [1, 3) give the whole span's bits."""
-    from kernels.quant import relative_error
+    from kernels.measure import relative_error
 
     folder = models["qwen3_moe"]
     whole, head, tail = _span(folder, "int8"), _span(folder, "int8", end=1), _span(folder, "int8", start=1)

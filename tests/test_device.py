@@ -52,6 +52,7 @@ def test_memory_flags_are_checked(tiny_models: dict[str, Path]) -> None:
     assert bad.returncode == 2 and "memory size" in bad.stderr
     tight = moemesh("serve", "--model", model, "--layers", "0:4", "--max-memory", "20KB", "--insecure-lan")
     assert tight.returncode == 2 and "raise --max-memory" in tight.stderr and "Traceback" not in tight.stderr
+    assert "19.53 KiB" in tight.stderr and "0.00 GiB" not in tight.stderr  # sizes in a unit that shows them
 
 
 @pytest.mark.parametrize("mode", ["none", "int4"])

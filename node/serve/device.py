@@ -97,8 +97,12 @@ def span_sizes(config: ServerConfig, source: Checkpoint | Manifest) -> SpanBytes
     return SpanBytes(model_config_from_hf(hf), dtype, config.quantize)
 
 
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
+def _bytes(n: int) -> str:
+    """`n` bytes for a person: GiB, or MiB / KiB where GiB would round to nothing."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def blocks_that_fit(config: ServerConfig, source: Checkpoint | Manifest, device: str) -> int:
@@ -108,10 +112,10 @@ def blocks_that_fit(config: ServerConfig, source: Checkpoint | Manifest, device:
     fit = sizes.blocks_that_fit(budget)
     if fit < 1:
         raise ConfigError(
-            f"not one block of {getattr(source, 'name', source.model_id)} fits in {_gib(budget)}"
+            f"not one block of {getattr(source, 'name', source.model_id)} fits in {_bytes(budget)}"
             f" for weights on {device}"
-            f" ({_gib(sizes.per_block)} per block at {sizes.dtype} {config.quantize}, plus"
-            f" {_gib(sizes.embedding + sizes.head)} for the embedding and head): raise --max-memory or --quantize"
+            f" ({_bytes(sizes.per_block)} per block at {sizes.dtype} {config.quantize}, plus"
+            f" {_bytes(sizes.embedding + sizes.head)} for the embedding and head): raise --max-memory or --quantize"
         )
     return fit
 
@@ -124,8 +128,8 @@ def check_fits(config: ServerConfig, checkpoint: Checkpoint, device: str) -> int
     if need > budget:
         given = "--max-memory" if config.max_memory_bytes else "the free memory's safe share less the KV budget"
         raise ConfigError(
-            f"layers {config.start}:{config.end} of {checkpoint.name} need {_gib(need)} of weights at"
-            f" {sizes.dtype} {config.quantize}, more than {_gib(budget)} ({given}) on {device}:"
+            f"layers {config.start}:{config.end} of {checkpoint.name} need {_bytes(need)} of weights at"
+            f" {sizes.dtype} {config.quantize}, more than {_bytes(budget)} ({given}) on {device}:"
             f" serve fewer layers, quantize (--quantize int8|int4) or raise --max-memory"
         )
     return need

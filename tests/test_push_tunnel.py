@@ -162,13 +162,13 @@ def test_a_p2p_link_runs_through_the_dial_hook_pinned_and_closes_its_tunnel_when
 def test_the_client_names_a_hop_it_tunnels_to_by_its_peer_id() -> None:
     tunnel = f"127.0.0.1:40001#{FP}"
     with Client([f"127.0.0.1:40002#{FP}"]) as client:
-        client._tunnelled[tunnel] = PEER
+        client.finder._tunnelled[tunnel] = PEER
         assert client.push_address(Hop(tunnel, 0, 2, PEER)) == f"p2p:{PEER}#{FP}"
         assert client.push_address(Hop(f"127.0.0.1:40002#{FP}", 2, 4)) == f"127.0.0.1:40002#{FP}"
-        client._tunnelled["127.0.0.1:40003"] = PEER
+        client.finder._tunnelled["127.0.0.1:40003"] = PEER
         assert client.push_address(Hop("127.0.0.1:40003", 0, 2, PEER)) is None  # no pin, no insecure LAN
     with Client(["127.0.0.1:40002"], config=ClientConfig(insecure_lan=True)) as client:
-        client._tunnelled["127.0.0.1:40003"] = PEER
+        client.finder._tunnelled["127.0.0.1:40003"] = PEER
         assert client.push_address(Hop("127.0.0.1:40003", 0, 2, PEER)) == f"p2p:{PEER}"
 
 

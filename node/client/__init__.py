@@ -1,6 +1,8 @@
 """The client SDK: find a chain of peers, open a session along it, stream tokens (no torch).
 
-client.py    Client: discovery, channels, routes, generation; plan_route
+client.py    Client: channels, routes, generation
+discovery.py PeerFinder: the peers of a model, from addresses or the swarm's records, each asked its Info
+known.py     what a client knows of the peers (KnownPeers); plan_route
 session.py   InferenceSession: push along the chain, failover, behind the narrow SessionHost
 stream.py    the Info call and one InferenceSession stream per hop
 spare.py     WarmSpare: a second session of a hop kept in step, to take over with no replay

@@ -11,7 +11,7 @@ import torch
 from conftest import FAMILIES, load_reference
 
 from kernels import SpanBytes
-from node.cli.parser import _to_bytes
+from node.cli.values import to_bytes as _to_bytes
 from node.errors import ConfigError
 from node.serve.config import ServerConfig
 from node.serve.device import blocks_that_fit, check_fits, resolve_device

@@ -18,7 +18,7 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from node.cli.parser import _peers
+from node.cli.values import peers as _peers
 from node.client import Client, ClientConfig
 from node.errors import ConfigError, MoemeshError, PeerUnavailable
 from node.mesh.autonat import AutoNATConfig

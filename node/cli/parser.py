@@ -1,4 +1,4 @@
-"""The command line's parser: every subcommand, its options, and the checks argparse can do.
+"""The command line's parser: every subcommand and its options (their value types: node.cli.values).
 
 Imports nothing heavy: arguments are parsed before torch or libp2p is imported.
 """
@@ -6,9 +6,10 @@ Imports nothing heavy: arguments are parsed before torch or libp2p is imported.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from node.cli import values
 
 __all__ = ["build_parser"]
 
@@ -21,35 +22,12 @@ examples:
 """
 
 
-def _peers(text: str) -> list[str]:
-    peers = [p.strip() for p in text.split(",") if p.strip()]
-    for p in peers:
-        address, pinned, fingerprint = p.partition("#")
-        host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"peer {p!r} is not host:port or host:port#fingerprint")
-        if pinned and not _is_fingerprint(fingerprint):
-            raise argparse.ArgumentTypeError(f"peer {p!r}: {fingerprint!r} is not a SHA-256 fingerprint (64 hex)")
-    return peers
-
-
-def _is_fingerprint(text: str) -> bool:
-    fp = text.strip().lower().removeprefix("sha256:").replace(":", "")
-    return len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)
-
-
-def _fingerprint(text: str) -> str:
-    if not _is_fingerprint(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
-    return text
-
-
 def _add_client_tls_options(parser: argparse.ArgumentParser) -> None:
     """How a client trusts the peers it is given by address (peers found in the DHT are pinned
     to their signed records' fingerprints)."""
     parser.add_argument(
         "--fingerprint",
-        type=_fingerprint,
+        type=values.fingerprint,
         help="the TLS fingerprint `moemesh serve` printed, for the one peer given without #fingerprint"
         " (default: trust on first use, with a warning)",
     )
@@ -58,43 +36,6 @@ def _add_client_tls_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="dial plaintext gRPC to peers given without a fingerprint (a trusted LAN only)",
     )
-
-
-def _number(convert: Callable[[str], Any], noun: str, valid: Callable[[Any], bool], rule: str) -> Callable[[str], Any]:
-    """An argparse type: `convert` the text, then check it; errors name the value and the rule."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"{text} {rule}")
-        return value
-
-    return parse
-
-
-_positive = _number(int, "an integer", lambda v: v >= 1, "must be positive")
-_port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "is outside 0..65535")
-_megabytes = _number(float, "a number of megabytes", lambda v: 0 < v < 1e9, "MB must be positive")
-_probability = _number(float, "a probability", lambda v: 0 <= v <= 1, "is outside 0..1")
-_seconds = _number(float, "a number of seconds", lambda v: 0 <= v < 1e9, "seconds is not a duration")
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4,
-          "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}  # fmt: skip
-
-
-def _to_bytes(text: str) -> int:
-    """'8GiB', '512MB', '1.5g', '1000000' -> bytes (decimal units, or binary with 'i')."""
-    t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("kmgtib")
-    unit = t[len(number) :]
-    if unit not in _UNITS or not number:
-        raise ValueError(text)
-    return int(float(number) * _UNITS[unit])
-
-
-_memory = _number(_to_bytes, "a memory size (e.g. 8GiB, 512MB)", lambda v: v >= 1, "must be positive")
 
 
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -116,7 +57,7 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-memory",
-        type=_memory,
+        type=values.memory,
         help="memory the span's weights may take, e.g. 8GiB (default: a safe share of the free RAM, or of the"
         " GPU's memory on cuda, less --kv-budget-mb); --layers auto takes the largest window that fits",
     )
@@ -125,33 +66,40 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         choices=("float32", "bfloat16", "float16"),
         help="compute dtype (default: the config's, else the embedding's; FP8 and MXFP4 are dequantized to it)",
     )
-    parser.add_argument("--max-sessions", type=_positive, default=64, help="concurrent sessions (default 64)")
+    parser.add_argument("--max-sessions", type=values.positive, default=64, help="concurrent sessions (default 64)")
     parser.add_argument(
         "--max-sessions-per-client",
-        type=_positive,
+        type=values.positive,
         help="sessions one client (connection) may hold (default: a quarter of --max-sessions)",
     )
     parser.add_argument(
         "--max-queued-per-client",
-        type=_positive,
+        type=values.positive,
         default=32,
         help="steps and Forwards one client may have waiting for compute; more are refused (default 32)",
     )
-    parser.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
-    parser.add_argument("--kv-budget-mb", type=_megabytes, default=4096, help="memory for all KV caches (default 4096)")
-    parser.add_argument("--max-message-mb", type=_positive, default=256, help="gRPC message limit (default 256)")
-    parser.add_argument("--threads", type=_positive, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--max-batch", type=_positive, default=16, help="decode steps of this many sessions run as one forward (16)"
+        "--max-length", type=values.positive, default=8192, help="longest session in tokens (default 8192)"
+    )
+    parser.add_argument(
+        "--kv-budget-mb", type=values.megabytes, default=4096, help="memory for all KV caches (default 4096)"
+    )
+    parser.add_argument("--max-message-mb", type=values.positive, default=256, help="gRPC message limit (default 256)")
+    parser.add_argument("--threads", type=values.positive, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--max-batch",
+        type=values.positive,
+        default=16,
+        help="decode steps of this many sessions run as one forward (16)",
     )
     parser.add_argument(
         "--grace",
-        type=_seconds,
+        type=values.seconds,
         default=30.0,
         help="on SIGTERM: seconds open sessions may finish before they are told to move to another peer (30)",
     )
     parser.add_argument(
-        "--idle-timeout", type=_seconds, default=300.0, help="close a session after this many idle seconds (300)"
+        "--idle-timeout", type=values.seconds, default=300.0, help="close a session after this many idle seconds (300)"
     )
     parser.add_argument(
         "--json-events",
@@ -206,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, type=Path, help="checkpoint folder (config.json + *.safetensors)")
     serve.add_argument("--layers", required=True, help="START:END, END exclusive; e.g. 0:8 (':' alone = all)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=0, help="port to listen on; 0 picks a free one (default)")
+    serve.add_argument("--port", type=values.port, default=0, help="port to listen on; 0 picks a free one (default)")
     _add_server_options(serve)
 
     gen = sub.add_parser(
@@ -218,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the prompt text (or use --ids)")
     where = gen.add_mutually_exclusive_group(required=True)
     where.add_argument(
-        "--peers", type=_peers, help="comma-separated host:port#fingerprint (or host:port) of serving peers"
+        "--peers", type=values.peers, help="comma-separated host:port#fingerprint (or host:port) of serving peers"
     )
     where.add_argument(
         "--bootstrap", action="append", metavar="MULTIADDR", help="find peers in the swarm's DHT (repeatable)"
@@ -228,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="model folder, for its tokenizer (default: fetched from the peers and cached)"
     )
     gen.add_argument("--ids", help="comma-separated prompt token ids instead of text")
-    gen.add_argument("--max-new-tokens", type=_positive, default=64, help="default 64")
+    gen.add_argument("--max-new-tokens", type=values.positive, default=64, help="default 64")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -241,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--verify",
-        type=_probability,
+        type=values.probability,
         default=0.0,
         metavar="P",
         help="spot-check peers' outputs on other peers in this generation with probability P (default 0)",
@@ -285,15 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
         " (blocks nobody serves first, then the weakest ones), moved later when the swarm is badly unbalanced",
     )
     daemon.add_argument(
-        "--max-layers", type=_positive, help="with --layers auto: how many layers this daemon holds (default: all)"
+        "--max-layers",
+        type=values.positive,
+        help="with --layers auto: how many layers this daemon holds (default: all)",
     )
     daemon.add_argument("--bootstrap", nargs="+", default=[], metavar="MULTIADDR", help="peers to join through")
     daemon.add_argument("--host", default="127.0.0.1", help="listen address for gRPC and libp2p (default 127.0.0.1)")
-    daemon.add_argument("--port", type=_port, default=0, help="gRPC port (default: any free one)")
-    daemon.add_argument("--p2p-port", type=_port, default=0, help="libp2p TCP port (default: any free one)")
+    daemon.add_argument("--port", type=values.port, default=0, help="gRPC port (default: any free one)")
+    daemon.add_argument("--p2p-port", type=values.port, default=0, help="libp2p TCP port (default: any free one)")
     daemon.add_argument(
         "--metrics-port",
-        type=_port,
+        type=values.port,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: off)",
     )
@@ -332,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--autonat-confirmations",
-        type=_positive,
+        type=values.positive,
         default=3,
         metavar="N",
         help="peers that must agree before this daemon calls itself public or private (default 3; a smaller"
@@ -398,7 +348,7 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-disk",
-        type=_number(float, "a number of GB", lambda v: 0 < v < 1e9, "GB must be positive"),
+        type=values.number(float, "a number of GB", lambda v: 0 < v < 1e9, "GB must be positive"),
         metavar="GB",
         help="disk quota for fetched weights in GB (default: none); spans not served are evicted to make room",
     )
@@ -409,7 +359,7 @@ def _add_weights_options(parser: argparse.ArgumentParser) -> None:
 def _add_swarm_options(parser: argparse.ArgumentParser) -> None:
     """Where the swarm is and which model: what `api` and `chat` share with `generate`."""
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--peers", type=_peers, help="comma-separated host:port of serving peers")
+    where.add_argument("--peers", type=values.peers, help="comma-separated host:port of serving peers")
     where.add_argument("--bootstrap", nargs="+", metavar="MULTIADDR", help="any daemons of the swarm (DHT)")
     parser.add_argument("--model-id", help="which model of the swarm (default: the only one)")
     parser.add_argument(
@@ -418,8 +368,8 @@ def _add_swarm_options(parser: argparse.ArgumentParser) -> None:
     _add_client_tls_options(parser)
 
 
-_temperature = _number(float, "a temperature", lambda v: 0 <= v <= 2, "is outside 0..2")
-_top_p = _number(float, "a probability mass", lambda v: 0 < v <= 1, "is outside (0, 1]")
+_temperature = values.number(float, "a temperature", lambda v: 0 <= v <= 2, "is outside 0..2")
+_top_p = values.number(float, "a probability mass", lambda v: 0 < v <= 1, "is outside (0, 1]")
 
 
 def _add_front_door(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -434,12 +384,14 @@ def _add_front_door(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_swarm_options(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    api.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     api.add_argument(
-        "--max-streams", type=_positive, default=64, help="generations at once; more wait their turn (default 64)"
+        "--port", type=values.port, default=8000, help="port to listen on; 0 picks a free one (default 8000)"
     )
     api.add_argument(
-        "--default-max-tokens", type=_positive, default=256, help="for chat requests without max_tokens (256)"
+        "--max-streams", type=values.positive, default=64, help="generations at once; more wait their turn (default 64)"
+    )
+    api.add_argument(
+        "--default-max-tokens", type=values.positive, default=256, help="for chat requests without max_tokens (256)"
     )
     api.add_argument("--json-events", action="store_true", help="also print machine-readable events on stdout (ready)")
 
@@ -452,7 +404,7 @@ def _add_front_door(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_swarm_options(chat)
     chat.add_argument("--system", help="system prompt, kept at the top of the conversation")
-    chat.add_argument("--max-new-tokens", type=_positive, default=256, help="per answer (default 256)")
+    chat.add_argument("--max-new-tokens", type=values.positive, default=256, help="per answer (default 256)")
     chat.add_argument("--temperature", type=_temperature, default=0.7, help="0 = greedy (default 0.7)")
     chat.add_argument("--top-p", type=_top_p, default=0.9, help="nucleus sampling mass (default 0.9)")
     chat.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

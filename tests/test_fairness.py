@@ -17,8 +17,9 @@ import pytest
 from node.errors import Overloaded
 from node.serve.config import ServerConfig
 from node.serve.engine import Engine, Session
+from node.serve.refusals import InFlight
 from node.serve.scheduler import Batch, BatchResult, Scheduler
-from node.serve.service import InFlight, ShardService
+from node.serve.service import ShardService
 from node.testing.flood import victim_slowdown
 from node.testing.launch import local_swarm
 from protocol import make_tensor

@@ -3,7 +3,8 @@
     config.py      ServerConfig: what serving was asked for
     engine.py      Engine: the span, sessions, KV budget, the compute thread; executes batches
     scheduler.py   Scheduler: continuous batching, one round = schedule -> execute -> update
-    service.py     the gRPC edge: parse, call the engine, map domain errors to statuses
+    service.py     the gRPC edge: parse, call the engine, answer
+    refusals.py    how the edge refuses: parsing, domain errors as statuses, bytes in flight per client
     push.py        Pusher: a hop's outputs pushed straight to the next hop's session
     lifecycle.py   Lifecycle: signals, drain, grace (serve and daemon); serve()
     throughput.py  measure_throughput: tokens/s per block, cached
@@ -23,8 +24,9 @@ from node.serve.throughput import measure_throughput
 
 if TYPE_CHECKING:
     from node.serve.engine import Engine, Session
+    from node.serve.refusals import STATUS_OF
     from node.serve.scheduler import Batch, BatchResult, QueuedStep, Scheduler
-    from node.serve.service import STATUS_OF, ShardService, start_server
+    from node.serve.service import ShardService, start_server
 
 __all__ = [
     "STATUS_OF",
@@ -49,7 +51,7 @@ _LAZY = {
     "BatchResult": "node.serve.scheduler",
     "QueuedStep": "node.serve.scheduler",
     "Scheduler": "node.serve.scheduler",
-    "STATUS_OF": "node.serve.service",
+    "STATUS_OF": "node.serve.refusals",
     "ShardService": "node.serve.service",
     "start_server": "node.serve.service",
 }

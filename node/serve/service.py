@@ -2,15 +2,15 @@
 
 Requests arrive as raw bytes and are parsed here, so a garbage payload gets a clear
 INVALID_ARGUMENT instead of gRPC's generic deserialisation error. The engine refuses with
-domain errors (`node.errors.RequestError`); `STATUS_OF` here is the one place they become
-gRPC statuses. Every refusal is a status with a message; the server keeps serving whatever
+domain errors (`node.errors.RequestError`); `node.serve.refusals.STATUS_OF` is the one
+place they become gRPC statuses. Every refusal is a status with a message; the server keeps serving whatever
 a client sends. Anything else a handler raises (a bug) is logged here and answered with
 INTERNAL and a short message: never a traceback or our internals. Signals, drain and grace
 are `node.serve.lifecycle`'s.
 
 A client is its connection (`context.peer()`). Before a request's bytes are parsed (copied
 into a message, then into a tensor) they count against what that client has in flight
-(`InFlight`); past its share it gets RESOURCE_EXHAUSTED. gRPC's max receive message size
+(`node.serve.refusals.InFlight`); past its share it gets RESOURCE_EXHAUSTED. gRPC's max receive message size
 stays the bound of one message. The engine bounds its sessions, the scheduler its queued steps.
 """
 
@@ -21,21 +21,18 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError, Message
 
 from node.errors import (
     ConfigError,
     Draining,
     IdleTimeout,
     InvalidRequest,
-    OutOfRange,
-    Overloaded,
     RequestError,
     SessionStateError,
     TokenizerError,
@@ -44,6 +41,7 @@ from node.errors import (
 from node.serve.device import block_bytes, device_name
 from node.serve.engine import Engine, Session
 from node.serve.push import Dial, Pusher
+from node.serve.refusals import InFlight, abort, internal, parse
 from node.textfiles import pack
 from node.tls import Certificate
 from protocol import PROTOCOL_VERSION, grpc_options, software_version
@@ -66,81 +64,11 @@ from protocol.shard_pb2 import (
     TokenizerResponse,
 )
 
-__all__ = ["STATUS_OF", "InFlight", "ShardService", "start_server", "status_of"]
+__all__ = ["ShardService", "start_server"]
 
 log = logging.getLogger(__name__)
 SERVICE = "moemesh.v1.Shard"
-M = TypeVar("M", bound=Message)
 _WIRE_DTYPES = {torch.float32: DType.FLOAT32, torch.bfloat16: DType.BFLOAT16, torch.float16: DType.FLOAT16}
-
-
-def _parse(kind: type[M], raw: bytes) -> M:
-    try:
-        return kind.FromString(raw)
-    except DecodeError:
-        raise InvalidRequest(f"request is not a valid {kind.__name__} message") from None
-
-
-# The one place where our domain errors become gRPC statuses.
-STATUS_OF: dict[type[RequestError], grpc.StatusCode] = {
-    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    WrongModel: grpc.StatusCode.NOT_FOUND,
-    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    SessionStateError: grpc.StatusCode.FAILED_PRECONDITION,
-    Draining: grpc.StatusCode.UNAVAILABLE,
-    IdleTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-class InFlight:
-    """Request bytes each client has being served now; Overloaded past its share.
-
-    A client with nothing in flight may always send one message (up to gRPC's limit), so a
-    share below the message limit slows a client down but never locks it out."""
-
-    def __init__(self, share: int) -> None:
-        self.share = share
-        self._bytes: dict[str, int] = {}  # only clients with something in flight
-
-    def of(self, client: str) -> int:
-        return self._bytes.get(client, 0)
-
-    @contextlib.contextmanager
-    def hold(self, client: str, size: int) -> Iterator[None]:
-        held = self._bytes.get(client, 0)
-        if held and held + size > self.share:
-            raise Overloaded(
-                f"this client has {held} request bytes in flight; {size} more exceed its share {self.share}"
-            )
-        self._bytes[client] = held + size
-        try:
-            yield
-        finally:
-            left = self._bytes[client] - size
-            if left:
-                self._bytes[client] = left
-            else:
-                del self._bytes[client]
-
-
-def status_of(error: RequestError) -> grpc.StatusCode:
-    for kind in type(error).__mro__:
-        if kind in STATUS_OF:
-            return STATUS_OF[kind]  # type: ignore[index]
-    return grpc.StatusCode.INTERNAL
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: RequestError) -> NoReturn:
-    await context.abort(status_of(error), str(error))
-    raise AssertionError("unreachable: context.abort raises")
-
-
-async def _internal(context: grpc.aio.ServicerContext, method: str) -> NoReturn:
-    """A handler failed unexpectedly (a bug): log it whole here, tell the client only that."""
-    log.exception("%s failed for %s", method, context.peer())
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (logged by the server)")
-    raise AssertionError("unreachable: context.abort raises")
 
 
 @dataclass
@@ -176,23 +104,23 @@ class ShardService:
         client = context.peer()
         try:
             with self.inflight.hold(client, len(raw)):  # before the bytes are copied anywhere
-                req = _parse(ForwardRequest, raw)
+                req = parse(ForwardRequest, raw)
                 if not req.HasField("input"):
                     raise InvalidRequest("ForwardRequest has no input tensor")
                 out = await self.engine.forward(req.model_id, req.start, req.end, req.input, req.last_only, client)
         except RequestError as e:
-            await _abort(context, e)
+            await abort(context, e)
         except grpc.aio.AbortError:
             raise
         except Exception:
-            await _internal(context, "Forward")
+            await internal(context, "Forward")
         return ForwardResponse(output=out).SerializeToString()
 
     async def info(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             return self._info()
         except Exception:
-            await _internal(context, "Info")
+            await internal(context, "Info")
 
     def _pack_tokenizer(self) -> TokenizerResponse | None:
         from shards.manifest import load_manifest
@@ -203,19 +131,19 @@ class ShardService:
     async def tokenizer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The model folder's tokenizer files and chat template (node.textfiles), read once."""
         try:
-            req = _parse(TokenizerRequest, raw)
+            req = parse(TokenizerRequest, raw)
             if req.model_id != self.engine.model_id:
                 raise WrongModel(f"this peer serves model {self.engine.model_id}, not {req.model_id[:40]!r}")
             if self._tokenizer is None:
                 response = await asyncio.to_thread(self._pack_tokenizer)
                 self._tokenizer = b"" if response is None else response.SerializeToString()
         except RequestError as e:
-            await _abort(context, e)
+            await abort(context, e)
         except TokenizerError as e:
             log.warning("not serving the tokenizer: %s", e)
             self._tokenizer = b""
         except Exception:
-            await _internal(context, "Tokenizer")
+            await internal(context, "Tokenizer")
         answer = self._tokenizer
         if not answer:
             await context.abort(grpc.StatusCode.NOT_FOUND, "this peer has no tokenizer to give (or one over the bound)")
@@ -306,14 +234,14 @@ class ShardService:
                         response = SessionResponse(result=item).SerializeToString()
                     else:
                         with self.inflight.hold(client, len(item)):  # before the bytes are copied anywhere
-                            response = await self._answer(stream, _parse(SessionRequest, item))
+                            response = await self._answer(stream, parse(SessionRequest, item))
                     yield response  # not holding the bytes while a slow reader takes the answer
                 except RequestError as e:
-                    await _abort(context, e)
+                    await abort(context, e)
                 except grpc.aio.AbortError:
                     raise
                 except Exception:
-                    await _internal(context, "InferenceSession")
+                    await internal(context, "InferenceSession")
         finally:  # also when the client went away (the handler is cancelled): free the cache
             moving.cancel()
             if stream.read is not None:
@@ -357,7 +285,7 @@ class ShardService:
         accepted = dropped = 0
         try:
             async for raw in requests:
-                message = _parse(PushedStep, raw)
+                message = parse(PushedStep, raw)
                 stream = self._pushable.get(message.session_id)
                 if (
                     stream is None
@@ -372,11 +300,11 @@ class ShardService:
                 stream.pushed.put_nowait(message)
                 accepted += 1
         except RequestError as e:
-            await _abort(context, e)
+            await abort(context, e)
         except grpc.aio.AbortError:
             raise
         except Exception:
-            await _internal(context, "Push")
+            await internal(context, "Push")
         return PushSummary(accepted=accepted, dropped=dropped).SerializeToString()
 
     async def _answer(self, stream: _Stream, req: SessionRequest) -> bytes:

@@ -3,7 +3,8 @@
 client.py    Client: channels, routes, generation
 discovery.py PeerFinder: the peers of a model, from addresses or the swarm's records, each asked its Info
 known.py     what a client knows of the peers (KnownPeers); plan_route
-session.py   InferenceSession: push along the chain, failover, behind the narrow SessionHost
+session.py   InferenceSession: push along the chain, failover
+host.py      SessionHost: the narrow interface a session asks the client through; should_fail_over
 stream.py    the Info call and one InferenceSession stream per hop
 spare.py     WarmSpare: a second session of a hop kept in step, to take over with no replay
 pace.py      HopPace: each hop's pace from real steps, and which hop became slow
@@ -15,9 +16,10 @@ tokenizer.py the tokenizer from the swarm when there is no model folder: fetched
 
 from node.client.client import Client
 from node.client.config import ClientConfig
+from node.client.host import SessionHost
 from node.client.known import plan_route
 from node.client.sampling import Sampling, sample
-from node.client.session import InferenceSession, SessionHost
+from node.client.session import InferenceSession
 from node.plan.peers import PeerInfo, PeerView
 from node.plan.routing import Hop
 

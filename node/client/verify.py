@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 from node.client.config import ClientConfig
-from node.client.session import StepCheck
+from node.client.host import StepCheck
 from node.client.stream import StepRecord, ask_info
 from node.errors import PeerError, PeerLied, RouteError, peer_error
 from node.plan.peers import PeerView

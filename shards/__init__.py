@@ -1,8 +1,9 @@
 """Model partitioning: span specs and span loading from local safetensors checkpoints.
 
-The loader (`shards.checkpoint`, which needs torch) is imported on first use, so that the
-parts of a node that only read manifests and span specs (a bootstrap or relay daemon, the
-weights protocol) start without torch, and run where it is not installed.
+The loader (`shards.checkpoint`) and the config translation (`shards.hfconfig`), which need
+torch, are imported on first use, so that the parts of a node that only read manifests and
+span specs (a bootstrap or relay daemon, the weights protocol) start without torch, and run
+where it is not installed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from shards.errors import CheckpointError, ManifestError, ShardError, SpanSpecEr
 from shards.spec import SpanSpec, parse_layers, split_evenly
 
 if TYPE_CHECKING:
-    from shards.checkpoint import DTYPES, Checkpoint, compute_dtype_of, embedding_dtype, model_config_from_hf
+    from shards.checkpoint import Checkpoint
+    from shards.hfconfig import DTYPES, compute_dtype_of, embedding_dtype, model_config_from_hf
 
-_CHECKPOINT = ("DTYPES", "Checkpoint", "compute_dtype_of", "embedding_dtype", "model_config_from_hf")
+_LAZY = {"Checkpoint": "checkpoint"} | dict.fromkeys(
+    ("DTYPES", "compute_dtype_of", "embedding_dtype", "model_config_from_hf"), "hfconfig"
+)
 
 __all__ = [
     "DTYPES",
@@ -35,10 +39,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    if name in _CHECKPOINT:
-        from shards import checkpoint
+    if name in _LAZY:
+        import importlib
 
-        return getattr(checkpoint, name)
+        return getattr(importlib.import_module(f"shards.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'shards' has no attribute {name!r}")
 
 

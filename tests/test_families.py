@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from kernels import CacheError, KVCache
 from shards import Checkpoint, UnsupportedModelError
-from shards.checkpoint import FAMILY_DEFAULTS, model_config_from_hf
+from shards.hfconfig import FAMILY_DEFAULTS, model_config_from_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNKS = [(0, 5), (5, 11), (11, 12), (12, 13), (13, 20), (20, 21), (21, 22), (22, 26)]  # windows are 4 or 5

@@ -27,8 +27,8 @@ from torch import nn
 
 from kernels import native
 from kernels.cache import KVCache
+from kernels.layers import Attention, DecoderLayer, MoEBlock, RMSNorm
 from kernels.qspan import QuantLinear, QuantTensor
-from kernels.span import Attention, DecoderLayer, MoEBlock, RMSNorm
 
 __all__ = ["FusedDecode", "plan"]
 

@@ -52,7 +52,7 @@ def _module_bytes(module: nn.Module, mode: str, dtype: torch.dtype) -> int:
 
 def layer_bytes(cfg: ModelConfig, index: int, dtype: torch.dtype, mode: str = "none") -> int:
     """Bytes of decoder layer `index`'s weights at `dtype`, quantized as `mode`."""
-    from kernels.span import DecoderLayer
+    from kernels.layers import DecoderLayer
 
     with torch.device("meta"):
         layer = DecoderLayer(cfg, index)

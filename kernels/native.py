@@ -86,6 +86,7 @@ def _library() -> ctypes.CDLL | None:
 @torch.no_grad()
 def _agrees(lib: ctypes.CDLL) -> bool:
     """Whether the built kernels match the reference on this CPU (a miscompile stays unused)."""
+    from kernels.layers import RMSNorm
     from kernels.measure import relative_error
     from kernels.quant import (
         Bf16Weight,
@@ -95,7 +96,6 @@ def _agrees(lib: ctypes.CDLL) -> bool:
         quantize_int4,
         quantize_int8,
     )  # fmt: skip
-    from kernels.span import RMSNorm
 
     g = torch.Generator().manual_seed(0)
     for dtype in DTYPES:
@@ -211,7 +211,7 @@ def _bf16(lib: ctypes.CDLL, x: torch.Tensor, w: Bf16Weight) -> torch.Tensor | No
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, cast_after_weight: bool) -> torch.Tensor | None:
-    """`kernels.span.RMSNorm` in one call (to fp32 rounding: the squares are summed in another
+    """`kernels.layers.RMSNorm` in one call (to fp32 rounding: the squares are summed in another
     order); None where it does not apply (not the CPU, another dtype, or no library)."""
     lib = _library()
     return None if lib is None else _rmsnorm(lib, x, weight, eps, cast_after_weight)

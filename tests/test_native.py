@@ -240,7 +240,7 @@ def test_the_simd_paths_give_the_portable_loops_bits(flag: str, without: tuple[s
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("cast_after_weight", [False, True])
 def test_rmsnorm_in_one_call_matches_the_modules_ops(dtype: torch.dtype, cast_after_weight: bool) -> None:
-    from kernels.span import RMSNorm
+    from kernels.layers import RMSNorm
 
     g = torch.Generator().manual_seed(7)
     for h in (1000, 64, 37):

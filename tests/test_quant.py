@@ -29,9 +29,9 @@ from kernels import (
     weight_bytes_per_token,
 )
 from kernels.attention import attention_decode_fp32, attention_sdpa
+from kernels.layers import Attention, LatentAttention, MoEBlock, RMSNorm
 from kernels.moe import linear_fp32
 from kernels.quant import _int4_layout_ok, pack_int4, unpack_int4
-from kernels.span import Attention, LatentAttention, MoEBlock, RMSNorm
 from shards import Checkpoint
 
 # Tolerances of the packed kernels against the reference: both dequantize in fp32, but the

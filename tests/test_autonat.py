@@ -111,7 +111,7 @@ def test_a_clients_route_error_names_the_nat_from_the_records(monkeypatch: pytes
     ]:
         with Client(bootstrap=["/ip4/127.0.0.1/tcp/9"]) as client:
             fake = SimpleNamespace(model=lambda model_id, records=records: ("m", SimpleNamespace(records=records)))
-            monkeypatch.setattr(client, "_swarm", lambda fake=fake: fake)
+            monkeypatch.setattr(client.finder, "_swarm", lambda fake=fake: fake)
             with pytest.raises(RouteError) as caught:
                 client.route()
         assert str(caught.value) == expected

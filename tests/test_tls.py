@@ -168,10 +168,10 @@ def test_a_record_naming_another_peers_address_is_useless_to_its_signer(
     records = _forged_and_honest(a, b, model_id)
     forged_id, honest_id = list(records)
     with Client(bootstrap=["/ip4/127.0.0.1/tcp/9"]) as client:
-        monkeypatch.setattr(client, "_swarm", lambda: _Records(model_id, {forged_id: records[forged_id]}))
+        monkeypatch.setattr(client.finder, "_swarm", lambda: _Records(model_id, {forged_id: records[forged_id]}))
         with pytest.raises(RouteError):  # b's address answers with b's certificate, not the signer's
             client.route()
-        monkeypatch.setattr(client, "_swarm", lambda: _Records(model_id, records))
+        monkeypatch.setattr(client.finder, "_swarm", lambda: _Records(model_id, records))
         _, hops = client.route()
         assert [h.peer for h in hops] == [honest_id]  # the forged record's 1e9 tokens/s bought nothing
         assert _tokens(client) == honest
@@ -204,7 +204,7 @@ def test_plaintext_only_on_a_trusted_lan(tiny_models: dict[str, Path], pair: lis
         records = _Records(model_id, {peer_id_of(record): record})
         for config, usable in ((ClientConfig(), False), (ClientConfig(insecure_lan=True), True)):
             with Client(bootstrap=["/ip4/127.0.0.1/tcp/9"], config=config) as client:
-                client._swarm = lambda: records  # type: ignore[method-assign]
+                client.finder._swarm = lambda: records  # type: ignore[method-assign]
                 if usable:
                     assert _tokens(client) == plain
                 else:

@@ -36,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from node.client.sampling import Sampling  # noqa: E402
+
+GREEDY = Sampling()
+
 # -- the delaying proxy (its own process: nothing of the client's threads slows it) ------------
 
 
@@ -136,9 +140,9 @@ def per_token_s(client: object, push: bool, prompt: list[int], tokens: int) -> f
     with client.session(len(prompt) + tokens + 1, push=push) as session:  # type: ignore[attr-defined]
         token = int(session.step(prompt).argmax())
         gaps = []
-        for _ in range(tokens):
+        for i in range(tokens):
             started = time.perf_counter()
-            token = int(session.step([token]).argmax())
+            token = session.next_token([token], GREEDY, i + 1)  # as Client.generate decodes
             gaps.append(time.perf_counter() - started)
     return statistics.median(gaps)
 

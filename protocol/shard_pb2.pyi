@@ -76,19 +76,33 @@ class PushTarget(_message.Message):
     token: bytes
     def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
+class Sample(_message.Message):
+    __slots__ = ("temperature", "top_p", "seed", "index")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    seed: int
+    index: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
 class Step(_message.Message):
-    __slots__ = ("step_id", "position", "input", "last_only", "route")
+    __slots__ = ("step_id", "position", "input", "last_only", "route", "sample")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     LAST_ONLY_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     position: int
     input: Tensor
     last_only: bool
     route: _containers.RepeatedCompositeFieldContainer[PushTarget]
-    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., last_only: _Optional[bool] = ..., route: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+    sample: Sample
+    def __init__(self, step_id: _Optional[int] = ..., position: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., last_only: _Optional[bool] = ..., route: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., sample: _Optional[_Union[Sample, _Mapping]] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ()

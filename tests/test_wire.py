@@ -10,7 +10,7 @@ import torch
 
 from crdt import BadEntryError, Load
 from node.client.pace import HopPace, slow_hop
-from node.client.session import logits_of
+from node.client.sampling import logits_of
 from node.errors import PeerError
 from node.serve.codec import to_message
 

@@ -301,12 +301,12 @@ class Client:
             chunk = self.config.prefill_chunk
             for i in range(0, len(ids), chunk):
                 logits = session.step(ids[i : i + chunk])
-            for step in range(max_new_tokens):
-                token = sample(logits, sampling, step)
+            token = sample(logits, sampling, 0)
+            for step in range(1, max_new_tokens + 1):
                 yield token
-                if token in eos or step == max_new_tokens - 1:
+                if token in eos or step == max_new_tokens:
                     return
-                logits = session.step([token])
+                token = session.next_token([token], sampling, step)  # sampled by the last hop
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> Iterator[str]:
         """Yield decoded text pieces as tokens arrive (whole characters only)."""

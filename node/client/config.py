@@ -29,6 +29,7 @@ class ClientConfig:
     slow_steps: int = 6  # ... on average over this many decode steps
     slow_margin_s: float = 0.05  # ... and slower by at least this much per step
     push: bool = True  # hops push their outputs straight to the next hop (else the client relays every hop's)
+    sample_at_last_hop: bool = True  # decode steps: the last hop sends the sampled token id, not the logits
     insecure_lan: bool = False  # dial plaintext where no fingerprint is known (a trusted LAN only); default: TLS
     tokenizer_cache: Path | None = None  # tokenizers fetched from peers, per model id; None: $MOEMESH_CACHE/tokenizers
     # Spot-checks of peers' outputs (node.client.verify): the chance that a generation is checked,

@@ -33,6 +33,7 @@ import numpy as np
 
 from node.client.host import SessionHost, StepCheck, should_fail_over
 from node.client.pace import HopPace, slow_hop
+from node.client.sampling import Sampling, logits_of, sample, sample_request, token_of
 from node.client.spare import WarmSpare
 from node.client.stream import HopStream, StepRecord
 from node.errors import (
@@ -44,8 +45,8 @@ from node.errors import (
     SessionClosed,
 )
 from node.plan.routing import Hop
-from protocol import check_tensor, make_tensor
-from protocol.shard_pb2 import PushTarget, Tensor
+from protocol import make_tensor
+from protocol.shard_pb2 import PushTarget, Sample, Tensor
 
 __all__ = ["InferenceSession"]
 
@@ -61,20 +62,6 @@ class _Ran:
     error: PeerError | None = None
 
 
-def logits_of(tensor: Tensor, address: str) -> np.ndarray:
-    """The fp32 logits [T, V] of the last hop's output (fp32, or bf16/fp16 widened exactly)."""
-    meta = check_tensor(tensor, what="logits")
-    if len(meta.shape) != 3 or meta.dtype not in ("float32", "bfloat16", "float16"):
-        raise PeerError(address, f"expected logits [1, T, V], got {meta.dtype} {meta.shape}")
-    if meta.dtype == "bfloat16":  # the upper half of an fp32: shifting it up is the exact widening
-        logits = (np.frombuffer(tensor.data, dtype="<u2").astype("<u4") << 16).view("<f4")
-    elif meta.dtype == "float16":
-        logits = np.frombuffer(tensor.data, dtype="<f2").astype("<f4")
-    else:
-        logits = np.frombuffer(tensor.data, dtype="<f4")
-    return logits.reshape(meta.shape)[0]
-
-
 class InferenceSession:
     """A generation session across a chain of hops; each hop keeps its own KV cache."""
 
@@ -88,6 +75,7 @@ class InferenceSession:
         self.max_length = max_length
         self.model_id = model_id
         self.position = 0
+        self._vocab_size = 0  # of the model, once a last hop's logits have shown it (a sampled token must be in it)
         self.recoveries: list[str] = []  # what failed and where its layers went, in order
         self.check: StepCheck | None = None
         self._host = host
@@ -148,6 +136,28 @@ class InferenceSession:
 
         The result is ``[V]`` when `last_only`, else ``[T, V]``.
         """
+        logits = logits_of(self._advance(ids, position, last_only), self.hops[-1].address)
+        self._vocab_size = logits.shape[-1]
+        return logits[-1] if last_only else logits
+
+    def next_token(self, ids: Sequence[int], sampling: Sampling, step: int) -> int:
+        """Feed token ids after the last step and return draw `step` of `sampling` from the
+        logits of the last one: `sample(self.step(ids), sampling, step)`, the same token. A decode
+        step is sampled by the last hop, which then sends the token id instead of the logits
+        (`ClientConfig.sample_at_last_hop`; not while spot-checks need the logits, nor before
+        this session has seen the vocabulary's size); a hop that answers logits anyway is sampled here."""
+        config = self._host.config
+        ask = config.sample_at_last_hop and self.check is None and self._vocab_size > 0 and len(ids) == 1
+        out = self._advance(ids, None, True, sample_request(sampling, step) if ask else None)
+        if ask and (token := token_of(out, self.hops[-1].address, self._vocab_size)) is not None:
+            return token
+        logits = logits_of(out, self.hops[-1].address)
+        self._vocab_size = logits.shape[-1]
+        return sample(logits[-1], sampling, step)
+
+    def _advance(self, ids: Sequence[int], position: int | None, last_only: bool, draw: Sample | None = None) -> Tensor:
+        """Run one step through the whole chain, failing over where a hop fails; the last hop's
+        output (logits, or with `draw` the token id it sampled, checked here)."""
         if self._closed:
             raise SessionClosed("the session is closed")
         position = self.position if position is None else position
@@ -159,16 +169,18 @@ class InferenceSession:
         while k < len(self.hops):
             self._open(k)
             last = self._segment_end(k)
-            ran = self._run_segment(k, last, tensor, position, last_only)
+            ran = self._run_segment(k, last, tensor, position, last_only, draw)
             error = ran.error
             for out in ran.outputs:  # every hop that ran it: its input is its history
                 record = StepRecord(position, tensor, last_only)
-                if self.check is not None:  # a spot-check; a liar fails over like a dead hop
-                    try:
+                try:
+                    if draw is not None and k == len(self.hops) - 1:  # a lie about the token fails over too
+                        token_of(out, self.hops[k].address, self._vocab_size)
+                    if self.check is not None:  # a spot-check; a liar fails over like a dead hop
                         self.check(self.hops[k], self._history[k], record, out)
-                    except PeerError as e:  # hops after it computed on its output: the replay rolls them back
-                        error = e
-                        break
+                except PeerError as e:  # hops after it computed on its output: the replay rolls them back
+                    error = e
+                    break
                 self._history[k].append(record)
                 tensor, k = out, k + 1
             if error is not None:  # hop k failed: the same input to its replacement, then on
@@ -181,8 +193,7 @@ class InferenceSession:
                 spare.feed(history[-1])
         if len(ids) == 1:
             self._move_off_slow_hops()
-        logits = logits_of(tensor, self.hops[-1].address)
-        return logits[-1] if last_only else logits
+        return tensor
 
     def _pushes(self, k: int) -> bool:
         """Whether hop k pushes its output straight to hop k + 1 (both opened, both take push)."""
@@ -210,14 +221,18 @@ class InferenceSession:
         assert stream is not None and address is not None  # _pushes checked both
         return PushTarget(address=address, session_id=stream.session_id, token=stream.push_token)
 
-    def _run_segment(self, k: int, last: int, tensor: Tensor, position: int, last_only: bool) -> _Ran:
+    def _run_segment(
+        self, k: int, last: int, tensor: Tensor, position: int, last_only: bool, draw: Sample | None = None
+    ) -> _Ran:
         """Run one step through hops k..last, pushed from hop to hop: their outputs in order (each
-        the next one's input), up to the first that failed."""
+        the next one's input), up to the first that failed. `draw` goes with it when the segment
+        ends at the chain's last hop."""
         route = [self._target(j) for j in range(k + 1, last + 1)]
+        draw = draw if last == len(self.hops) - 1 else None
         outputs: list[Tensor] = []
         stream = self._streams[k]
         assert stream is not None
-        step_id, timeout = stream.send(tensor, position, last_only, route)
+        step_id, timeout = stream.send(tensor, position, last_only, route, draw)
         since = time.perf_counter()
         for j in range(k, last + 1):
             stream, upstream = self._streams[j], self._streams[j - 1] if j > k else None
@@ -228,7 +243,7 @@ class InferenceSession:
                 except PushNotDelivered as e:  # relay it ourselves, over this link from now on
                     log.info("relaying the link to %s from now on: %s", stream.hop.address, e)
                     self._relayed.add((self.hops[j - 1].address, self.hops[j].address))
-                    step_id, timeout = stream.send(outputs[-1], position, last_only, route[j - k :])
+                    step_id, timeout = stream.send(outputs[-1], position, last_only, route[j - k :], draw)
                     out = stream.result(step_id, timeout)
             except PeerError as e:
                 return _Ran(outputs, e)

@@ -31,6 +31,7 @@ from protocol.shard_pb2 import (
     InfoResponse,
     OpenSession,
     PushTarget,
+    Sample,
     SessionRequest,
     SessionResponse,
     Step,
@@ -180,12 +181,19 @@ class HopStream:
             return response  # type: ignore[no-any-return]
 
     def send(
-        self, tensor: Tensor, position: int, last_only: bool, route: Sequence[PushTarget] = ()
+        self,
+        tensor: Tensor,
+        position: int,
+        last_only: bool,
+        route: Sequence[PushTarget] = (),
+        draw: Sample | None = None,
     ) -> tuple[int, float]:
-        """Send one step (pushed on along `route` after this hop); returns its id and how long to
-        wait for a hop's answer to it."""
+        """Send one step (pushed on along `route` after this hop; `draw`: the chain's last hop
+        samples it); returns its id and how long to wait for a hop's answer to it."""
         step_id = next(self._step_ids)
         step = Step(step_id=step_id, position=position, input=tensor, last_only=last_only, route=route)
+        if draw is not None:
+            step.sample.CopyFrom(draw)
         self._requests.put(SessionRequest(step=step))
         tokens = tensor.shape[1] if len(tensor.shape) > 1 else 1
         return step_id, self._config.decode_timeout_s if tokens == 1 else self._config.step_timeout_s

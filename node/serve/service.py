@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import torch
 
+from node.client.sampling import sampled_token, sampling_of
 from node.errors import (
     ConfigError,
     Draining,
@@ -53,6 +54,7 @@ from protocol.shard_pb2 import (
     InfoResponse,
     PushedStep,
     PushSummary,
+    Sample,
     SessionClosed,
     SessionOpened,
     SessionRequest,
@@ -263,12 +265,30 @@ class ShardService:
         out = await self.engine.step(session, s.position, s.input, s.last_only)
         if s.route and not session.closed:  # the next hop first: it is on the critical path
             self._push_on(stream, s, out)
+        elif s.HasField("sample") and s.last_only and self.engine.emits_logits(session.last):
+            out = await self._sampled(out, s.sample)
         result = StepResult(step_id=s.step_id, output=out, length=session.cache.length)
         return SessionResponse(result=result).SerializeToString()
+
+    async def _sampled(self, logits: Tensor, request: Sample) -> Tensor:
+        """The token id `request` draws from these logits (`node.client.sampling`: the client's own
+        function on the very bytes it would get), else the logits. Off the loop unless greedy: a
+        nucleus sorts the whole vocabulary."""
+        try:
+            sampling_of(request)
+        except ConfigError as e:
+            raise InvalidRequest(f"the step's sample: {e}") from None
+        if request.temperature == 0:
+            token = sampled_token(logits, request)
+        else:
+            token = await asyncio.to_thread(sampled_token, logits, request)
+        return logits if token is None else token
 
     def _push_on(self, stream: _Stream, s: Step, out: Tensor) -> None:
         target, rest = s.route[0], s.route[1:]
         step = Step(step_id=s.step_id, position=s.position, input=out, last_only=s.last_only, route=rest)
+        if s.HasField("sample"):  # for the chain's last hop
+            step.sample.CopyFrom(s.sample)
         message = PushedStep(session_id=target.session_id, token=target.token, step=step)
 
         def failed(why: str) -> None:  # back on this stream: its client relays the step instead

@@ -1,11 +1,13 @@
 """A lying peer, for tests of spot-checks: `moemesh serve` whose outputs are perturbed.
 
     python -m node.testing.liar SCALE serve --model M --layers 2:4 ...
+    python -m node.testing.liar token serve --model M --layers 2:4 ...
 
 runs the ordinary serve command, except that every Forward and session step answers (and
-pushes on) its
-true output plus Gaussian noise of SCALE times the output's own standard deviation: a peer
-that looks healthy (it answers in time, with the right shapes) and lies. Test code only.
+pushes on) its true output plus Gaussian noise of SCALE times the output's own standard
+deviation: a peer that looks healthy (it answers in time, with the right shapes) and lies.
+With `token`, its outputs are true but it answers every step it is asked to sample with a
+token id outside the vocabulary. Test code only.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from node.serve import service
 from node.serve.codec import from_message, to_message
 from node.serve.engine import Engine, Session
 from node.serve.push import Dial
-from protocol.shard_pb2 import ForwardResponse, Tensor
+from protocol.shard_pb2 import ForwardResponse, Sample, Tensor
 
-__all__ = ["LyingShardService", "perturb"]
+__all__ = ["LyingShardService", "WrongTokenShardService", "perturb"]
 
 
 def perturb(t: Tensor, scale: float, seed: int = 0) -> Tensor:
@@ -51,11 +53,22 @@ class LyingShardService(service.ShardService):
         engine.step = lying_step  # type: ignore[method-assign]
 
 
+class WrongTokenShardService(service.ShardService):
+    """The Shard service, answering each step it samples with a token id past the vocabulary."""
+
+    async def _sampled(self, logits: Tensor, request: Sample) -> Tensor:
+        vocab = from_message(logits, what="logits").shape[-1]
+        return to_message(torch.tensor([[vocab + 7]], dtype=torch.int64))
+
+
 def main(argv: list[str]) -> int:
     from node.cli.main import main as moemesh
 
-    LyingShardService.SCALE = float(argv[0])
-    service.ShardService = LyingShardService  # type: ignore[misc]  # what start_server builds
+    if argv[0] == "token":
+        service.ShardService = WrongTokenShardService  # type: ignore[misc]  # what start_server builds
+    else:
+        LyingShardService.SCALE = float(argv[0])
+        service.ShardService = LyingShardService  # type: ignore[misc]
     return moemesh(argv[1:])
 
 

@@ -20,7 +20,7 @@ from node.client.sampling import logits_of, sample_request, sampled_token, token
 from node.client.stream import HopStream
 from node.errors import ConfigError, PeerError, PeerRefused
 from node.serve.codec import to_message
-from node.testing.launch import ServerProcess, start_server_process
+from node.testing.launch import ServerProcess, named_servers
 from protocol import make_tensor
 from protocol.shard_pb2 import Sample
 
@@ -74,16 +74,10 @@ def test_impossible_samplings_are_refused_by_name(bad: dict[str, float]) -> None
 
 @pytest.fixture(scope="module")
 def servers(tiny_models: dict[str, Path]) -> Iterator[dict[str, ServerProcess]]:
-    model = tiny_models["mixtral"]
-    started: dict[str, ServerProcess] = {}
-    try:
-        started["head"] = start_server_process(model, (0, 2))
-        started["tail"] = start_server_process(model, (2, 4))
-        started["wrong"] = start_server_process(model, (2, 4), runner=("-m", "node.testing.liar", "token"))
+    serve, wrong = ("-m", "node"), ("-m", "node.testing.liar", "token")
+    specs = {"head": ((0, 2), serve), "tail": ((2, 4), serve), "wrong": ((2, 4), wrong)}
+    with named_servers(tiny_models["mixtral"], specs) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 def _generate(

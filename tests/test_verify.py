@@ -15,7 +15,7 @@ import pytest
 
 from node.client import Client, ClientConfig, Hop
 from node.client.verify import relative_error, tolerance
-from node.testing.launch import ServerProcess, start_server_process
+from node.testing.launch import ServerProcess, named_servers
 
 pytestmark = pytest.mark.slow  # processes on loopback
 
@@ -26,18 +26,11 @@ LIAR = ("-m", "node.testing.liar", "1.0")
 
 @pytest.fixture(scope="module")
 def servers(tiny_models: dict[str, Path]) -> Iterator[dict[str, ServerProcess]]:
-    model = tiny_models["mixtral"]
-    started: dict[str, ServerProcess] = {}
-    try:
-        started["head"] = start_server_process(model, (0, 2))
-        started["tail"] = start_server_process(model, (2, 4))
-        started["spare"] = start_server_process(model, (2, 4))
-        started["liar"] = start_server_process(model, (2, 4), runner=LIAR)
-        started["liar_head"] = start_server_process(model, (0, 2), runner=LIAR)
+    serve = ("-m", "node")
+    specs = {"head": ((0, 2), serve), "tail": ((2, 4), serve), "spare": ((2, 4), serve)}
+    specs |= {"liar": ((2, 4), LIAR), "liar_head": ((0, 2), LIAR)}
+    with named_servers(tiny_models["mixtral"], specs) as started:
         yield started
-    finally:
-        for server in started.values():
-            server.stop()
 
 
 def _generate(peers: list[str], route: list[str], config: ClientConfig) -> tuple[list[int], Client]:

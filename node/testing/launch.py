@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DaemonProcess", "ServerProcess", "event_of", "local_swarm", "start_daemon", "start_server_process"]
+__all__ = [
+    "DaemonProcess",
+    "ServerProcess",
+    "event_of",
+    "local_swarm",
+    "named_servers",
+    "start_daemon",
+    "start_server_process",
+]
 
 
 def event_of(line: str, kind: str) -> dict[str, Any] | None:
@@ -169,6 +177,25 @@ def local_swarm(
         yield [server for server, _ in started]
     finally:
         for server, _ in started:
+            server.stop()
+
+
+@contextlib.contextmanager
+def named_servers(
+    model: Path, specs: Mapping[str, tuple[tuple[int, int], Sequence[str]]], *, timeout: float = 300.0
+) -> Iterator[dict[str, ServerProcess]]:
+    """Serve each named span with its runner (`("-m", "node")`, or a test's lying serve:
+    `node.testing.liar`), all started together; all are stopped on exit, also on failure."""
+    started: dict[str, tuple[ServerProcess, queue.SimpleQueue[str | None]]] = {}
+    try:
+        for name, (span, runner) in specs.items():
+            started[name] = _spawn(model, span, (), runner=runner)
+        deadline = time.monotonic() + timeout
+        for server, lines in started.values():
+            _wait_ready(server, lines, deadline)
+        yield {name: server for name, (server, _) in started.items()}
+    finally:
+        for server, _ in started.values():
             server.stop()
 
 

@@ -16,7 +16,7 @@ import torch
 
 from node.client import Client, ClientConfig, Hop, Sampling, sample
 from node.client import session as session_module
-from node.client.sampling import logits_of, sample_request, sampled_token, token_of
+from node.client.sampling import logits_of, sample_request, sampled_token, sampling_of, token_of
 from node.client.stream import HopStream
 from node.errors import ConfigError, PeerError, PeerRefused
 from node.serve.codec import to_message
@@ -38,17 +38,18 @@ def test_the_last_hops_draw_is_the_clients(sampling: Sampling, dtype: torch.dtyp
     g = torch.Generator().manual_seed(0)
     for step in range(20):
         logits = to_message((torch.randn(1, 1, 300, generator=g) * 3).to(dtype))
-        answer = sampled_token(logits, sample_request(sampling, step))
+        request = sample_request(sampling, step)  # through the wire's message, as the server gets it
+        answer = sampled_token(logits, sampling_of(request), request.index)
         assert answer is not None
         assert token_of(answer, "peer", 300) == sample(logits_of(logits, "peer")[-1], sampling, step)
 
 
 def test_what_the_last_hop_cannot_sample_it_answers_as_logits() -> None:
     several = to_message(torch.randn(1, 3, 50))  # more than one position
-    assert sampled_token(several, sample_request(Sampling(), 0)) is None
+    assert sampled_token(several, Sampling(), 0) is None
     nan = to_message(torch.full((1, 1, 50), float("nan")))
-    assert sampled_token(nan, sample_request(Sampling(temperature=1.0), 0)) is None
-    assert sampled_token(to_message(torch.zeros(1, 1, 50, dtype=torch.int64)), sample_request(Sampling(), 0)) is None
+    assert sampled_token(nan, Sampling(temperature=1.0), 0) is None
+    assert sampled_token(to_message(torch.zeros(1, 1, 50, dtype=torch.int64)), Sampling(), 0) is None
 
 
 def test_a_sampled_answer_is_checked() -> None:

@@ -85,9 +85,6 @@ class Client:
             raise ConfigError("give peer addresses (host:port) or a bootstrap multiaddr")
         for peer in peers:
             split_pin(peer)  # ConfigError now for a malformed fingerprint
-        self.peers = list(peers)
-        self.bootstrap = list(bootstrap)
-        self.model_id = model_id
         self.config = config or ClientConfig()
         self._channels = Channels(
             self.config.max_message_bytes, self.config.info_timeout_s, self.config.insecure_lan, self.config.swarm_key
@@ -107,6 +104,20 @@ class Client:
             from node.client.text import TextCodec
 
             self._text = TextCodec(Path(model_folder).expanduser())
+
+    @property
+    def peers(self) -> list[str]:
+        """The peer addresses this client was given (none: it reads the swarm's records)."""
+        return self.finder.peers
+
+    @property
+    def bootstrap(self) -> list[str]:
+        return self.finder.bootstrap
+
+    @property
+    def model_id(self) -> str | None:
+        """The model asked for (None: the one the given peers serve)."""
+        return self.finder.model_id
 
     # -- channels ---------------------------------------------------------------------------
 

@@ -84,16 +84,16 @@ def sampling_of(request: Sample) -> Sampling:
     return Sampling(request.temperature, request.top_p or 1.0, request.seed)
 
 
-def sampled_token(logits: Tensor, request: Sample) -> Tensor | None:
-    """The token id [1, 1] (int64) that `sample` picks from a last hop's output for one
-    position; None where it cannot (several rows, logits that are not a distribution): the
-    hop then answers the logits, and the client meets the same problem itself."""
+def sampled_token(logits: Tensor, sampling: Sampling, step: int) -> Tensor | None:
+    """The token id [1, 1] (int64) that draw `step` of `sampling` picks from a last hop's output
+    for one position; None where it cannot (several rows, logits that are not a distribution):
+    the hop then answers the logits, and the client meets the same problem itself."""
     try:
         rows = logits_of(logits, "")
         if rows.shape[0] != 1:
             return None
-        token = sample(rows[-1], sampling_of(request), request.index)
-    except (PeerError, ConfigError, ValueError):
+        token = sample(rows[-1], sampling, step)
+    except (PeerError, ValueError):
         return None
     return make_tensor("int64", (1, 1), np.array([token], dtype="<i8").tobytes())
 

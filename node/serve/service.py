@@ -275,13 +275,13 @@ class ShardService:
         function on the very bytes it would get), else the logits. Off the loop unless greedy: a
         nucleus sorts the whole vocabulary."""
         try:
-            sampling_of(request)
+            sampling = sampling_of(request)
         except ConfigError as e:
             raise InvalidRequest(f"the step's sample: {e}") from None
-        if request.temperature == 0:
-            token = sampled_token(logits, request)
+        if sampling.temperature == 0:
+            token = sampled_token(logits, sampling, request.index)
         else:
-            token = await asyncio.to_thread(sampled_token, logits, request)
+            token = await asyncio.to_thread(sampled_token, logits, sampling, request.index)
         return logits if token is None else token
 
     def _push_on(self, stream: _Stream, s: Step, out: Tensor) -> None:
